@@ -1,0 +1,93 @@
+"""Loading a ResNet-18 encoder from whatever file a user hands us.
+
+Accepted, all read with ``torch.load(weights_only=True)``:
+
+* a pre-training checkpoint written by ``pretrain_aclus.py`` (``kind == 'aclus_pretrain'``):
+  the ONLINE encoder is taken (the EMA target is for training only);
+* an exported encoder from ``pretrain_aclus.py`` (``encoder_resnet18.pth``): a plain
+  torchvision ``resnet18`` state dict without ``fc``;
+* any plain torchvision ResNet-18 state dict (``fc`` optional), also nested under
+  ``state_dict``/``model`` and with a DDP ``module.`` prefix.
+
+Anything else raises :class:`utils.io.DataError` saying what was found.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+
+from utils.io import DataError
+
+#: prefix of the online ResNet-18 inside the ACLUS model's state dict
+ONLINE_RESNET_PREFIX = "encoder.resnet."
+PRETRAIN_KIND = "aclus_pretrain"
+
+
+def resnet18_keys(with_fc: bool = False) -> set[str]:
+    keys = set(torchvision.models.resnet18().state_dict().keys())
+    return keys if with_fc else {k for k in keys if not k.startswith("fc.")}
+
+
+def _strip_prefix(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def extract_resnet18_state(obj, source: str = "<object>") -> dict[str, torch.Tensor]:
+    """Return a torchvision ResNet-18 state dict (without ``fc``) from a loaded object.
+
+    Args:
+        obj: what ``torch.load`` returned.
+        source: file name used in error messages.
+    """
+    if not isinstance(obj, dict):
+        raise DataError(f"{source}: expected a checkpoint dict or a state dict, found {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind == PRETRAIN_KIND:
+        sd = _strip_prefix(obj["model"], ONLINE_RESNET_PREFIX)
+    elif isinstance(kind, str):
+        raise DataError(f"{source}: this is a '{kind}' checkpoint, not a ResNet-18 encoder "
+                        f"(expected a '{PRETRAIN_KIND}' checkpoint, an exported encoder, "
+                        "or a torchvision resnet18 state dict)")
+    else:
+        sd = obj
+        for nest in ("state_dict", "model"):
+            if isinstance(sd.get(nest), dict):
+                sd = sd[nest]
+        if any(k.startswith("module.") for k in sd):
+            sd = _strip_prefix(sd, "module.")
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    expected = resnet18_keys()
+    missing, unexpected = expected - sd.keys(), sd.keys() - expected
+    if missing or unexpected:
+        example = sorted(unexpected)[:3] or sorted(missing)[:3]
+        raise DataError(f"{source}: not a ResNet-18 encoder ({len(missing)} ResNet-18 keys missing, "
+                        f"{len(unexpected)} unexpected keys, e.g. {example})")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise DataError(f"{source}: entry '{k}' is a {type(v).__name__}, not a tensor")
+    return sd
+
+
+def load_resnet18_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read ``path`` safely and return a ResNet-18 state dict without ``fc``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, ...
+        raise DataError(f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return extract_resnet18_state(obj, str(path))
+
+
+def build_resnet18(num_classes: int = 1000, weights: str | os.PathLike | None = None) -> torchvision.models.ResNet:
+    """A torchvision ResNet-18 with a fresh ``fc`` and, optionally, pre-trained encoder weights."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(load_resnet18_state(weights), strict=False)
+        assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}, (missing, unexpected)
+    return model

@@ -1,0 +1,163 @@
+"""Safe, atomic file I/O shared by every stage.
+
+* Writes go to a temporary file in the destination folder and are renamed into
+  place, so a killed process never leaves a half-written checkpoint or mask.
+* Pickles from disk are read with a restricted unpickler that only rebuilds
+  numpy arrays and plain Python containers; anything else (code, arbitrary
+  classes) is refused with :class:`DataError` naming the file.
+* Images are read with OpenCV; a missing or undecodable file is a
+  :class:`DataError` naming the file, never an opaque ``NoneType`` crash later.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- #
+# atomic writes
+# --------------------------------------------------------------------------- #
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    The rename is atomic on POSIX file systems: readers see either the old file or
+    the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_pickle_dump(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise DataError(f"{path}: could not encode image of shape {image.shape} as PNG")
+    atomic_write(path, lambda f: f.write(buf.tobytes()))
+
+
+# --------------------------------------------------------------------------- #
+# restricted unpickling
+# --------------------------------------------------------------------------- #
+# (module, name) pairs a mask or POCUS pickle may reference: numpy array and
+# scalar reconstruction under numpy 1.x and 2.x module names, and the codec
+# helper protocol-2 pickles use for raw bytes.
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("DType"):  # numpy>=2 dtype classes
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'")
+
+
+def safe_pickle_load(path: str | os.PathLike) -> Any:
+    """Load a pickle that may hold only numpy arrays, numbers, strings and containers.
+
+    Raises:
+        DataError: the file is missing, truncated, or references anything else
+            (which could run code when unpickled).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: unsafe or corrupt pickle ({e}); only numpy arrays, "
+                        "numbers, strings, lists, tuples and dicts are accepted") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(f"{path}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------- #
+# images and label maps
+# --------------------------------------------------------------------------- #
+def read_image(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
+    """Read an image file as uint8: ``mode='gray'`` -> HxW, ``mode='rgb'`` -> HxWx3."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    flag = cv2.IMREAD_GRAYSCALE if mode == "gray" else cv2.IMREAD_COLOR
+    img = cv2.imread(str(path), flag)
+    if img is None or img.size == 0:
+        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if img.dtype != np.uint8:  # 16-bit PNGs: scale to 8 bit
+        img = (img.astype(np.float64) / max(int(img.max()), 1) * 255).astype(np.uint8)
+    if mode == "rgb":
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG as an HxW int64 index map (0 = background).
+
+    Binary masks stored as 0/255 become 0/1; index maps are kept as they are.
+    A colour label whose three channels differ is refused (it is not an index map).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: label not found")
+    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if lab is None or lab.size == 0:
+        raise DataError(f"{path}: not a readable label image (corrupt or unsupported format)")
+    if lab.ndim == 3:
+        if not (np.array_equal(lab[..., 0], lab[..., 1]) and np.array_equal(lab[..., 0], lab[..., 2])):
+            raise DataError(f"{path}: colour label image; expected a single-channel index map")
+        lab = lab[..., 0]
+    return label_to_index_map(lab)
+
+
+def label_to_index_map(lab: np.ndarray) -> np.ndarray:
+    """0/255 binary masks -> 0/1; anything else is taken as an index map already."""
+    lab = lab.astype(np.int64)
+    values = np.unique(lab)
+    if values.size <= 2 and values.max(initial=0) == 255:
+        lab = (lab == 255).astype(np.int64)
+    return lab
