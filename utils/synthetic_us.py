@@ -106,7 +106,7 @@ def _beam_coords(h: int, w: int, probe: str, rng: np.random.Generator):
     # convex: apex above the image centre; the fan is clipped by the image sides, its top
     # arc and its bottom arc leave all four corners black
     half_angle = rng.uniform(0.50, 0.62)                    # radians
-    apex = rng.uniform(0.18, 0.30) * h                      # apex height above row 0
+    apex = rng.uniform(0.25, 0.45) * h                      # apex height above row 0
     r0 = apex + 0.02 * h                                    # skin line (top arc)
     r1 = apex + 0.97 * h                                    # deepest sample (bottom arc)
     dx, dy = xs - w / 2.0, ys + apex
@@ -252,6 +252,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
 
     # ---- lung (below the pleura) ----------------------------------------------------
     lung_echo = 0.06 + 0.05 * np.exp(-(dist_pl) / 0.15)    # faint haze, strongest near pleura
+    a_lines = np.zeros((h, w), np.float32)
     if scan_class == 2:
         a_amp = 0.75
     elif scan_class == 1:
@@ -260,7 +261,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         a_amp = 0.06
     for k in range(2, 8):                                   # A-lines at multiples of the pleura depth
         dk = k * pleura_d
-        lung_echo = lung_echo + a_amp * 0.72 ** (k - 2) * _band(d - dk, p_half * 1.1)
+        a_lines += a_amp * 0.72 ** (k - 2) * _band(d - dk, p_half * 1.1)
     if scan_class == 0:                                     # B-lines: laser-like, no fading
         n_b = int(cls_rng.integers(2, 6))
         b_u = cls_rng.choice(free_u, n_b) + u_slide
@@ -296,6 +297,9 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
             seg = _band(du, max(0.012, 1.5 / w * 2)) * _band(np.maximum(np.abs(d - ad) - alen, 0), 0.008)
             consol_echo = consol_echo + 0.75 * seg
         consol_echo += 0.35 * _band(d - lower, 0.012)      # bright ragged lower border
+        # no reverberation (A-lines) below the airless region
+        a_lines *= 1.0 - np.clip((cw + 0.05 - np.abs(u - cu)) / 0.1, 0.0, 1.0)
+    lung_echo = lung_echo + a_lines
 
     # ---- assemble echogenicity and labels (later assignments win) ------------------
     label = np.full((h, w), _TISSUE, np.int64)
@@ -318,7 +322,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
 
     # ---- speckle, attenuation, compression ------------------------------------
     s = h / 128.0
-    sig = (0.7 * s, 1.4 * s)                                # axial, lateral speckle size
+    sig = (0.6 * s, 1.3 * s)                                # axial, lateral speckle size
     z = _speckle_field(geo, h, w, sig)
     z_t = _speckle_field(frame_rng, h, w, sig)
     mix = np.where(below, 0.45, 0.08).astype(np.float32)    # the lung decorrelates faster
@@ -326,13 +330,13 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     z_pix = _to_beam_grid(z_beam, u, d)
     zr = np.sqrt(1 - mix) * z_pix[..., 0] + np.sqrt(mix) * z_pix[..., 2]
     zi = np.sqrt(1 - mix) * z_pix[..., 1] + np.sqrt(mix) * z_pix[..., 3]
-    speckle = np.sqrt(zr * zr + zi * zi)                    # Rayleigh, mean ~0.89
+    speckle = np.sqrt(zr * zr + zi * zi) ** 0.8             # Rayleigh, softened (log display)
     alpha = geo.uniform(0.9, 1.6)
     gain = geo.uniform(0.9, 1.1)
     atten = np.exp(-alpha * d) * (1.0 + 0.6 * d)            # attenuation, partly compensated by TGC
     amp = np.clip(echo, 0, None) * speckle * atten * gain
     img = np.log1p(6.0 * amp) / np.log1p(6.0 * 1.2)         # log-like compression
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5 * s)  # point-spread blur
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.6 * s)  # point-spread blur
     img = np.clip(img * 255.0, 0, 255).astype(np.uint8)
     img[~inside] = 0
     return img, label
