@@ -76,6 +76,10 @@ def test_bad_arguments_are_refused():
         make_scan(0, 64, "phased")
     with pytest.raises(ValueError, match="scan_class"):
         make_scan(0, 64, "convex", 3)
+    with pytest.raises(ValueError, match="seed"):
+        make_scan(-1, 64)
+    with pytest.raises(ValueError, match="size"):
+        make_scan(0, 8)
 
 
 def test_classes_are_learnable():
@@ -104,6 +108,7 @@ def test_classes_are_learnable():
     X_te, y_te = data(range(1000, 1090))  # unseen scenes
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(X_tr, y_tr)
     acc = clf.score(X_te, y_te)
+    print(f"held-out accuracy {acc:.3f}")
     assert acc > 0.8, f"held-out accuracy {acc:.3f}"
 
 

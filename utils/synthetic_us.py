@@ -162,13 +162,13 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     """One synthetic lung ultrasound frame and its anatomy label map.
 
     Args:
-        seed: scene seed; the geometry (pleura depth, ribs, layers, B-line and
+        seed: scene seed (>= 0); the geometry (pleura depth, ribs, layers, B-line and
             consolidation placement) depends only on ``seed`` and ``probe``, so the same
             seed under another class shows the same chest wall.
         size: ``H`` (square) or ``(H, W)`` in pixels, at least 16.
         probe: ``"convex"`` (fan; outside it black and label 0) or ``"linear"`` (rectangle).
         scan_class: 0 covid19, 1 pneumonia, 2 regular (see :data:`CLASS_NAMES`).
-        frame: time index; frames of one seed form a breathing video.
+        frame: time index (>= 0); frames of one seed form a breathing video.
 
     Returns:
         image: HxW uint8 grayscale.
@@ -178,6 +178,8 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     if scan_class not in (0, 1, 2):
         raise ValueError(f"scan_class must be 0 (covid19), 1 (pneumonia) or 2 (regular), got {scan_class!r}")
+    if int(seed) < 0 or int(frame) < 0:
+        raise ValueError(f"seed and frame must be >= 0, got seed={seed}, frame={frame}")
     h, w = _hw(size)
     geo = np.random.default_rng([int(seed), PROBES.index(probe), 0x5CA9])   # scene geometry
     cls_rng = np.random.default_rng([int(seed), PROBES.index(probe), int(scan_class), 0xC1A5])
