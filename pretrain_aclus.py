@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Stage 5: ACLUS pre-training of a ResNet-18 on images + anatomy masks.
+
+    python pretrain_aclus.py --cfg configs/example.yaml                        # one GPU or CPU
+    torchrun --nproc_per_node 2 pretrain_aclus.py --cfg configs/example.yaml   # DDP
+    python -m torch.distributed.launch --nproc_per_node 2 --master_port 12345 \\
+        pretrain_aclus.py --cfg configs/example.yaml                            # old launcher
+
+Writes to the run directory (``checkpoint.ckpt_path``): ``latest.pth`` every epoch,
+``checkpoint_NNNN.pth`` every ``save_epoch`` epochs, ``encoder_resnet18.pth`` (loads
+into ``torchvision.models.resnet18`` with every key but ``fc``), ``log.jsonl``,
+``config.yaml`` and TensorBoard files under ``tb/``. ``--resume auto`` (or
+``checkpoint.resume_path: auto``) continues a killed run from its last good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from timm.optim import Lars
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.aclus import ACLUS, build_model
+from utils import distributed as du
+from utils.checkpoint import find_resume_checkpoint, save_checkpoint
+from utils.config import ConfigError, load_config, run_dir as config_run_dir
+from utils.io import DataError, atomic_torch_save, atomic_write
+from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
+from utils.schedules import byol_momentum, warmup_cosine
+
+CKPT_KIND = "aclus_pretrain"
+log = logging.getLogger("pretrain")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="YAML config (see configs/example.yaml)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' = newest good checkpoint of the run dir, or a checkpoint file "
+                        "(overrides checkpoint.resume_path)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. -o optimizer.total_epochs=10 (repeatable)")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by torch.distributed.launch; LOCAL_RANK env is used
+    p.add_argument("--max_steps", type=int, default=0,
+                   help="stop after this many optimizer steps in this run (smoke tests, benchmarks)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- #
+# building blocks
+# --------------------------------------------------------------------------- #
+def lars_param_groups(model: torch.nn.Module, weight_decay: float, exclude_bias_and_bn: bool) -> list[dict]:
+    """Biases and normalisation parameters (1-D) get no weight decay and, with timm's
+    LARS, no trust-ratio adaptation either (it adapts only where weight_decay != 0)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_bias_and_bn and p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def mask_generator(seed: int, rank: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The mask-id draws of one epoch: seeded by (seed, rank, epoch), so resuming needs no state."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + rank * 7_919 + epoch)
+    return g
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class JsonLog:
+    """Append-only JSON-lines log next to the checkpoints (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.f = open(path, "a") if path else None
+
+    def write(self, **record) -> None:
+        if self.f:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+# --------------------------------------------------------------------------- #
+# training
+# --------------------------------------------------------------------------- #
+def train(cfg: dict, args: argparse.Namespace) -> Path:
+    info = du.init_distributed_mode(args.device)
+    run_dir = config_run_dir(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed + info.rank)
+    method = cfg["model"]["method"]
+
+    # ---- data
+    pairs = load_pairs(cfg["data"]["image_dir"], cfg["data"]["subset"])
+    if cfg["data"]["num_examples"] and cfg["data"]["num_examples"] > 0:
+        pairs = pairs[: cfg["data"]["num_examples"]]
+    dataset = AnatomyPairDataset(
+        pairs, size=cfg["data"]["resize_size"], crop_scale=cfg["data"]["crop_scale"],
+        with_context=method == "aclus",
+        whole_image_mask=method == "byol" or cfg["data"]["mask_type"] == "whole", seed=seed)
+    sampler = EpochSampler(len(dataset), info.rank, info.world_size, seed=seed)
+    batch_size = cfg["data"]["train_batch_size"]
+    workers = cfg["data"]["data_workers"]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=info.device.type == "cuda", drop_last=True,
+                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    iters = len(loader)
+    if iters == 0:
+        raise DataError(f"{len(dataset)} training pairs give no full batch of {batch_size} per process "
+                        f"on {info.world_size} process(es); lower data.train_batch_size")
+
+    # ---- model
+    model = build_model(cfg).to(info.device)
+    if info.distributed and info.device.type == "cuda" and cfg["amp"]["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # gloo/CPU has no SyncBN
+    core: ACLUS = model
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
+
+    # ---- optimisation
+    opt_cfg = cfg["optimizer"]
+    epochs = int(opt_cfg["total_epochs"])
+    global_batch = batch_size * info.world_size
+    lr_sched = warmup_cosine(opt_cfg["base_lr"] * global_batch / 256, 0.0, epochs, iters, opt_cfg["warmup_epochs"])
+    mom_sched = byol_momentum(cfg["model"]["base_momentum"], epochs * iters)
+    optimizer = Lars(lars_param_groups(core, opt_cfg["weight_decay"], opt_cfg["exclude_bias_and_bn"]),
+                     lr=float(lr_sched[0]), momentum=opt_cfg["momentum"], trust_coeff=1e-3)
+    amp = cfg["amp"]["opt_level"] != "O0" and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    # ---- resume
+    start_epoch = 0
+    resume = args.resume if args.resume is not None else cfg["checkpoint"]["resume_path"]
+    state, path = find_resume_checkpoint(resume, run_dir, CKPT_KIND)
+    if state is not None:
+        if state["config"]["model"]["method"] != method:
+            raise DataError(f"{path}: checkpoint of method '{state['config']['model']['method']}', "
+                            f"config says '{method}'")
+        try:
+            core.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise DataError(f"{path}: does not match the model of this config ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch = int(state["epoch"])
+        if info.is_main:
+            log.info("resumed from %s at epoch %d", path, start_epoch)
+
+    # ---- logging
+    writer = None
+    jlog = JsonLog(run_dir / "log.jsonl" if info.is_main else None)
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(cfg["log"]["log_dir"] or str(run_dir / "tb"))
+        log.info("%s: %d pairs, %d iters/epoch, global batch %d, %d process(es) on %s, amp=%s",
+                 method, len(dataset), iters, global_batch, info.world_size, info.device, amp)
+    log_step = max(1, int(cfg["log"]["log_step"]))
+
+    steps_done = 0
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        generator = mask_generator(seed, info.rank, epoch, info.device)
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not info.is_main,
+                   leave=False, dynamic_ncols=True, mininterval=1.0)
+        t_epoch, sums = time.time(), {}
+        for it, batch in enumerate(bar):
+            step = epoch * iters + it
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_sched[step])
+            batch = to_device(batch, info.device)
+            with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+                loss, stats = model(batch, generator)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss {loss_value} at epoch {epoch + 1}, step {it}; "
+                                         f"terms: { {k: float(v) for k, v in stats.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            core.update_target(float(mom_sched[step]))  # once per optimizer step
+            steps_done += 1
+
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if info.is_main and (step % log_step == 0 or it == iters - 1):
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_sched[step]:.3g}")
+                for k, v in stats.items():
+                    writer.add_scalar(f"train/{k}", float(v), step)
+                writer.add_scalar("train/lr", lr_sched[step], step)
+                writer.add_scalar("train/momentum", mom_sched[step], step)
+                jlog.write(kind="step", epoch=epoch + 1, step=step, lr=float(lr_sched[step]),
+                           momentum=float(mom_sched[step]), **{k: float(v) for k, v in stats.items()})
+            if args.max_steps and steps_done >= args.max_steps:
+                break
+        if args.max_steps and steps_done >= args.max_steps and it < iters - 1:
+            if info.is_main:
+                log.info("stopped after --max_steps %d (no checkpoint for the partial epoch)", args.max_steps)
+            break
+
+        means = {k: v / iters for k, v in sums.items()}
+        if info.is_main:
+            done = epoch + 1
+            state = {"kind": CKPT_KIND, "epoch": done, "global_step": done * iters, "arch": "resnet18",
+                     "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}, "config": cfg}
+            numbered = done % max(1, int(cfg["checkpoint"]["save_epoch"])) == 0 or done == epochs
+            save_checkpoint(state, run_dir, keep_numbered=numbered)
+            atomic_torch_save(core.encoder.resnet.state_dict(), run_dir / "encoder_resnet18.pth")
+            jlog.write(kind="epoch", epoch=done, seconds=round(time.time() - t_epoch, 2), **means)
+            log.info("epoch %d/%d  loss %.4f  (%.1fs)", done, epochs, means.get("loss", float("nan")),
+                     time.time() - t_epoch)
+        du.barrier()
+
+    if writer is not None:
+        writer.close()
+    jlog.close()
+    if info.is_main:
+        log.info("done: checkpoints and logs in %s", run_dir)
+    return run_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.cfg, args.override)
+        train(cfg, args)
+    except (ConfigError, DataError) as e:
+        print(f"pretrain_aclus.py: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"pretrain_aclus.py: stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        du.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
