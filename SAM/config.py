@@ -1,0 +1,102 @@
+"""Per-dataset (task) settings of the A-SAM stages, each overridable from the command line.
+
+This module lives at ``SAM/config.py`` rather than ``SAM/utils/config.py``: a ``SAM/utils``
+package would shadow the top-level ``utils`` package whenever a script runs as
+``python SAM/<script>.py`` (Python puts ``SAM/`` first on ``sys.path``).
+
+Usage in a script::
+
+    parser = argparse.ArgumentParser()
+    add_task_args(parser)              # --task plus one --<field> per TaskConfig field
+    cfg = task_config_from_args(parser.parse_args())
+
+An unknown ``--task`` is an argparse error (upstream's ``assert("...")`` was always true).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """Invalid task name or field value."""
+
+
+@dataclass
+class TaskConfig:
+    """Everything about *what data* a stage trains on and *how long*; model choices are
+    script arguments. Paths are relative to the working directory."""
+
+    task: str
+    data_root: str = "dataset/seg"      # SAMUS layout root: <root>/<Dataset>/{img,label}, MainPatient/
+    datasets: tuple[str, ...] = ()      # sub-datasets to use; () = every dataset in class.json
+    img_size: int = 256                 # network input (square; images are resized to it)
+    batch_size: int = 8
+    epochs: int = 100
+    lr: float = 5e-4                    # Adam, METHOD.md §1
+    workers: int = 2
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    augment: bool = True                # rotation ±30°, scale 1–1.3, contrast, gamma (p=0.5 each)
+    max_train: int = 0                  # >0: keep only the first N split lines (quick runs)
+    max_val: int = 0
+    seed: int = 0
+
+
+TASKS: dict[str, TaskConfig] = {
+    "SAMUS": TaskConfig("SAMUS", data_root="dataset/SAMUS"),
+    "HC18": TaskConfig("HC18", data_root="dataset/seg", datasets=("FetalHead-HC18",)),
+    "USGRA": TaskConfig("USGRA", data_root="dataset/seg", datasets=("Nerve-USGRA",)),
+    "HC18_USGRA": TaskConfig("HC18_USGRA", data_root="dataset/seg",
+                             datasets=("FetalHead-HC18", "Nerve-USGRA")),
+    # synthetic lung-like data of utils/synthetic_us.py (tests, smoke runs)
+    "SynLung": TaskConfig("SynLung", data_root="dataset/synthetic", img_size=128, batch_size=4,
+                          epochs=2, datasets=("SynLung-Pleura", "SynLung-Anatomy")),
+}
+
+
+def get_task(name: str) -> TaskConfig:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))}")
+    return dataclasses.replace(TASKS[name])
+
+
+def parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
+
+
+def add_task_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--task`` and one optional ``--<field>`` per :class:`TaskConfig` field."""
+    g = parser.add_argument_group("task settings (defaults come from the task; any flag overrides)")
+    g.add_argument("--task", required=True, choices=sorted(TASKS),
+                   help="per-dataset preset from SAM/config.py")
+    for f in dataclasses.fields(TaskConfig):
+        if f.name == "task":
+            continue
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if "tuple" in kind:
+            g.add_argument(f"--{f.name}", type=lambda s: tuple(x for x in s.split(",") if x),
+                           default=None, help="comma-separated list")
+        elif kind == "bool":
+            g.add_argument(f"--{f.name}", type=parse_bool, default=None, help="true/false")
+        else:
+            typ = {"int": int, "float": float, "str": str}[kind]
+            g.add_argument(f"--{f.name}", type=typ, default=None)
+
+
+def task_config_from_args(args: argparse.Namespace) -> TaskConfig:
+    """The task preset with every flag the user gave applied on top."""
+    cfg = get_task(args.task)
+    for f in dataclasses.fields(TaskConfig):
+        value = getattr(args, f.name, None)
+        if f.name != "task" and value is not None:
+            setattr(cfg, f.name, value)
+    if cfg.img_size % 8:
+        raise ConfigError(f"img_size must be a multiple of 8, got {cfg.img_size}")
+    return cfg

@@ -1,0 +1,124 @@
+"""Training loop shared by stage 1 and stage 2: epochs, validation Dice, best/last
+checkpoints, resume, tqdm and TensorBoard. The stage scripts only supply two functions:
+
+* ``loss_fn(batch) -> scalar loss`` (training step, grads flow into the trainable params);
+* ``predict_fn(batch) -> (B, 1, L, L) low-res logits`` (validation / test).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from SAM.samus_data import SAMUSDataset, collate
+from SAM.seg_metrics import MetricTable, format_summary
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(ds: SAMUSDataset, batch_size: int, shuffle: bool, workers: int,
+                seed: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      collate_fn=collate, drop_last=False, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(predict_fn: Callable[[dict], torch.Tensor], loader: DataLoader, keys: list[str],
+             device: torch.device, desc: str = "val") -> dict:
+    """Dice / IoU / HD95 per prompt key, each mask compared at its image's own size."""
+    table = MetricTable()
+    ds: SAMUSDataset = loader.dataset
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        batch = to_device(batch, device)
+        logits = predict_fn(batch)
+        for b in range(logits.shape[0]):
+            gt = batch["orig_mask"][b]
+            up = F.interpolate(logits[b:b + 1].float(), size=gt.shape, mode="bilinear", align_corners=False)
+            pred = (up[0, 0] > 0).cpu().numpy()
+            table.add(ds.lines[int(batch["index"][b])].prompt_key, pred, gt)
+    return table.summary()
+
+
+def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
+          predict_fn: Callable[[dict], torch.Tensor], params: list[torch.nn.Parameter],
+          train_loader: DataLoader, val_loader: DataLoader, keys: list[str], epochs: int,
+          lr: float, device: torch.device, save: Callable[..., None],
+          set_train_mode: Callable[[bool], None], resume_state: dict | None = None) -> dict:
+    """Run the epochs; returns the best validation summary.
+
+    ``save(path, **extra)`` writes a checkpoint (the stage knows its kind and modules);
+    ``resume_state`` is a loaded 'last.pt' (optimizer, epoch, best_dice).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard import is slow
+
+    optimizer = torch.optim.Adam(params, lr=lr)
+    start, best, best_summary = 0, -1.0, {}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start, best = int(resume_state["epoch"]) + 1, float(resume_state["best_dice"])
+        print(f"resumed after epoch {start - 1} (best val Dice {best:.4f})")
+    writer = SummaryWriter(str(out_dir / "tb"))
+    log = open(out_dir / "log.jsonl", "a")
+    step = start * len(train_loader)
+    for epoch in range(start, epochs):
+        set_train_mode(True)
+        t0, losses = time.time(), []
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", dynamic_ncols=True)
+        for batch in bar:
+            loss = loss_fn(to_device(batch, device))
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            writer.add_scalar("train/loss", loss.item(), step)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            step += 1
+        set_train_mode(False)
+        summary = evaluate(predict_fn, val_loader, keys, device)
+        dice = summary["mean"]["dice"]
+        for key, v in summary.items():
+            writer.add_scalar(f"val_dice/{key}", v["dice"], epoch)
+        is_best = dice > best
+        if is_best:
+            best, best_summary = dice, summary
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val": summary,
+                  "best_dice": best, "seconds": round(time.time() - t0, 1)}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(f"epoch {epoch}: loss {np.mean(losses):.4f}, val Dice {dice:.4f}"
+              f"{' (best)' if is_best else ''}\n{format_summary(summary)}")
+        if is_best:
+            save(out_dir / "best.pt", epoch=epoch, best_dice=best, val=summary)
+        # last.pt carries the optimizer so that --resume continues exactly here
+        save(out_dir / "last.pt", epoch=epoch, best_dice=best, optimizer=optimizer.state_dict())
+    writer.close()
+    log.close()
+    return best_summary

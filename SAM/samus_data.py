@@ -1,0 +1,225 @@
+"""SAMUS-layout segmentation data for the A-SAM stages.
+
+Layout::
+
+    <root>/<Dataset>/img/<name>.png     gray or RGB, any size
+    <root>/<Dataset>/label/<name>.png   0/255 binary or index map, same size
+    <root>/MainPatient/{train,val,test}.txt   lines "<class ID>/<Dataset>/<name>"
+    <root>/MainPatient/class.json       {"<Dataset>": classes incl. background}
+
+One sample = one split line = one (image, anatomy) pair; its target is ``label == class ID``.
+The prompt key of a sample is "<Dataset>/<class ID>" (index into the auto-prompter's tokens).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.io import DataError, read_image, read_label
+
+
+@dataclass(frozen=True)
+class SplitLine:
+    class_id: int
+    dataset: str
+    name: str
+
+    @property
+    def prompt_key(self) -> str:
+        return f"{self.dataset}/{self.class_id}"
+
+    @property
+    def image_key(self) -> str:
+        return f"{self.dataset}/{self.name}"
+
+
+def read_class_json(root: str | Path) -> dict[str, int]:
+    path = Path(root) / "MainPatient" / "class.json"
+    if not path.is_file():
+        raise DataError(f"{path}: class.json not found (is {root} a SAMUS-layout root?)")
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not a JSON object of dataset -> class count ({e})") from None
+
+
+def read_split(root: str | Path, split: str, datasets: tuple[str, ...] = ()) -> list[SplitLine]:
+    """Parse ``MainPatient/<split>.txt``; keep only ``datasets`` when given."""
+    path = Path(root) / "MainPatient" / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    classes = read_class_json(root)
+    lines = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        parts = raw.split("/")
+        if len(parts) != 3 or not parts[0].isdigit():
+            raise DataError(f"{path}:{n}: expected '<class ID>/<Dataset>/<name>', got '{raw}'")
+        line = SplitLine(int(parts[0]), parts[1], parts[2])
+        if datasets and line.dataset not in datasets:
+            continue
+        if line.dataset not in classes:
+            raise DataError(f"{path}:{n}: dataset '{line.dataset}' is missing from class.json")
+        if not 1 <= line.class_id < classes[line.dataset]:
+            raise DataError(f"{path}:{n}: class ID {line.class_id} outside 1..{classes[line.dataset] - 1}")
+        lines.append(line)
+    if not lines:
+        raise DataError(f"{path}: no lines for datasets {datasets or 'any'}")
+    return lines
+
+
+def prompt_keys(root: str | Path, datasets: tuple[str, ...] = ()) -> list[str]:
+    """Every "<Dataset>/<class ID>" of the chosen datasets, sorted: the prompter's vocabulary."""
+    classes = read_class_json(root)
+    missing = [d for d in datasets if d not in classes]
+    if missing:
+        raise DataError(f"{root}: datasets {missing} not in class.json ({sorted(classes)})")
+    return [f"{d}/{c}" for d in sorted(datasets or classes) for c in range(1, classes[d])]
+
+
+# --------------------------------------------------------------------------- #
+# augmentation (numpy, no I/O: unit-testable)
+# --------------------------------------------------------------------------- #
+def augment_pair(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
+                 p: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """METHOD.md §1: rotation ±30°, scale 1–1.3, contrast, gamma, each with probability p.
+
+    img: HxWx3 uint8, lab: HxW int -> same shapes; geometry is shared, intensity is image-only.
+    """
+    h, w = lab.shape
+    angle = rng.uniform(-30, 30) if rng.random() < p else 0.0
+    scale = rng.uniform(1.0, 1.3) if rng.random() < p else 1.0
+    if angle or scale != 1.0:
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+        img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+        lab = cv2.warpAffine(lab.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST,
+                             borderValue=0).astype(lab.dtype)
+    f = img.astype(np.float32)
+    if rng.random() < p:  # contrast about the mean
+        f = (f - f.mean()) * rng.uniform(0.7, 1.3) + f.mean()
+    if rng.random() < p:  # gamma
+        f = 255.0 * (np.clip(f, 0, 255) / 255.0) ** rng.uniform(0.7, 1.5)
+    return np.clip(f, 0, 255).astype(np.uint8), lab
+
+
+def central_point(mask: np.ndarray) -> tuple[float, float]:
+    """The foreground pixel farthest from the boundary, as (x, y): 'central' even for rings."""
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+def random_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    i = int(rng.integers(len(ys)))
+    return float(xs[i]), float(ys[i])
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight xyxy box of the foreground (float32, 4)."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
+class SAMUSDataset(Dataset):
+    """Split lines -> dicts of tensors at ``img_size`` (S) and ``low_res`` (L):
+
+    image (3, S, S) float in [0, 1]; mask (S, S) and low_mask (L, L) float {0, 1};
+    point (1, 2) xy and point_label (1,) (random click if ``augment`` else the central point);
+    box (4,) xyxy; prompt_idx (); with ``return_orig`` also orig_mask (H, W) uint8 at the
+    image's own size (collate with :func:`collate`).
+    """
+
+    def __init__(self, root: str | Path, split: str, img_size: int, low_res: int,
+                 keys: list[str], datasets: tuple[str, ...] = (), augment: bool = False,
+                 return_orig: bool = False, max_items: int = 0):
+        self.root = Path(root)
+        self.lines = read_split(root, split, datasets)
+        if max_items > 0:
+            self.lines = self.lines[:max_items]
+        self.img_size, self.low_res = img_size, low_res
+        self.key_index = {k: i for i, k in enumerate(keys)}
+        unknown = {l.prompt_key for l in self.lines} - set(self.key_index)
+        if unknown:
+            raise DataError(f"{root}/{split}: prompt keys {sorted(unknown)} not known to the model "
+                            f"({keys})")
+        self.augment, self.return_orig = augment, return_orig
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def load_pair(self, line: SplitLine) -> tuple[np.ndarray, np.ndarray]:
+        img = read_image(self.root / line.dataset / "img" / f"{line.name}.png", "rgb")
+        lab_path = self.root / line.dataset / "label" / f"{line.name}.png"
+        lab = read_label(lab_path)
+        if lab.shape != img.shape[:2]:
+            raise DataError(f"{lab_path}: label {lab.shape} and image {img.shape[:2]} differ in size")
+        return img, lab
+
+    def image_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 -> (3, S, S) float in [0, 1] (stretched to the square input)."""
+        img = cv2.resize(img, (self.img_size, self.img_size), interpolation=cv2.INTER_LINEAR)
+        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+
+    def __getitem__(self, i: int) -> dict:
+        line = self.lines[i]
+        img, lab = self.load_pair(line)
+        orig = (lab == line.class_id).astype(np.uint8)
+        if not orig.any():
+            raise DataError(f"{self.root / line.dataset / 'label' / line.name}.png: class "
+                            f"{line.class_id} listed in the split file but absent from the label")
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+        mask = orig
+        if self.augment:
+            a_img, a_lab = augment_pair(img, lab, rng)
+            a_mask = (a_lab == line.class_id).astype(np.uint8)
+            if a_mask.sum() >= 4:  # the zoom can push a small anatomy out of view: keep original then
+                img, mask = a_img, a_mask
+        S, L = self.img_size, self.low_res
+        m_s = cv2.resize(mask, (S, S), interpolation=cv2.INTER_NEAREST)
+        if not m_s.any():  # a sliver lost in resizing: keep its nearest pixel
+            ys, xs = np.nonzero(mask)
+            m_s[int(ys[0] * S / mask.shape[0]), int(xs[0] * S / mask.shape[1])] = 1
+        pt = random_point(m_s, rng) if self.augment else central_point(m_s)
+        item = {
+            "image": self.image_tensor(img),
+            "mask": torch.from_numpy(m_s).float(),
+            "low_mask": torch.from_numpy(cv2.resize(m_s, (L, L), interpolation=cv2.INTER_NEAREST)).float(),
+            "point": torch.tensor([pt], dtype=torch.float32),
+            "point_label": torch.ones(1, dtype=torch.int64),
+            "box": torch.from_numpy(mask_box(m_s)),
+            "prompt_idx": torch.tensor(self.key_index[line.prompt_key]),
+            "index": torch.tensor(i),
+        }
+        if self.return_orig:
+            item["orig_mask"] = orig
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors; keep variable-size numpy arrays (orig_mask) as lists."""
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+def split_seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: distinct numpy/torch streams per worker."""
+    seed = (torch.initial_seed() + worker_id) % 2**32
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def num_batches(n: int, batch: int) -> int:
+    return math.ceil(n / batch)

@@ -1,0 +1,82 @@
+"""A-SAM loss and segmentation metrics (METHOD.md §1)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+def asam_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 2.0,
+              eps: float = 1.0) -> torch.Tensor:
+    """0.2·BCE(pos_weight) + 0.8·soft Dice on low-res logits.
+
+    logits: (B, 1, L, L) raw decoder output; target: (B, L, L) in {0, 1}. Dice is per sample,
+    then averaged, so a small anatomy counts as much as a large one.
+    """
+    logits = logits[:, 0]
+    bce = F.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=torch.tensor(pos_weight, device=logits.device))
+    prob = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    dice = (2 * (prob * t).sum(1) + eps) / (prob.sum(1) + t.sum(1) + eps)
+    return 0.2 * bce + 0.8 * (1 - dice).mean()
+
+
+def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """Binary masks -> (Dice, IoU); both empty counts as a perfect 1."""
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    inter, ps, gs = np.logical_and(pred, gt).sum(), pred.sum(), gt.sum()
+    if ps + gs == 0:
+        return 1.0, 1.0
+    return 2 * inter / (ps + gs), inter / (ps + gs - inter)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance in pixels; NaN if exactly one is empty."""
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    if not pred.any() and not gt.any():
+        return 0.0
+    if not pred.any() or not gt.any():
+        return float("nan")
+    sp, sg = _surface(pred), _surface(gt)
+    d_to_gt = ndimage.distance_transform_edt(~sg)   # distance of every pixel to the gt surface
+    d_to_pred = ndimage.distance_transform_edt(~sp)
+    return float(max(np.percentile(d_to_gt[sp], 95), np.percentile(d_to_pred[sg], 95)))
+
+
+class MetricTable:
+    """Accumulate Dice / IoU / HD95 per prompt key ("<Dataset>/<class ID>")."""
+
+    def __init__(self):
+        self.rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+
+    def add(self, key: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        d, i = dice_iou(pred, gt)
+        self.rows[key].append((d, i, hd95(pred, gt)))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{key: {dice, iou, hd95, n, hd95_undefined}} plus 'mean' over keys (macro)."""
+        out = {}
+        for key in sorted(self.rows):
+            a = np.array(self.rows[key], dtype=np.float64)
+            out[key] = {"dice": float(a[:, 0].mean()), "iou": float(a[:, 1].mean()),
+                        "hd95": float(np.nanmean(a[:, 2])) if np.isfinite(a[:, 2]).any() else float("nan"),
+                        "hd95_undefined": int(np.isnan(a[:, 2]).sum()), "n": len(a)}
+        if out:
+            out["mean"] = {m: float(np.nanmean([v[m] for v in out.values()])) for m in ("dice", "iou", "hd95")}
+            out["mean"]["n"] = sum(v["n"] for k, v in out.items() if k != "mean")
+        return out
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'prompt':<28} {'n':>5} {'Dice':>7} {'IoU':>7} {'HD95':>7}"]
+    for key, v in summary.items():
+        lines.append(f"{key:<28} {v['n']:>5} {v['dice']:>7.4f} {v['iou']:>7.4f} {v['hd95']:>7.2f}")
+    return "\n".join(lines)

