@@ -1,0 +1,218 @@
+"""Stage 3: prompt-free A-SAM masks for unlabeled images (missing upstream).
+
+    python SAM/infer_masks.py --ckpt runs/asam_stage2/best.pt --data_dir dataset/train
+    torchrun --nproc_per_node 4 SAM/infer_masks.py --ckpt ... --data_dir dataset/train
+
+reads ``<data_dir>/<Sub>/img/**/<name>.<png|jpg|...>`` and writes
+``<out_dir>/<Sub>/label/**/<name>.png`` (out_dir defaults to data_dir): uint8 index maps at
+each image's own size, 0 = background and k = the k-th prompt of ``--prompts`` (default: all
+anatomies the checkpoint knows; the mapping goes to ``<out_dir>/asam_classes.json``). This is
+the layout ``utils/generate_masks_pkls.py`` reads.
+
+* batched: one encoder pass per image, one decoder pass per (image, anatomy);
+* resumable: a label that exists is complete (writes are atomic) and is skipped;
+* sharded: under torchrun each process takes every WORLD_SIZE-th file from RANK on
+  (no process group is needed); a plain run is rank 0 of 1;
+* a bad image is reported (stderr and ``bad_images_rank<R>.txt``) and skipped;
+* rank 0 writes an overlay montage PNG of the first images it masks (``--montage``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE.parent) not in sys.path:  # run as a script: the repo root must be importable
+    sys.path.insert(0, str(_HERE.parent))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
+from SAM.engine import pick_device  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PALETTE = np.array([[255, 64, 64], [64, 255, 64], [64, 128, 255], [255, 255, 0], [255, 0, 255],
+                    [0, 255, 255], [255, 128, 0], [128, 0, 255]], dtype=np.uint8)  # RGB
+
+
+def list_jobs(data_dir: Path, out_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, label) path pairs for every image under ``<data_dir>/<Sub>/img``, sorted."""
+    jobs = []
+    for img_dir in sorted(p for p in data_dir.glob("*/img") if p.is_dir()):
+        sub = img_dir.parent.name
+        for f in sorted(img_dir.rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+                rel = f.relative_to(img_dir).with_suffix(".png")
+                jobs.append((f, out_dir / sub / "label" / rel))
+    return jobs
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """Every ``world``-th item from ``rank`` on: disjoint shards that cover the list."""
+    return items[rank::world]
+
+
+class ImageFiles(Dataset):
+    """Image paths -> (3, S, S) float tensors in [0, 1]; unreadable files come back as errors."""
+
+    def __init__(self, paths: list[Path], img_size: int):
+        self.paths, self.img_size = paths, img_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = read_image(self.paths[i], "rgb")
+        except DataError as e:
+            return i, None, str(e)
+        small = cv2.resize(img, (self.img_size, self.img_size), interpolation=cv2.INTER_LINEAR)
+        return i, torch.from_numpy(small).permute(2, 0, 1).float().div_(255.0), img
+
+
+def _collate(items):
+    return items  # variable-size originals and error strings: keep a plain list
+
+
+@torch.no_grad()
+def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int],
+                       sizes: list[tuple[int, int]], threshold: float = 0.5) -> list[np.ndarray]:
+    """images (B, 3, S, S) in [0, 1] -> B uint8 index maps (H_b x W_b): 0 background,
+    k where the k-th prompt is the most probable anatomy and above ``threshold``."""
+    B, K = images.shape[0], len(prompt_ids)
+    emb = seg.embed(images)                                               # B x 256 x g x g
+    emb_k = emb.repeat_interleave(K, 0)                                   # BK x 256 x g x g
+    idx = torch.tensor(prompt_ids, device=images.device).repeat(B)       # BK
+    logits = seg.decode(emb_k, prompter(images.repeat_interleave(K, 0), emb_k, idx))
+    logits = logits.view(B, K, *logits.shape[-2:])                        # B x K x L x L
+    out = []
+    for b, (h, w) in enumerate(sizes):
+        prob = torch.sigmoid(F.interpolate(logits[b:b + 1].float(), size=(h, w), mode="bilinear",
+                                           align_corners=False))[0]      # K x H x W
+        best, arg = prob.max(0)
+        out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
+    return out
+
+
+def overlay(img: np.ndarray, lab: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB image + index map -> RGB overlay with coloured, outlined anatomies."""
+    out = img.copy()
+    for k in range(1, int(lab.max()) + 1):
+        m = lab == k
+        if not m.any():
+            continue
+        colour = PALETTE[(k - 1) % len(PALETTE)]
+        out[m] = ((1 - alpha) * out[m] + alpha * colour).astype(np.uint8)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1)
+    return out
+
+
+def montage(tiles: list[np.ndarray], tile: int = 192, cols: int = 4) -> np.ndarray:
+    """RGB tiles of any size -> one RGB grid image, each tile letterboxed to tile x tile."""
+    rows = (len(tiles) + cols - 1) // cols
+    grid = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        s = tile / max(t.shape[:2])
+        r = cv2.resize(t, (max(1, round(t.shape[1] * s)), max(1, round(t.shape[0] * s))),
+                       interpolation=cv2.INTER_AREA)
+        y, x = (i // cols) * tile, (i % cols) * tile
+        grid[y:y + r.shape[0], x:x + r.shape[1]] = r
+    return grid
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (kind asam_stage2)")
+    p.add_argument("--data_dir", required=True, help="folder with <Sub>/img/ sub-folders")
+    p.add_argument("--out_dir", default=None, help="where <Sub>/label/ goes (default: --data_dir)")
+    p.add_argument("--prompts", default=None,
+                   help="comma-separated prompt keys '<Dataset>/<class ID>' in output-index order "
+                        "(default: all of the checkpoint)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="image-reading processes")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability for foreground")
+    p.add_argument("--montage", default=None,
+                   help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
+    p.add_argument("--montage_n", type=int, default=16, help="images in the montage")
+    p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> if available, else cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+                                         if torch.cuda.is_available() else "cpu"))
+    data_dir = Path(args.data_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else data_dir
+    ck = load_checkpoint(args.ckpt, ("asam_stage2",))
+    seg, prompter = segmenter_from_checkpoint(ck).to(device).eval(), prompter_from_checkpoint(ck).to(device).eval()
+    keys = ck["prompt_keys"]
+    wanted = args.prompts.split(",") if args.prompts else keys
+    unknown = [k for k in wanted if k not in keys]
+    if unknown:
+        raise SystemExit(f"prompts {unknown} unknown to {args.ckpt}; it knows {keys}")
+    prompt_ids = [keys.index(k) for k in wanted]
+
+    jobs = list_jobs(data_dir, out_dir)
+    if not jobs:
+        raise SystemExit(f"no images under {data_dir}/<Sub>/img/")
+    mine = shard(jobs, rank, world)
+    todo = [j for j in mine if not j[1].is_file()]
+    if rank == 0:
+        mapping = {str(i + 1): k for i, k in enumerate(wanted)}
+        atomic_write(out_dir / "asam_classes.json", lambda f: f.write(json.dumps(mapping, indent=1).encode()))
+    print(f"rank {rank}/{world}: {len(mine)} images in shard, {len(mine) - len(todo)} done before, "
+          f"{len(todo)} to mask with prompts {wanted}")
+
+    loader = DataLoader(ImageFiles([j[0] for j in todo], seg.img_size), batch_size=args.batch_size,
+                        num_workers=args.workers, collate_fn=_collate)
+    bad, tiles, written = [], [], 0
+    t0 = time.perf_counter()
+    for items in tqdm(loader, desc=f"A-SAM masks (rank {rank})", dynamic_ncols=True):
+        good = []
+        for i, x, orig in items:
+            if x is None:
+                print(f"skipping bad image: {orig}", file=sys.stderr)
+                bad.append(orig)
+            else:
+                good.append((i, x, orig))
+        if not good:
+            continue
+        images = torch.stack([x for _, x, _ in good]).to(device)
+        maps = predict_index_maps(seg, prompter, images, prompt_ids,
+                                  [o.shape[:2] for _, _, o in good], args.threshold)
+        for (i, _, orig), lab in zip(good, maps):
+            atomic_write_png(lab, todo[i][1])
+            written += 1
+            if rank == 0 and len(tiles) < args.montage_n:
+                tiles.append(overlay(orig, lab))
+    seconds = time.perf_counter() - t0
+    if bad:
+        atomic_write(out_dir / f"bad_images_rank{rank}.txt", lambda f: f.write("\n".join(bad).encode() + b"\n"))
+    if rank == 0 and tiles and (args.montage or "").lower() != "none":
+        path = Path(args.montage) if args.montage else out_dir / "asam_montage.png"
+        atomic_write_png(cv2.cvtColor(montage(tiles), cv2.COLOR_RGB2BGR), path)
+        print(f"montage: {path}")
+    rate = written / seconds if seconds > 0 and written else 0.0
+    print(f"rank {rank}: wrote {written} label maps in {seconds:.1f} s ({rate:.3f} images/s); "
+          f"{len(bad)} bad images skipped")
+    return {"written": written, "skipped_existing": len(mine) - len(todo), "bad": bad,
+            "seconds": seconds, "images_per_s": rate}
+
+
+if __name__ == "__main__":
+    main()
