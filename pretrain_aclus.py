@@ -180,8 +180,10 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
                  method, len(dataset), iters, global_batch, info.world_size, info.device, amp)
     log_step = max(1, int(cfg["log"]["log_step"]))
 
-    steps_done = 0
+    steps_done, stopped = 0, False
     for epoch in range(start_epoch, epochs):
+        if args.max_steps and steps_done >= args.max_steps:
+            break
         sampler.set_epoch(epoch)
         generator = mask_generator(seed, info.rank, epoch, info.device)
         model.train()
@@ -216,11 +218,14 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
                 writer.add_scalar("train/momentum", mom_sched[step], step)
                 jlog.write(kind="step", epoch=epoch + 1, step=step, lr=float(lr_sched[step]),
                            momentum=float(mom_sched[step]), **{k: float(v) for k, v in stats.items()})
-            if args.max_steps and steps_done >= args.max_steps:
+            if args.max_steps and steps_done >= args.max_steps and it < iters - 1:
+                stopped = True
                 break
-        if args.max_steps and steps_done >= args.max_steps and it < iters - 1:
+        bar.close()
+        if stopped:
             if info.is_main:
-                log.info("stopped after --max_steps %d (no checkpoint for the partial epoch)", args.max_steps)
+                log.info("stopped after --max_steps %d inside epoch %d (not checkpointed)",
+                         args.max_steps, epoch + 1)
             break
 
         means = {k: v / iters for k, v in sums.items()}

@@ -28,3 +28,46 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_pretrain_dir(tmp_path_factory) -> Path:
+    """A tiny pre-training folder: synthetic scans, label PNGs, mask pickles, pair list."""
+    from utils.generate_masks_pkls import generate
+    from utils.synthetic_us import write_pretrain_layout
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    write_pretrain_layout(root, n_images=12, size=48, seed=0)
+    generate(root)
+    return root
+
+
+def tiny_pretrain_config(tmp: Path, data_dir: Path, **sections) -> Path:
+    """Write a CPU-sized config (32 px views, small heads) and return its path."""
+    import yaml
+
+    cfg = {
+        "model": {"method": "aclus", "projection": {"hidden_dim": 32, "output_dim": 16},
+                  "predictor": {"input_dim": 16, "hidden_dim": 32, "output_dim": 16}},
+        "amp": {"opt_level": "O0"},
+        "data": {"image_dir": str(data_dir), "resize_size": 32, "data_workers": 0,
+                 "train_batch_size": 4, "crop_scale": [0.3, 1.0]},
+        "optimizer": {"total_epochs": 2, "warmup_epochs": 1, "base_lr": 0.5},
+        "loss": {"mask_rois": 4},
+        "checkpoint": {"ckpt_path": str(tmp / "run"), "save_epoch": 1, "resume_path": ""},
+        "log": {"log_step": 1},
+        "seed": 0,
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def make_pretrain_config():
+    return tiny_pretrain_config
