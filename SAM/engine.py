@@ -15,11 +15,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from SAM.samus_data import SAMUSDataset, collate
+from SAM.samus_data import SAMUSDataset, collate, restore_logits
 from SAM.seg_metrics import MetricTable, format_summary
 
 
@@ -58,8 +57,8 @@ def evaluate(predict_fn: Callable[[dict], torch.Tensor], loader: DataLoader, key
         logits = predict_fn(batch)
         for b in range(logits.shape[0]):
             gt = batch["orig_mask"][b]
-            up = F.interpolate(logits[b:b + 1].float(), size=gt.shape, mode="bilinear", align_corners=False)
-            pred = (up[0, 0] > 0).cpu().numpy()
+            up = restore_logits(logits[b], batch["valid"][b].tolist(), ds.img_size, gt.shape)
+            pred = (up[0] > 0).cpu().numpy()
             table.add(ds.lines[int(batch["index"][b])].prompt_key, pred, gt)
     return table.summary()
 

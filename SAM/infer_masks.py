@@ -33,12 +33,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.engine import pick_device  # noqa: E402
+from SAM.samus_data import image_to_tensor, restore_logits  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -77,8 +77,8 @@ class ImageFiles(Dataset):
             img = read_image(self.paths[i], "rgb")
         except DataError as e:
             return i, None, str(e)
-        small = cv2.resize(img, (self.img_size, self.img_size), interpolation=cv2.INTER_LINEAR)
-        return i, torch.from_numpy(small).permute(2, 0, 1).float().div_(255.0), img
+        x, valid = image_to_tensor(img, self.img_size)
+        return i, (x, valid), img
 
 
 def _collate(items):
@@ -87,9 +87,11 @@ def _collate(items):
 
 @torch.no_grad()
 def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int],
-                       sizes: list[tuple[int, int]], threshold: float = 0.5) -> list[np.ndarray]:
-    """images (B, 3, S, S) in [0, 1] -> B uint8 index maps (H_b x W_b): 0 background,
-    k where the k-th prompt is the most probable anatomy and above ``threshold``."""
+                       valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
+                       threshold: float = 0.5) -> list[np.ndarray]:
+    """images (B, 3, S, S) in [0, 1], letterboxed with content ``valid[b]`` -> B uint8 index
+    maps (H_b x W_b): 0 background, k where the k-th prompt is the most probable anatomy and
+    above ``threshold``."""
     B, K = images.shape[0], len(prompt_ids)
     emb = seg.embed(images)                                               # B x 256 x g x g
     emb_k = emb.repeat_interleave(K, 0)                                   # BK x 256 x g x g
@@ -98,8 +100,7 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     logits = logits.view(B, K, *logits.shape[-2:])                        # B x K x L x L
     out = []
     for b, (h, w) in enumerate(sizes):
-        prob = torch.sigmoid(F.interpolate(logits[b:b + 1].float(), size=(h, w), mode="bilinear",
-                                           align_corners=False))[0]      # K x H x W
+        prob = torch.sigmoid(restore_logits(logits[b], valid[b], seg.img_size, (h, w)))  # K x H x W
         best, arg = prob.max(0)
         out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
     return out
@@ -192,8 +193,8 @@ def main(argv=None) -> dict:
                 good.append((i, x, orig))
         if not good:
             continue
-        images = torch.stack([x for _, x, _ in good]).to(device)
-        maps = predict_index_maps(seg, prompter, images, prompt_ids,
+        images = torch.stack([x for _, (x, _), _ in good]).to(device)
+        maps = predict_index_maps(seg, prompter, images, prompt_ids, [v for _, (_, v), _ in good],
                                   [o.shape[:2] for _, _, o in good], args.threshold)
         for (i, _, orig), lab in zip(good, maps):
             atomic_write_png(lab, todo[i][1])

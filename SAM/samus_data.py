@@ -124,16 +124,48 @@ def random_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[float, flo
     return float(xs[i]), float(ys[i])
 
 
+def letterbox(img: np.ndarray, size: int, nearest: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize so the longest side is ``size`` (aspect kept), pad bottom/right with zeros.
+
+    HxW[xC] -> size x size[xC] and the valid (h, w) of the resized content. LiteMedSAM was
+    trained this way, and anatomy keeps its shape (a stretched fetal head is another ellipse).
+    """
+    h, w = img.shape[:2]
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+    out = np.zeros((size, size) + img.shape[2:], img.dtype)
+    out[:nh, :nw] = small
+    return out, (nh, nw)
+
+
+def restore_logits(logits: torch.Tensor, valid: tuple[int, int], img_size: int,
+                   size: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits (C, L, L) of a letterboxed input -> (C, H, W) at the image's own size:
+    crop the valid part, then resize bilinearly."""
+    L = logits.shape[-1]
+    vh, vw = max(1, round(valid[0] * L / img_size)), max(1, round(valid[1] * L / img_size))
+    crop = logits[None, :, :vh, :vw].float()
+    return torch.nn.functional.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
 def mask_box(mask: np.ndarray) -> np.ndarray:
     """Tight xyxy box of the foreground (float32, 4)."""
     ys, xs = np.nonzero(mask)
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
+def image_to_tensor(img: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HxWx3 uint8 -> ((3, size, size) float in [0, 1] letterboxed, valid (h, w))."""
+    boxed, valid = letterbox(img, size)
+    return torch.from_numpy(boxed).permute(2, 0, 1).float().div_(255.0), valid
+
+
 class SAMUSDataset(Dataset):
     """Split lines -> dicts of tensors at ``img_size`` (S) and ``low_res`` (L):
 
-    image (3, S, S) float in [0, 1]; mask (S, S) and low_mask (L, L) float {0, 1};
+    image (3, S, S) float in [0, 1], letterboxed (:func:`letterbox`), valid (2,) its content
+    height and width; mask (S, S) and low_mask (L, L) float {0, 1};
     point (1, 2) xy and point_label (1,) (random click if ``augment`` else the central point);
     box (4,) xyxy; prompt_idx (); with ``return_orig`` also orig_mask (H, W) uint8 at the
     image's own size (collate with :func:`collate`).
@@ -166,9 +198,8 @@ class SAMUSDataset(Dataset):
         return img, lab
 
     def image_tensor(self, img: np.ndarray) -> torch.Tensor:
-        """HxWx3 uint8 -> (3, S, S) float in [0, 1] (stretched to the square input)."""
-        img = cv2.resize(img, (self.img_size, self.img_size), interpolation=cv2.INTER_LINEAR)
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+        """HxWx3 uint8 -> (3, S, S) float in [0, 1], letterboxed."""
+        return image_to_tensor(img, self.img_size)[0]
 
     def __getitem__(self, i: int) -> dict:
         line = self.lines[i]
@@ -185,10 +216,10 @@ class SAMUSDataset(Dataset):
             if a_mask.sum() >= 4:  # the zoom can push a small anatomy out of view: keep original then
                 img, mask = a_img, a_mask
         S, L = self.img_size, self.low_res
-        m_s = cv2.resize(mask, (S, S), interpolation=cv2.INTER_NEAREST)
+        m_s, valid = letterbox(mask, S, nearest=True)
         if not m_s.any():  # a sliver lost in resizing: keep its nearest pixel
             ys, xs = np.nonzero(mask)
-            m_s[int(ys[0] * S / mask.shape[0]), int(xs[0] * S / mask.shape[1])] = 1
+            m_s[int(ys[0] * valid[0] / mask.shape[0]), int(xs[0] * valid[1] / mask.shape[1])] = 1
         pt = random_point(m_s, rng) if self.augment else central_point(m_s)
         item = {
             "image": self.image_tensor(img),
@@ -199,6 +230,7 @@ class SAMUSDataset(Dataset):
             "box": torch.from_numpy(mask_box(m_s)),
             "prompt_idx": torch.tensor(self.key_index[line.prompt_key]),
             "index": torch.tensor(i),
+            "valid": torch.tensor(valid),
         }
         if self.return_orig:
             item["orig_mask"] = orig

@@ -70,7 +70,9 @@ class MetricTable:
                         "hd95": float(np.nanmean(a[:, 2])) if np.isfinite(a[:, 2]).any() else float("nan"),
                         "hd95_undefined": int(np.isnan(a[:, 2]).sum()), "n": len(a)}
         if out:
-            out["mean"] = {m: float(np.nanmean([v[m] for v in out.values()])) for m in ("dice", "iou", "hd95")}
+            vals = {m: np.array([v[m] for v in out.values()]) for m in ("dice", "iou", "hd95")}
+            out["mean"] = {m: float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else float("nan")
+                           for m, a in vals.items()}
             out["mean"]["n"] = sum(v["n"] for k, v in out.items() if k != "mean")
         return out
 

@@ -96,7 +96,7 @@ class PromptableSegmenter(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = _sam_prompt_encoder(img_size, grid)
         self.mask_decoder = _sam_mask_decoder()
-        self.normalise = normalise  # 'sam': SAM pixel mean/std on 0..255; 'unit': [0, 1] as is
+        self.normalise = normalise  # 'sam': SAM pixel mean/std on 0..255; 'unit': min-max to [0, 1]
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -107,6 +107,10 @@ class PromptableSegmenter(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalise == "sam":
             images = (images * 255.0 - self.pixel_mean) / self.pixel_std
+        else:  # LiteMedSAM's own preprocessing: per-image min-max to [0, 1]
+            lo = images.amin(dim=(1, 2, 3), keepdim=True)
+            hi = images.amax(dim=(1, 2, 3), keepdim=True)
+            images = (images - lo) / (hi - lo).clamp_min(1e-8)
         return self.image_encoder(images)
 
     def no_mask_dense(self, batch: int) -> torch.Tensor:

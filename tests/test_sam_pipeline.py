@@ -1,0 +1,119 @@
+"""End to end on synthetic SAMUS data with a tiny ViT: stage 1 -> stage 2 -> inference."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from SAM import infer_masks, only_train_sam, train_auto_prompter
+from SAM.checkpoint import load_checkpoint
+from utils.io import DataError
+from utils.synthetic_us import write_samus_layout
+
+COMMON = ["--task", "SynLung", "--img_size", "64", "--workers", "0", "--batch_size", "4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Stage 1 (1 epoch, then resumed to 2) and stage 2 (2 epochs + test) once per module."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("asam")
+    root = write_samus_layout(tmp / "seg", n_images=10, size=96, seed=0)
+    s1, s2 = tmp / "s1", tmp / "s2"
+    data = COMMON + ["--data_root", str(root)]
+    only_train_sam.main(data + ["--backbone", "vit_tiny", "--epochs", "1", "--out_dir", str(s1)])
+    only_train_sam.main(data + ["--backbone", "vit_tiny", "--epochs", "2", "--out_dir", str(s1), "--resume"])
+    result = train_auto_prompter.main(data + ["--sam_ckpt", str(s1 / "best.pt"), "--epochs", "2",
+                                              "--out_dir", str(s2), "--eval_test",
+                                              "--cache_dir", str(tmp / "cache")])
+    return {"tmp": tmp, "root": root, "s1": s1, "s2": s2, "result": result}
+
+
+def test_stage1_resume_and_checkpoints(run):
+    epochs = [json.loads(l)["epoch"] for l in (run["s1"] / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]                      # the resumed run continued at epoch 1
+    ck = load_checkpoint(run["s1"] / "last.pt", ("asam_stage1",))
+    assert ck["epoch"] == 1 and "optimizer" in ck and "prompter" not in ck
+    assert ck["prompt_keys"] == ["SynLung-Anatomy/1", "SynLung-Anatomy/2", "SynLung-Anatomy/3",
+                                 "SynLung-Pleura/1"]
+    assert (run["s1"] / "tb").is_dir()
+
+
+def test_stage2_freezes_everything_but_prompter_and_decoder(run):
+    s1 = load_checkpoint(run["s1"] / "best.pt", ("asam_stage1",))["model"]
+    s2 = load_checkpoint(run["s2"] / "last.pt", ("asam_stage2",))
+    assert set(s1) == set(s2["model"])
+    changed = [k for k in s1 if not torch.equal(s1[k], s2["model"][k])]
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
+    # encoder (incl. BatchNorm buffers of the CNN branch) and prompt encoder bit-identical
+    assert all(torch.equal(s1[k], s2["model"][k]) for k in s1
+               if k.startswith(("image_encoder.", "prompt_encoder.")))
+    assert "prompter" in s2 and s2["prompter"]["tokens"].shape == (4, 2, 256)
+    test = json.loads((run["s2"] / "test_metrics.json").read_text())
+    assert {"SynLung-Pleura/1", "mean"} <= set(test) and 0 <= test["mean"]["dice"] <= 1
+
+
+def test_stage2_refuses_wrong_checkpoint_kind(run):
+    with pytest.raises(DataError, match="'asam_stage2' checkpoint; expected kind asam_stage1"):
+        train_auto_prompter.main(COMMON + ["--data_root", str(run["root"]), "--sam_ckpt",
+                                           str(run["s2"] / "best.pt"), "--out_dir", str(run["tmp"] / "x")])
+
+
+def test_infer_masks_writes_resumes_shards_and_skips_bad(run, monkeypatch):
+    data = run["tmp"] / "unlabeled"
+    (data / "Video1" / "img").mkdir(parents=True)
+    for i, src in enumerate(sorted((run["root"] / "SynLung-Pleura" / "img").glob("*.png"))[:5]):
+        img = cv2.imread(str(src))
+        if i % 2:  # any size, gray or RGB
+            img = cv2.resize(img, (70 + i, 50))[..., 0]
+        cv2.imwrite(str(data / "Video1" / "img" / f"v1_f{i}.png"), img)
+    (data / "Video1" / "img" / "broken.png").write_bytes(b"not a png")
+    args = ["--ckpt", str(run["s2"] / "best.pt"), "--data_dir", str(data), "--workers", "0",
+            "--batch_size", "2"]
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r1 = infer_masks.main(args)                      # odd-numbered files of 6 sorted ones
+    assert r1["written"] + len(r1["bad"]) == 3
+    monkeypatch.setenv("RANK", "0")
+    r0 = infer_masks.main(args)
+    assert r0["written"] + len(r0["bad"]) == 3 and len(r0["bad"] + r1["bad"]) == 1
+    labels = sorted((data / "Video1" / "label").glob("*.png"))
+    assert [p.name for p in labels] == [f"v1_f{i}.png" for i in range(5)]
+    for i, p in enumerate(labels):
+        lab = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        img = cv2.imread(str(data / "Video1" / "img" / p.name), cv2.IMREAD_UNCHANGED)
+        assert lab.shape == img.shape[:2] and lab.dtype == np.uint8 and lab.max() <= 4
+    assert (data / "asam_montage.png").is_file()
+    assert json.loads((data / "asam_classes.json").read_text())["4"] == "SynLung-Pleura/1"
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    again = infer_masks.main(args)                   # resumable: nothing left but the bad file
+    assert again["written"] == 0 and again["skipped_existing"] == 5
+    with pytest.raises(DataError, match="expected kind asam_stage2"):
+        infer_masks.main(["--ckpt", str(run["s1"] / "best.pt"), "--data_dir", str(data)])
+
+
+def test_scripts_run_from_repo_root(repo_root):
+    """`python SAM/<script>.py` must import the top-level packages (not SAM/ shadows)."""
+    for script in ("SAM/only_train_sam.py", "SAM/train_auto_prompter.py", "SAM/infer_masks.py"):
+        out = subprocess.run([sys.executable, script, "--help"], cwd=repo_root, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "usage" in out.stdout
+    out = subprocess.run([sys.executable, "SAM/only_train_sam.py", "--task", "Nope"], cwd=repo_root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
