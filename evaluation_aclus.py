@@ -1,0 +1,507 @@
+"""Stage 6: evaluate a ResNet-18 encoder on POCUS lung ultrasound (5-fold, 3 classes).
+
+Usage::
+
+    python evaluation_aclus.py --data_path dataset/pocus_5fold --ckpt_path ckpt/encoder_resnet18.pth
+    python evaluation_aclus.py --data_path D --protocol linear                 # random-init baseline
+    python evaluation_aclus.py --data_path D --ckpt_path C --selection val --img_size 112 --epochs 30
+
+Data (``--data_path``, alias ``--data_dir``): the USCL pickles ``covid_data1..5.pkl`` (each
+``(X_train, y_train, X_test, y_test)``, NCHW uint8, labels covid19 0 / pneumonia 1 /
+regular 2; read with a restricted unpickler) or the image-folder layout
+``[images/]fold<k>/<class>/*.png`` written by ``python -m utils.pocus_folds``.
+
+Protocols (METHOD.md §4):
+
+* ``finetune`` — the paper's: torchvision ResNet-18 initialised from the encoder, only
+  ``layer4.1`` and a new 3-way head trained; Adam lr 0.01, wd 1e-4, cosine schedule,
+  30 epochs, batch 32, seed 1; Resize -> RandomResizedCrop(scale 0.8-1, ratio 0.8-1.25) +
+  horizontal flip; Normalize(0.5, 0.25). Unlike upstream the head IS trained.
+* ``linear`` — frozen encoder, global-average-pooled 512-d features (same normalisation,
+  no augmentation), standardised, scikit-learn logistic regression. Minutes on a CPU.
+
+Model selection (``--selection``): ``last`` (default; finetune: last epoch, linear: the
+fixed ``--lin_C``), ``val`` (epoch / C chosen on training-fold data only: a held-out split
+for finetune, a 3-fold CV for linear; grouped by source video when the video is known),
+``paper`` (chosen on the TEST fold as upstream does; optimistic, labelled so everywhere).
+
+Output in ``--out_dir``: ``eval_<protocol>_<selection>.json`` (per-fold accuracy, macro-F1,
+per-class precision/recall/F1, mean ± std over folds, pooled accuracy, summed confusion
+matrix) and ``confusion_<protocol>_<selection>.png``. Bad input is a one-line error
+(exit status 2) naming the file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from models.encoder_io import load_resnet18_state
+from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
+                                          metrics_from_confusion, select_index)
+from utils.io import DataError, atomic_write, read_image, safe_pickle_load
+
+CLASSES = ("covid19", "pneumonia", "regular")
+NUM_FOLDS = 5
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the paper's normalisation
+LINEAR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+# --------------------------------------------------------------------------- #
+# data
+# --------------------------------------------------------------------------- #
+@dataclass
+class Fold:
+    """One train/test split. ``X_*``: N x 3 x H x W uint8; ``y_*``: N int64 in 0..2."""
+    index: int
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    groups_train: np.ndarray | None  # source video of each training image, if known
+    source: str
+
+
+def check_images(X, source: str, what: str) -> np.ndarray:
+    """Validate an image array and return it as N x 3 x H x W uint8 (grey is repeated to 3 channels)."""
+    if not isinstance(X, np.ndarray) or X.ndim != 4:
+        shape = getattr(X, "shape", None)
+        raise DataError(f"{source}: {what} must be a 4-D N x C x H x W array, found "
+                        f"{type(X).__name__}{'' if shape is None else ' of shape ' + str(tuple(shape))}")
+    if X.shape[1] not in (1, 3):
+        hint = " (looks like N x H x W x C; expected channels first)" if X.shape[-1] in (1, 3) else ""
+        raise DataError(f"{source}: {what} has shape {X.shape}, expected N x 3 x H x W{hint}")
+    if X.dtype != np.uint8:
+        raise DataError(f"{source}: {what} has dtype {X.dtype}, expected uint8")
+    return np.repeat(X, 3, axis=1) if X.shape[1] == 1 else X
+
+
+def check_labels(y, n: int, source: str, what: str) -> np.ndarray:
+    y = np.asarray(y) if isinstance(y, (np.ndarray, list, tuple)) else None
+    if y is None or y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"{source}: {what} must be a 1-D numeric array of length {n}")
+    if not np.all(np.isin(y, np.arange(len(CLASSES)))):
+        raise DataError(f"{source}: {what} holds labels {sorted(set(np.unique(y).tolist()))[:6]}, "
+                        f"expected 0..{len(CLASSES) - 1} ({', '.join(CLASSES)})")
+    return y.astype(np.int64)
+
+
+def check_uscl_tuple(obj, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a loaded USCL pickle ``(X_train, y_train, X_test, y_test)``."""
+    if not isinstance(obj, (tuple, list)) or len(obj) != 4:
+        raise DataError(f"{source}: expected a tuple (X_train, y_train, X_test, y_test), "
+                        f"found {type(obj).__name__}{' of length ' + str(len(obj)) if isinstance(obj, (tuple, list)) else ''}")
+    Xtr, Xte = check_images(obj[0], source, "X_train"), check_images(obj[2], source, "X_test")
+    if Xtr.shape[1:] != Xte.shape[1:]:
+        raise DataError(f"{source}: X_train images {Xtr.shape[1:]} and X_test images {Xte.shape[1:]} differ")
+    return (Xtr, check_labels(obj[1], len(Xtr), source, "y_train"),
+            Xte, check_labels(obj[3], len(Xte), source, "y_test"))
+
+
+def group_from_png_name(name: str) -> str:
+    """Source video of a frame PNG named ``<stem>__f<frame>.png`` (utils.pocus_folds); else the stem."""
+    stem = Path(name).stem
+    m = re.match(r"^(.*)__f\d+$", stem)
+    return m.group(1) if m else stem
+
+
+def _manifest_groups(root: Path, k: int, y_train: np.ndarray) -> np.ndarray | None:
+    """Training-set source ids of fold ``k`` from ``manifest.csv`` beside the pickles, if it matches."""
+    path = root / "manifest.csv"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="") as f:
+            rows = [(r["source"], int(r["fold"]), int(r["label"])) for r in csv.DictReader(f)]
+    except (KeyError, ValueError):
+        return None
+    rows = [r for r in rows if r[1] != k]
+    if len(rows) != len(y_train) or any(r[2] != y for r, y in zip(rows, y_train)):
+        return None  # not the manifest of these pickles: fall back to a frame-level split
+    return np.array([r[0] for r in rows])
+
+
+def discover(data_path: Path) -> tuple[str, Path]:
+    """``('pickle' | 'folders', root)`` for a data folder, or a DataError saying what is there."""
+    if not data_path.exists():
+        raise DataError(f"{data_path}: data path not found")
+    if data_path.is_file():
+        raise DataError(f"{data_path}: expected a folder holding covid_data1..5.pkl or fold1..5/")
+    if (data_path / "covid_data1.pkl").exists():
+        missing = [k for k in range(1, NUM_FOLDS + 1) if not (data_path / f"covid_data{k}.pkl").is_file()]
+        if missing:
+            raise DataError(f"{data_path}: covid_data{missing[0]}.pkl missing (need covid_data1..{NUM_FOLDS}.pkl)")
+        return "pickle", data_path
+    for root in (data_path / "images", data_path):
+        if (root / "fold1").is_dir():
+            missing = [k for k in range(1, NUM_FOLDS + 1) if not (root / f"fold{k}").is_dir()]
+            if missing:
+                raise DataError(f"{root}: fold{missing[0]}/ missing (need fold1..{NUM_FOLDS}/)")
+            return "folders", root
+    raise DataError(f"{data_path}: neither USCL pickles (covid_data1..5.pkl) nor an image-folder layout "
+                    "(fold1..5/<class>/*.png) found")
+
+
+def _read_fold_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and source ids of one ``fold<k>/<class>/*`` folder."""
+    imgs, labels, groups = [], [], []
+    for ci, cls in enumerate(CLASSES):
+        for p in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
+            if p.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+                continue
+            img = read_image(p, "rgb")
+            if imgs and img.shape != imgs[0].shape:
+                raise DataError(f"{p}: size {img.shape[:2]} differs from {imgs[0].shape[:2]} of the other images")
+            imgs.append(img)
+            labels.append(ci)
+            groups.append(f"{cls}/{group_from_png_name(p.name)}")
+    if not imgs:
+        raise DataError(f"{folder}: no images in {'/, '.join(CLASSES)}/")
+    return np.stack(imgs).transpose(0, 3, 1, 2).copy(), np.array(labels, dtype=np.int64), np.array(groups)
+
+
+def iter_folds(data_path: str | Path):
+    """Yield the 5 :class:`Fold` objects one at a time (each USCL pickle holds the full set)."""
+    kind, root = discover(Path(data_path))
+    if kind == "pickle":
+        for k in range(1, NUM_FOLDS + 1):
+            path = root / f"covid_data{k}.pkl"
+            Xtr, ytr, Xte, yte = check_uscl_tuple(safe_pickle_load(path), str(path))
+            yield Fold(k, Xtr, ytr, Xte, yte, _manifest_groups(root, k, ytr), str(path))
+        return
+    per_fold = [_read_fold_folder(root / f"fold{k}") for k in range(1, NUM_FOLDS + 1)]
+    if len({f[0].shape[1:] for f in per_fold}) > 1:
+        raise DataError(f"{root}: image sizes differ between folds")
+    for k in range(1, NUM_FOLDS + 1):
+        train = [f for j, f in enumerate(per_fold, start=1) if j != k]
+        yield Fold(k, np.concatenate([f[0] for f in train]), np.concatenate([f[1] for f in train]),
+                   per_fold[k - 1][0], per_fold[k - 1][1], np.concatenate([f[2] for f in train]),
+                   str(root / f"fold{k}"))
+
+
+class ArrayDataset(Dataset):
+    """``X``: N x 3 x H x W uint8 -> (transformed 3 x S x S float tensor, label)."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, transform):
+        self.X, self.y, self.transform = X, y, transform
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.transform(torch.from_numpy(self.X[i])), int(self.y[i])
+
+
+def make_transforms(img_size: int, train: bool):
+    """The paper's transforms (train: Resize -> RandomResizedCrop + flip; test: Resize)."""
+    ops = [v2.Resize(img_size, antialias=True)]
+    if train:
+        ops += [v2.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.8, 1.25), antialias=True),
+                v2.RandomHorizontalFlip()]
+    else:
+        ops += [v2.CenterCrop(img_size)]  # no-op for square inputs; makes non-square ones square
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+def carve_validation(y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int):
+    """Split training indices into (train, val), stratified by class and grouped by video if known."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, int(round(1.0 / fraction)))
+    g = groups if groups is not None else np.arange(len(y))
+    tr, va = next(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, g))
+    return tr, va
+
+
+# --------------------------------------------------------------------------- #
+# models
+# --------------------------------------------------------------------------- #
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_model(state: dict | None) -> torchvision.models.ResNet:
+    """ResNet-18 with a fresh 3-way head; encoder weights from ``state`` (None = random init)."""
+    model = torchvision.models.resnet18(num_classes=len(CLASSES))
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}, (missing, unexpected)
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(x.to(device)).argmax(1).cpu().numpy() for x, _ in loader])
+
+
+def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device) -> dict:
+    """Paper protocol on one fold; returns test predictions of the selected epoch and the curve."""
+    seed_everything(args.seed)  # same seed per fold: a fold's result does not depend on the others
+    model = make_model(state).to(device)
+    # only the last residual block and the new head learn (the upstream code froze the head too)
+    trainable = [p for n, p in model.named_parameters() if n.startswith(("layer4.1.", "fc."))]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(("layer4.1.", "fc.")))
+    opt = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+
+    tr_idx, va_idx = np.arange(len(fold.y_train)), None
+    if args.selection == "val":
+        tr_idx, va_idx = carve_validation(fold.y_train, fold.groups_train, args.val_fraction, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(ArrayDataset(fold.X_train[tr_idx], fold.y_train[tr_idx], make_transforms(args.img_size, True)),
+                              batch_size=args.batch_size, shuffle=True, generator=g, num_workers=args.workers,
+                              drop_last=len(tr_idx) > args.batch_size)  # no 1-sample batch for BatchNorm
+    test_tf = make_transforms(args.img_size, False)
+    test_loader = DataLoader(ArrayDataset(fold.X_test, fold.y_test, test_tf), batch_size=2 * args.batch_size,
+                             num_workers=args.workers)
+    val_loader = None if va_idx is None else DataLoader(
+        ArrayDataset(fold.X_train[va_idx], fold.y_train[va_idx], test_tf), batch_size=2 * args.batch_size,
+        num_workers=args.workers)
+
+    loss_fn = nn.CrossEntropyLoss()
+    val_acc, test_acc, losses = [], [], []
+    best_val, best_state, best_test_pred = -1.0, None, None
+    for epoch in tqdm(range(args.epochs), desc=f"fold {fold.index} finetune", leave=False):
+        # train() as upstream: BatchNorm statistics of the frozen layers adapt to POCUS too
+        model.train()
+        total, seen = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(model(x), y)  # logits: B x 3
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"fold {fold.index} epoch {epoch}: non-finite loss {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        sched.step()
+        losses.append(total / max(seen, 1))
+        if val_loader is not None:
+            acc = float((predict(model, val_loader, device) == fold.y_train[va_idx]).mean())
+            val_acc.append(acc)
+            if acc > best_val:  # first maximum, as select_index
+                best_val, best_state = acc, copy.deepcopy(model.state_dict())
+        if args.selection == "paper":
+            pred = predict(model, test_loader, device)
+            test_acc.append(float((pred == fold.y_test).mean()))
+            if best_test_pred is None or test_acc[-1] > max(test_acc[:-1]):
+                best_test_pred = pred
+
+    chosen = select_index(args.selection, args.epochs, val_acc or None, test_acc or None)
+    if args.selection == "paper":
+        pred = best_test_pred
+    else:
+        if args.selection == "val":
+            model.load_state_dict(best_state)
+        pred = predict(model, test_loader, device)
+    return {"pred": pred, "selected": {"epoch": chosen + 1}, "train_loss": losses,
+            "val_accuracy": val_acc or None, "test_accuracy_per_epoch": test_acc or None}
+
+
+class FeatureCache:
+    """Frozen-encoder features keyed by image content: the 5 USCL pickles hold the same images,
+    so each image is encoded once instead of five times (features are deterministic: eval mode)."""
+
+    def __init__(self, state: dict | None, args, device: torch.device):
+        seed_everything(args.seed)  # random-init baseline: the same encoder for every fold
+        model = make_model(state)
+        model.fc = nn.Identity()  # -> global-average-pooled 512-d features
+        self.model = model.to(device).eval()
+        self.args, self.device, self.cache = args, device, {}
+
+    @torch.no_grad()
+    def __call__(self, X: np.ndarray, desc: str) -> np.ndarray:
+        """``X``: N x 3 x H x W uint8 -> N x 512 float32."""
+        keys = [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in X]
+        todo = [i for i, k in enumerate(keys) if k not in self.cache]
+        if todo:
+            loader = DataLoader(ArrayDataset(X[todo], np.zeros(len(todo), dtype=np.int64),
+                                             make_transforms(self.args.img_size, False)),
+                                batch_size=2 * self.args.batch_size, num_workers=self.args.workers)
+            feats = [self.model(x.to(self.device)).cpu().numpy()
+                     for x, _ in tqdm(loader, desc=desc, leave=False)]
+            for i, f in zip(todo, np.concatenate(feats)):
+                self.cache[keys[i]] = f
+        return np.stack([self.cache[k] for k in keys]).astype(np.float32)
+
+
+def _fit_logreg(F: np.ndarray, y: np.ndarray, C: float, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
+    return clf.fit(F, y)
+
+
+def run_linear_fold(fold: Fold, features: FeatureCache, args) -> dict:
+    """Logistic regression on frozen features; C fixed (last), by grouped CV (val) or by test (paper)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    Ftr = features(fold.X_train, f"fold {fold.index} features")
+    Fte = features(fold.X_test, f"fold {fold.index} features")
+    grid = list(LINEAR_C_GRID)
+    val_acc, test_acc = None, None
+    if args.selection == "last":
+        grid = [args.lin_C]
+    elif args.selection == "val":  # 3-fold CV on the training folds only
+        groups = fold.groups_train if fold.groups_train is not None else np.arange(len(fold.y_train))
+        splits = list(StratifiedGroupKFold(3, shuffle=True, random_state=args.seed)
+                      .split(Ftr, fold.y_train, groups))
+        val_acc = [float(np.mean([(_fit_logreg(Ftr[a], fold.y_train[a], C, args.seed).predict(Ftr[b])
+                                   == fold.y_train[b]).mean() for a, b in splits])) for C in grid]
+    else:  # paper: optimistic, C picked on the test fold
+        test_acc = [float((_fit_logreg(Ftr, fold.y_train, C, args.seed).predict(Fte) == fold.y_test).mean())
+                    for C in grid]
+    chosen = select_index(args.selection, len(grid), val_acc, test_acc)
+    pred = _fit_logreg(Ftr, fold.y_train, grid[chosen], args.seed).predict(Fte)
+    return {"pred": pred, "selected": {"C": grid[chosen]}, "C_grid": grid if len(grid) > 1 else None,
+            "val_accuracy": val_acc, "test_accuracy_per_C": test_acc}
+
+
+# --------------------------------------------------------------------------- #
+# reporting
+# --------------------------------------------------------------------------- #
+def save_confusion_png(cm: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(args) -> dict:
+    t0 = time.time()
+    device = torch.device(args.device)
+    # read the weights first: a wrong checkpoint fails before any data is loaded
+    state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
+    discover(Path(args.data_path))  # a missing or empty data folder fails before any work
+    features = FeatureCache(state, args, device) if args.protocol == "linear" else None
+
+    folds, confusions = [], []
+    for fold in tqdm(iter_folds(args.data_path), total=NUM_FOLDS, desc=f"{args.protocol} 5-fold"):
+        if fold.groups_train is None and args.selection == "val":
+            print(f"note: {fold.source}: source videos unknown, validation split is by frame "
+                  "(frames of one video may sit in train and val)", file=sys.stderr)
+        out = (run_linear_fold(fold, features, args) if args.protocol == "linear"
+               else run_finetune_fold(fold, state, args, device))
+        cm = confusion_matrix(fold.y_test, out.pop("pred"), len(CLASSES))
+        confusions.append(cm)
+        m = metrics_from_confusion(cm, CLASSES)
+        folds.append({"fold": fold.index, "source": fold.source, "n_train": int(len(fold.y_train)),
+                      "n_test": int(len(fold.y_test)), **m, "confusion_matrix": cm.tolist(), **out})
+        tqdm.write(f"fold {fold.index}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                   f"selected {out['selected']}")
+    if len(folds) != NUM_FOLDS:
+        raise DataError(f"{args.data_path}: found {len(folds)} folds, expected {NUM_FOLDS}")
+
+    optimistic = args.selection == "paper"
+    tag = f"{args.protocol}_{args.selection}"
+    summary = aggregate_folds(confusions, CLASSES)
+    result = {
+        "protocol": args.protocol, "selection": args.selection, "optimistic": optimistic,
+        "selection_note": SELECTION_NOTES[args.selection],
+        "ckpt_path": args.ckpt_path or None, "init": "checkpoint" if args.ckpt_path else "random",
+        "data_path": str(args.data_path), "classes": list(CLASSES),
+        "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "ckpt_path", "out_dir")},
+        "summary": summary, "folds": folds, "wall_time_s": round(time.time() - t0, 2),
+    }
+    out_dir = Path(args.out_dir)
+    json_path, png_path = out_dir / f"eval_{tag}.json", out_dir / f"confusion_{tag}.png"
+    result["confusion_png"] = str(png_path)
+    atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    title = (f"{args.protocol}, selection={args.selection}, init={result['init']}\n"
+             f"pooled acc {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
+    if optimistic:
+        title = "OPTIMISTIC (paper protocol: epoch chosen on test fold)\n" + title
+    save_confusion_png(np.array(summary["confusion_matrix_sum"]), title, png_path)
+
+    label = " [OPTIMISTIC: paper protocol, selected on the test fold]" if optimistic else ""
+    print(f"{args.protocol} / selection={args.selection}{label}")
+    print(f"accuracy {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f}  "
+          f"macro-F1 {summary['macro_f1_mean']:.4f} ± {summary['macro_f1_std']:.4f}  "
+          f"pooled accuracy {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
+    for c, v in summary["pooled_per_class"].items():
+        print(f"  {c:10s} precision {v['precision']:.4f}  recall {v['recall']:.4f}  f1 {v['f1']:.4f}  n={v['support']}")
+    print(f"wrote {json_path} and {png_path} ({result['wall_time_s']:.1f} s)")
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a ResNet-18 encoder on POCUS (5-fold, covid19/"
+                                "pneumonia/regular).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_path", "--data_dir", dest="data_path", required=True,
+                   help="folder with covid_data1..5.pkl (USCL format) or [images/]fold1..5/<class>/*.png "
+                        "(python -m utils.pocus_folds writes both)")
+    p.add_argument("--ckpt_path", default=None,
+                   help="pretrain_aclus.py checkpoint, exported encoder, or torchvision resnet18 state dict; "
+                        "omit for the random-init baseline")
+    p.add_argument("--protocol", choices=("finetune", "linear"), default="finetune",
+                   help="finetune = paper protocol (layer4.1 + head); linear = frozen features + logistic regression")
+    p.add_argument("--selection", choices=SELECTIONS, default="last",
+                   help="last: honest, fixed; val: chosen on training-fold data; "
+                        "paper: chosen on the test fold (OPTIMISTIC, as upstream)")
+    p.add_argument("--out_dir", default="eval_out", help="where the JSON and confusion-matrix PNG go")
+    p.add_argument("--img_size", type=int, default=224, help="input side (paper: 224; 112 is ~4x cheaper)")
+    p.add_argument("--epochs", type=int, default=30, help="finetune epochs (paper: 30)")
+    p.add_argument("--batch_size", type=int, default=32, help="batch size (paper: 32)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (paper: 0.01)")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
+    p.add_argument("--val_fraction", type=float, default=0.2,
+                   help="share of the training folds held out for --selection val (finetune)")
+    p.add_argument("--lin_C", type=float, default=0.1,
+                   help=f"inverse L2 strength of the linear probe for --selection last "
+                        f"(val/paper search {list(LINEAR_C_GRID)})")
+    p.add_argument("--seed", type=int, default=1, help="seed (paper: 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except DataError as e:  # bad input: one line naming the file, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
