@@ -61,13 +61,21 @@ class AutoPrompter(nn.Module):
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor,
                 prompt_idx: torch.Tensor) -> torch.Tensor:
+        """prompt_idx (B,) -> (B, T, D); or (B, K) -> (B, K, T, D), K anatomies of each image
+        in one pass: the image stream does not depend on the tokens, and the tokens of
+        different prompts never attend to each other (queries are independent), so
+        concatenating them along the token axis gives exactly K separate runs."""
         g = self.grid
         cnn = F.adaptive_avg_pool2d(self.cnn(images), g).flatten(2).transpose(1, 2)        # B x g² x D
         emb = F.adaptive_avg_pool2d(embeddings, g).flatten(2).transpose(1, 2)              # B x g² x D
-        tok = self.tokens[prompt_idx]                                                       # B x T x D
+        tok = self.tokens[prompt_idx]                                   # B x T x D or B x K x T x D
+        multi = prompt_idx.dim() == 2
+        if multi:
+            B, K, T, D = tok.shape
+            tok = tok.reshape(B, K * T, D)
         for blk in self.blocks:
             emb, tok = blk(emb, cnn, tok, self.pos)
-        return tok
+        return tok.reshape(B, K, T, D) if multi else tok
 
 
 def prompter_grid(embedding_grid: int) -> int:

@@ -40,8 +40,9 @@ class TaskConfig:
     val_split: str = "val"
     test_split: str = "test"
     augment: bool = True                # rotation ±30°, scale 1–1.3, contrast, gamma (p=0.5 each)
-    max_train: int = 0                  # >0: keep only the first N split lines (quick runs)
+    max_train: int = 0                  # >0: keep only the first N split lines per dataset (quick runs)
     max_val: int = 0
+    max_test: int = 0
     seed: int = 0
 
 

@@ -94,9 +94,9 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     above ``threshold``."""
     B, K = images.shape[0], len(prompt_ids)
     emb = seg.embed(images)                                               # B x 256 x g x g
-    emb_k = emb.repeat_interleave(K, 0)                                   # BK x 256 x g x g
-    idx = torch.tensor(prompt_ids, device=images.device).repeat(B)       # BK
-    logits = seg.decode(emb_k, prompter(images.repeat_interleave(K, 0), emb_k, idx))
+    idx = torch.tensor(prompt_ids, device=images.device).expand(B, K)    # B x K
+    sparse = prompter(images, emb, idx).flatten(0, 1)                     # BK x T x 256
+    logits = seg.decode(emb.repeat_interleave(K, 0), sparse)             # BK x 1 x L x L
     logits = logits.view(B, K, *logits.shape[-2:])                        # B x K x L x L
     out = []
     for b, (h, w) in enumerate(sizes):

@@ -176,8 +176,14 @@ class SAMUSDataset(Dataset):
                  return_orig: bool = False, max_items: int = 0):
         self.root = Path(root)
         self.lines = read_split(root, split, datasets)
-        if max_items > 0:
-            self.lines = self.lines[:max_items]
+        if max_items > 0:  # first N lines of each dataset, so a quick run still sees all of them
+            seen: dict[str, int] = {}
+            keep = []
+            for line in self.lines:
+                seen[line.dataset] = seen.get(line.dataset, 0) + 1
+                if seen[line.dataset] <= max_items:
+                    keep.append(line)
+            self.lines = keep
         self.img_size, self.low_res = img_size, low_res
         self.key_index = {k: i for i, k in enumerate(keys)}
         unknown = {l.prompt_key for l in self.lines} - set(self.key_index)

@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
         seg.load_state_dict(ck["model"])
         prompter.load_state_dict(ck["prompter"])
         set_train_mode(False)
-        test_ds = mk(cfg.test_split, False, True, 0)
+        test_ds = mk(cfg.test_split, False, True, cfg.max_test)
         if cache is not None:
             cache.fill(test_ds)
         summary = evaluate(lambda b: logits(b, test_ds), make_loader(test_ds, cfg.batch_size, False, cfg.workers),

@@ -136,6 +136,10 @@ def test_auto_prompter_class_conditioned(tiny):
     assert same.shape == (2, 2, 256)
     other = p(x, emb, torch.tensor([1, 2]))
     assert torch.allclose(same[0], other[0]) and not torch.allclose(same[1], other[1])
+    # K anatomies per image in one pass == K separate passes
+    both = p(x, emb, torch.tensor([[1, 2], [1, 2]]))
+    assert both.shape == (2, 2, 2, 256)
+    assert torch.allclose(both[:, 0], same, atol=1e-5) and torch.allclose(both[:, 1], p(x, emb, torch.tensor([2, 2])), atol=1e-5)
     # the prompter pools a finer embedding grid down to its own (LiteMedSAM: 64 -> 32)
     assert AutoPrompter(2, grid=4)(x, emb, torch.tensor([0, 1])).shape == (2, 2, 256)
 

@@ -1,0 +1,143 @@
+"""A-SAM benchmark with the LiteMedSAM backbone on the real HC18 + USGRA data.
+
+1. box-prompted LiteMedSAM (ground-truth box of each anatomy, no training) on the test split;
+2. stage 2 (auto-prompter + mask decoder) trained on the train splits, then prompt-free
+   test Dice / IoU / HD95 per dataset and class;
+3. ``SAM/infer_masks.py`` throughput next to the bare encoder forward at the same batch size,
+   on the same images, in the same process.
+
+    python benchmarks/bench_asam.py --seg_root ../shared/data/seg --work_dir runs/bench_asam
+    # quick subset (what fits a 2-core CPU in under an hour):
+    python benchmarks/bench_asam.py --seg_root ../shared/data/seg --max_train 120 \\
+        --max_val 12 --max_test 40 --epochs 6 --infer_images 16
+
+Encoder embeddings are computed once and cached under <work_dir>/cache (both the box
+baseline and stage 2 read them), so a re-run with other training settings is cheap.
+Results: <work_dir>/bench_asam.json and a Markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from SAM import infer_masks, train_auto_prompter  # noqa: E402
+from SAM.embedding_cache import EmbeddingCache  # noqa: E402
+from SAM.engine import evaluate, make_loader  # noqa: E402
+from SAM.samus_data import SAMUSDataset, image_to_tensor, prompt_keys  # noqa: E402
+from SAM.seg_metrics import format_summary  # noqa: E402
+from SAM.segmenter import build_segmenter  # noqa: E402
+from utils.io import atomic_write, read_image  # noqa: E402
+
+DATASETS = ("FetalHead-HC18", "Nerve-USGRA")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seg_root", required=True, help="SAMUS-layout root with HC18 and USGRA")
+    p.add_argument("--work_dir", default="runs/bench_asam", help="checkpoints, cache, results")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max_train", type=int, default=0, help="split lines per dataset (0 = all)")
+    p.add_argument("--max_val", type=int, default=0)
+    p.add_argument("--max_test", type=int, default=0)
+    p.add_argument("--infer_images", type=int, default=16, help="images for the throughput test")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2/best.pt")
+    return p.parse_args(argv)
+
+
+def box_baseline(seg, cache: EmbeddingCache, ds: SAMUSDataset, keys: list[str], batch: int) -> dict:
+    """LiteMedSAM with each anatomy's ground-truth box, from the cached embeddings."""
+    cache.fill(ds)
+    predict = lambda b: seg.decode(cache.batch(ds, b["index"]), seg.encode_prompts(boxes=b["box"]))  # noqa: E731
+    return evaluate(predict, make_loader(ds, batch, False, 0), keys, torch.device("cpu"), desc="box")
+
+
+def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path) -> dict:
+    """infer_masks.py on n test images vs the bare encoder on the same images and batch size."""
+    src = work / "infer_in"
+    names = sorted({l.image_key for l in ds.lines})[:n]
+    for key in names:
+        dataset, name = key.split("/")
+        link = src / dataset / "img" / f"{name}.png"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink((ds.root / dataset / "img" / f"{name}.png").resolve(), link)
+    out = work / "infer_out"
+    for f in out.rglob("*.png"):  # a throughput run must not skip finished files
+        f.unlink()
+    res = infer_masks.main(["--ckpt", str(ckpt), "--data_dir", str(src), "--out_dir", str(out),
+                            "--batch_size", str(batch), "--workers", "1", "--device", "cpu"])
+    imgs = [image_to_tensor(read_image(p, "rgb"), seg.img_size)[0] for p in sorted(src.rglob("*.png"))]
+    seg.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(imgs), batch):
+            seg.embed(torch.stack(imgs[i:i + batch]))
+    enc_s = time.perf_counter() - t0
+    return {"images": len(imgs), "batch_size": batch, "infer_masks_s": res["seconds"],
+            "infer_masks_img_per_s": res["images_per_s"], "encoder_only_s": enc_s,
+            "encoder_img_per_s": len(imgs) / enc_s,
+            "pipeline_overhead_pct": 100 * (res["seconds"] - enc_s) / enc_s}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    root = Path(args.seg_root)
+    keys = prompt_keys(root, DATASETS)
+    seg = build_segmenter("lite").eval()
+    cache = EmbeddingCache(seg, torch.device("cpu"), args.batch_size, work / "cache")
+    test_ds = SAMUSDataset(root, "test", 256, seg.low_res, keys, DATASETS, return_orig=True,
+                           max_items=args.max_test)
+    t0 = time.perf_counter()
+    box = box_baseline(seg, cache, test_ds, keys, args.batch_size)
+    print(f"LiteMedSAM + ground-truth box ({time.perf_counter() - t0:.0f} s incl. encoding):\n"
+          f"{format_summary(box)}")
+
+    stage2 = work / "stage2"
+    if not args.skip_train:
+        t0 = time.perf_counter()
+        train_auto_prompter.main([
+            "--task", "HC18_USGRA", "--data_root", str(root), "--backbone", "lite",
+            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+            "--max_train", str(args.max_train), "--max_val", str(args.max_val),
+            "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
+            "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"])
+        train_s = time.perf_counter() - t0
+    else:
+        train_s = None
+    auto = json.loads((stage2 / "test_metrics.json").read_text())
+    speed = throughput(seg, stage2 / "best.pt", test_ds, args.infer_images, args.batch_size, work)
+
+    result = {"settings": vars(args), "test_lines": len(test_ds), "box_prompt": box,
+              "prompt_free": auto, "stage2_seconds": train_s, "throughput": speed,
+              "torch_threads": torch.get_num_threads()}
+    atomic_write(work / "bench_asam.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    rows = ["| prompt | n | box-prompted LiteMedSAM Dice | prompt-free A-SAM (lite) Dice | IoU | HD95 px |",
+            "|---|---|---|---|---|---|"]
+    for k in list(keys) + ["mean"]:
+        if k in auto:
+            rows.append(f"| {k} | {auto[k]['n']} | {box[k]['dice']:.4f} | {auto[k]['dice']:.4f} | "
+                        f"{auto[k]['iou']:.4f} | {auto[k]['hd95']:.2f} |")
+    print("\n".join(rows))
+    print(f"throughput at batch {speed['batch_size']} on {speed['images']} images: infer_masks "
+          f"{speed['infer_masks_img_per_s']:.3f} img/s, encoder alone {speed['encoder_img_per_s']:.3f} "
+          f"img/s, pipeline overhead {speed['pipeline_overhead_pct']:.1f} %")
+    return result
+
+
+if __name__ == "__main__":
+    main()

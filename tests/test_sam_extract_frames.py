@@ -1,0 +1,44 @@
+"""Frame extraction from unlabeled videos into the <Sub>/img layout."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from utils.extract_frames import evenly_spaced, main
+
+
+def _write_video(path, n=10, size=(32, 24)):
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    if not w.isOpened():
+        pytest.skip("OpenCV build cannot write MJPG video")
+    for i in range(n):
+        w.write(np.full((size[1], size[0], 3), i * 20, np.uint8))
+    w.release()
+
+
+def test_evenly_spaced():
+    assert evenly_spaced(10, 4) == [0, 3, 6, 9]
+    assert evenly_spaced(3, 8) == [0, 1, 2]
+    assert evenly_spaced(0, 5) == []
+
+
+def test_every_num_resume_and_bad_video(tmp_path, capsys):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    _write_video(vids / "patient_1_L1.avi")
+    (vids / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "train"
+    r = main(["--videos", str(vids), "--out_dir", str(out), "--sub", "LUS", "--every", "3"])
+    img = out / "LUS" / "img"
+    assert sorted(p.name for p in img.glob("*.png")) == [f"patient_1_L1_f{i:05d}.png" for i in (0, 3, 6, 9)]
+    assert r["written"] == 4 and r["bad"] == [str(vids / "broken.mp4")]
+    assert "skipping unreadable video" in capsys.readouterr().err
+    frame = cv2.imread(str(img / "patient_1_L1_f00003.png"))
+    assert frame.shape == (24, 32, 3) and abs(int(frame.mean()) - 60) <= 3  # the right frame
+    again = main(["--videos", str(vids), "--out_dir", str(out), "--sub", "LUS", "--every", "3"])
+    assert again["written"] == 0                                    # resumable
+    r = main(["--videos", str(vids / "patient_1_L1.avi"), "--out_dir", str(out), "--sub", "Even",
+              "--num", "3"])
+    assert sorted(p.name for p in (out / "Even" / "img").glob("*.png")) == [
+        f"patient_1_L1_f{i:05d}.png" for i in (0, 4, 9)]
