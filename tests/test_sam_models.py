@@ -193,3 +193,22 @@ def test_loss_and_metrics():
     assert d == pytest.approx(2 * 70 / 200) and i == pytest.approx(70 / 130)
     assert hd95(a, a) == 0 and hd95(a, b) == pytest.approx(3.0)
     assert np.isnan(hd95(a, np.zeros_like(a))) and dice_iou(a & False, a & False) == (1.0, 1.0)
+
+
+@pytest.mark.slow
+def test_vit_b_geometry_from_a_sam_format_checkpoint(tmp_path):
+    """The real ViT-B layout: a randomly initialised segment-anything SAM ViT-B (1024 px,
+    64x64 tokens) saved like sam_vit_b_01ec64.pth loads into the 256 px A-SAM."""
+    from segment_anything import build_sam_vit_b
+
+    torch.save(build_sam_vit_b(checkpoint=None).state_dict(), tmp_path / "sam_vit_b.pth")
+    seg = build_segmenter("vit_b", 256, weights=tmp_path / "sam_vit_b.pth")
+    enc = seg.image_encoder
+    assert enc.pos_embed.shape == (1, 32, 32, 768) and enc.global_attn_indexes == (2, 5, 8, 11)
+    for i, blk in enumerate(enc.blocks):
+        assert blk.attn.rel_pos_h.shape == ((63, 64) if i in (2, 5, 8, 11) else (27, 64))
+        assert (blk.space_adapter is not None) == (i in (2, 5, 8, 11))
+        assert blk.mlp_adapter.down.out_features == 192                # ratio 0.25
+    assert seg.prompt_encoder.image_embedding_size == (32, 32) and seg.low_res == 128
+    trainable = sum(p.numel() for n, p in enc.named_parameters() if enc.stage1_trainable(n))
+    assert 0 < trainable < 0.2 * sum(p.numel() for p in seg.parameters())
