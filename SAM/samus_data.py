@@ -13,7 +13,6 @@ The prompt key of a sample is "<Dataset>/<class ID>" (index into the auto-prompt
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,13 +250,3 @@ def collate(items: list[dict]) -> dict:
         out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
     return out
 
-
-def split_seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: distinct numpy/torch streams per worker."""
-    seed = (torch.initial_seed() + worker_id) % 2**32
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def num_batches(n: int, batch: int) -> int:
-    return math.ceil(n / batch)
