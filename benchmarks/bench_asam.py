@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--infer_images", type=int, default=16, help="images for the throughput test")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2/best.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue stage 2 from <work_dir>/stage2/last.pt up to --epochs (an interrupted "
+                        "run with --epochs = its finished epochs just evaluates best.pt)")
     return p.parse_args(argv)
 
 
@@ -115,7 +118,8 @@ def main(argv=None) -> dict:
             "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
             "--max_train", str(args.max_train), "--max_val", str(args.max_val),
             "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
-            "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"])
+            "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
+            + (["--resume"] if args.resume else []))
         train_s = time.perf_counter() - t0
     else:
         train_s = None
