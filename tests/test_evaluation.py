@@ -33,6 +33,14 @@ def syn_folds(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def syn_small(tmp_path_factory):
+    """1 video x 3 classes x 5 folds x 2 frames = 30 images, 32 px: for the slower finetune runs."""
+    root = tmp_path_factory.mktemp("syn_pocus_small")
+    write_pocus_folds(root, videos_per_class_per_fold=1, frames_per_video=2, size=32, seed=0)
+    return root
+
+
 def _run(argv, capsys=None):
     code = ev.main([str(a) for a in argv])
     return code, (capsys.readouterr() if capsys else None)
@@ -189,12 +197,12 @@ def test_linear_protocol_script_subprocess(syn_folds, tmp_path, repo_root):
     assert r["init"] == "random" and not r["optimistic"]
 
 
-def test_finetune_protocol_end_to_end_all_selections(syn_folds, tmp_path, capsys):
+def test_finetune_protocol_end_to_end_all_selections(syn_small, tmp_path, capsys):
     for sel in ("last", "val", "paper"):
-        code, out = _run(["--data_path", syn_folds, "--protocol", "finetune", "--selection", sel,
+        code, out = _run(["--data_path", syn_small, "--protocol", "finetune", "--selection", sel,
                           "--epochs", "2", "--out_dir", tmp_path, *FAST], capsys)
         assert code == 0, out.err[-2000:]
-        r = _check_report(tmp_path / f"eval_finetune_{sel}.json", 120, "finetune", sel)
+        r = _check_report(tmp_path / f"eval_finetune_{sel}.json", 30, "finetune", sel)
         assert all(1 <= f["selected"]["epoch"] <= 2 for f in r["folds"])
         assert r["optimistic"] == (sel == "paper")
         if sel == "paper":
