@@ -226,18 +226,18 @@ def test_finetune_trains_head_and_only_layer4_1(syn_folds, monkeypatch):
     assert torch.equal(before["conv1.weight"], after["conv1.weight"])
 
 
-def _train_reference_encoder(path, size=32, epochs=12):
+def _train_reference_encoder(path, size=32, epochs=8, batch=32, lr=2e-3):
     """A ResNet-18 that has learned the synthetic classes, trained on a DIFFERENT synthetic draw
     (seed 1) than the evaluation set (seed 0), saved as a plain torchvision state dict."""
     X, y = make_pocus_folds(videos_per_class_per_fold=2, frames_per_video=4, size=64, seed=1)[0][:2]
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3)
     tf = ev.make_transforms(size, train=True)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     model.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(yt)).split(16):
+        for idx in torch.randperm(len(yt)).split(batch):
             xb = torch.stack([tf(x) for x in Xt[idx]])
             loss = torch.nn.functional.cross_entropy(model(xb), yt[idx])
             opt.zero_grad()
