@@ -141,7 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default=None, help="where <Sub>/label/ goes (default: --data_dir)")
     p.add_argument("--prompts", default=None,
                    help="comma-separated prompt keys '<Dataset>/<class ID>' in output-index order "
-                        "(default: all of the checkpoint)")
+                        "(default: all of the checkpoint). Stage 2 never shows a prompt images of "
+                        "another dataset, so restrict this to the anatomies of the corpus at hand "
+                        "(e.g. FetalHead-HC18/1): a foreign prompt still fires")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="image-reading processes")
     p.add_argument("--threshold", type=float, default=0.5, help="probability for foreground")
