@@ -71,3 +71,14 @@ def tiny_pretrain_config(tmp: Path, data_dir: Path, **sections) -> Path:
 @pytest.fixture
 def make_pretrain_config():
     return tiny_pretrain_config
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine the SAM tests run several times faster."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

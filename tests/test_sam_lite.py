@@ -10,13 +10,7 @@ from SAM.seg_metrics import dice_iou
 from SAM.segmenter import build_segmenter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the shared 2-core machine is oversubscribed; one intra-op thread is several times faster
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

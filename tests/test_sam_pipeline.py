@@ -18,12 +18,7 @@ from utils.synthetic_us import write_samus_layout
 COMMON = ["--task", "SynLung", "--img_size", "64", "--workers", "0", "--batch_size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
