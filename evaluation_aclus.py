@@ -47,12 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from models.encoder_io import load_resnet18_state
+from models.encoder_io import build_resnet18, load_resnet18_state
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.io import DataError, atomic_write, read_image, safe_pickle_load
@@ -239,15 +238,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_model(state: dict | None) -> torchvision.models.ResNet:
-    """ResNet-18 with a fresh 3-way head; encoder weights from ``state`` (None = random init)."""
-    model = torchvision.models.resnet18(num_classes=len(CLASSES))
-    if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}, (missing, unexpected)
-    return model
-
-
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
     model.eval()
@@ -257,7 +247,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.nd
 def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device) -> dict:
     """Paper protocol on one fold; returns test predictions of the selected epoch and the curve."""
     seed_everything(args.seed)  # same seed per fold: a fold's result does not depend on the others
-    model = make_model(state).to(device)
+    model = build_resnet18(len(CLASSES), state).to(device)
     # only the last residual block and the new head learn (the upstream code froze the head too)
     trainable = [p for n, p in model.named_parameters() if n.startswith(("layer4.1.", "fc."))]
     for n, p in model.named_parameters():
@@ -325,7 +315,7 @@ class FeatureCache:
 
     def __init__(self, state: dict | None, args, device: torch.device):
         seed_everything(args.seed)  # random-init baseline: the same encoder for every fold
-        model = make_model(state)
+        model = build_resnet18(len(CLASSES), state)
         model.fc = nn.Identity()  # -> global-average-pooled 512-d features
         self.model = model.to(device).eval()
         self.args, self.device, self.cache = args, device, {}

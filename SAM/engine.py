@@ -34,6 +34,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(args, kind: str):
+    """Common start of a training stage: task config, seed, device, output folder, the
+    prompt vocabulary, and the ``<out_dir>/last.pt`` checkpoint of ``kind`` when
+    ``--resume`` is given and one exists (else None).
+
+    Returns:
+        ``(cfg, device, out_dir, keys, resume)``.
+    """
+    from SAM.checkpoint import load_checkpoint
+    from SAM.config import task_config_from_args
+    from SAM.samus_data import prompt_keys
+
+    cfg = task_config_from_args(args)
+    seed_everything(cfg.seed)
+    out_dir = Path(args.out_dir)
+    last = out_dir / "last.pt"
+    resume = load_checkpoint(last, (kind,)) if args.resume and last.is_file() else None
+    return cfg, pick_device(args.device), out_dir, prompt_keys(cfg.data_root, cfg.datasets), resume
+
+
 def make_loader(ds: SAMUSDataset, batch_size: int, shuffle: bool, workers: int,
                 seed: int = 0) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,

@@ -23,10 +23,10 @@ if str(_HERE.parent) not in sys.path:  # run as a script: the repo root must be 
 # and SAM/ itself must not shadow top-level packages (python puts the script's folder first)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from SAM.checkpoint import load_checkpoint, save_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from SAM.config import add_task_args, task_config_from_args  # noqa: E402
-from SAM.engine import make_loader, pick_device, seed_everything, train  # noqa: E402
-from SAM.samus_data import SAMUSDataset, prompt_keys  # noqa: E402
+from SAM.checkpoint import save_checkpoint, segmenter_from_checkpoint  # noqa: E402
+from SAM.config import add_task_args  # noqa: E402
+from SAM.engine import make_loader, start_run, train  # noqa: E402
+from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
 
@@ -47,15 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = task_config_from_args(args)
-    seed_everything(cfg.seed)
-    device = pick_device(args.device)
-    out_dir = Path(args.out_dir)
-    keys = prompt_keys(cfg.data_root, cfg.datasets)
-
-    resume = None
-    if args.resume and (out_dir / "last.pt").is_file():
-        resume = load_checkpoint(out_dir / "last.pt", ("asam_stage1",))
+    cfg, device, out_dir, keys, resume = start_run(args, "asam_stage1")
+    if resume is not None:
         seg = segmenter_from_checkpoint(resume)
     else:
         seg = build_segmenter(args.backbone, cfg.img_size, weights=args.sam_ckpt,

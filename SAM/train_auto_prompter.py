@@ -31,10 +31,10 @@ import torch  # noqa: E402
 from SAM.auto_prompter import AutoPrompter, prompter_grid  # noqa: E402
 from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_checkpoint,  # noqa: E402
                             segmenter_from_checkpoint)
-from SAM.config import parse_bool, add_task_args, task_config_from_args  # noqa: E402
+from SAM.config import parse_bool, add_task_args  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
-from SAM.engine import evaluate, make_loader, pick_device, seed_everything, train  # noqa: E402
-from SAM.samus_data import SAMUSDataset, prompt_keys  # noqa: E402
+from SAM.engine import evaluate, make_loader, start_run, train  # noqa: E402
+from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
@@ -71,15 +71,8 @@ def freeze_for_stage2(seg: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = task_config_from_args(args)
-    seed_everything(cfg.seed)
-    device = pick_device(args.device)
-    out_dir = Path(args.out_dir)
-    keys = prompt_keys(cfg.data_root, cfg.datasets)
-
-    resume = None
-    if args.resume and (out_dir / "last.pt").is_file():
-        resume = load_checkpoint(out_dir / "last.pt", ("asam_stage2",))
+    cfg, device, out_dir, keys, resume = start_run(args, "asam_stage2")
+    if resume is not None:
         seg, prompter = segmenter_from_checkpoint(resume), prompter_from_checkpoint(resume)
         keys = resume["prompt_keys"]
     else:

@@ -84,10 +84,11 @@ def load_resnet18_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return extract_resnet18_state(obj, str(path))
 
 
-def build_resnet18(num_classes: int = 1000, weights: str | os.PathLike | None = None) -> torchvision.models.ResNet:
-    """A torchvision ResNet-18 with a fresh ``fc`` and, optionally, pre-trained encoder weights."""
+def build_resnet18(num_classes: int = 1000, state: dict[str, torch.Tensor] | None = None) -> torchvision.models.ResNet:
+    """A torchvision ResNet-18 with a fresh ``fc`` and, optionally, encoder weights ``state``
+    (as returned by :func:`load_resnet18_state`; None = random init)."""
     model = torchvision.models.resnet18(num_classes=num_classes)
-    if weights is not None:
-        missing, unexpected = model.load_state_dict(load_resnet18_state(weights), strict=False)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}, (missing, unexpected)
     return model

@@ -216,7 +216,8 @@ def test_finetune_trains_head_and_only_layer4_1(syn_folds, monkeypatch):
     fold = next(ev.iter_folds(syn_folds))
     args = ev.get_args_parser().parse_args(["--data_path", str(syn_folds), "--epochs", "1", *FAST])
     built = []
-    monkeypatch.setattr(ev, "make_model", lambda state, _orig=ev.make_model: built.append(_orig(state)) or built[-1])
+    monkeypatch.setattr(ev, "build_resnet18",
+                        lambda n, state, _orig=ev.build_resnet18: built.append(_orig(n, state)) or built[-1])
     ev.run_finetune_fold(fold, None, args, torch.device("cpu"))
     torch.manual_seed(args.seed)  # run_finetune_fold seeds the same way before building the model
     before, after = torchvision.models.resnet18(num_classes=3).state_dict(), built[0].state_dict()

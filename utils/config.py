@@ -124,7 +124,7 @@ def validate(cfg: dict, source: str = "<config>") -> dict:
     lo, hi = cfg["data"]["crop_scale"]
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"{source}: 'data.crop_scale' must be [lo, hi] with 0 < lo <= hi <= 1")
-    if cfg["optimizer"]["warmup_epochs"] >= cfg["optimizer"]["total_epochs"] > 0 and cfg["optimizer"]["warmup_epochs"] > 0:
+    if cfg["optimizer"]["warmup_epochs"] >= cfg["optimizer"]["total_epochs"]:  # total > 0 checked above
         raise ConfigError(f"{source}: 'optimizer.warmup_epochs' must be < 'optimizer.total_epochs'")
     if not cfg["data"]["dual_views"]:
         raise ConfigError(f"{source}: 'data.dual_views: false' is not supported (the method needs two views)")
