@@ -1,0 +1,264 @@
+"""Figures of the pre-training logs and evaluation results (matplotlib, Agg backend).
+
+* :func:`plot_loss_curves` — one panel per loss term of a ``pretrain_aclus.py`` run
+  (``contrast`` / ``regression`` / ``context``, one line per scale c5/p4/p3/p2, plus the
+  total ``loss``), read from its ``log.jsonl``.
+* :func:`plot_method_losses` — the total loss of several runs on one axis.
+* :func:`plot_results_bar` — mean ± std of a metric per method (e.g. accuracy over folds).
+* :func:`plot_mask_overlays` — a grid of images with their label maps overlaid.
+
+``log.jsonl`` holds one JSON object per line: ``kind: "step"`` records (``epoch``, ``step``,
+``lr``, ``momentum`` and one float per term, e.g. ``contrast/c5``, ``context/p2``, ``loss``)
+and ``kind: "epoch"`` records (epoch means of the same terms, ``seconds``). The parsing
+functions are pure; the ``plot_*`` functions only write the PNG they are given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# keys of a log record that are not loss terms
+NON_TERM_KEYS = frozenset({"kind", "epoch", "step", "lr", "momentum", "seconds"})
+SCALE_ORDER = ("c5", "p4", "p3", "p2")
+
+
+class LogError(ValueError):
+    """A log file that cannot be plotted; the message names the file."""
+
+
+def parse_log_lines(lines: Iterable[str], source: str = "<log>") -> list[dict]:
+    """JSON records of a ``log.jsonl``; blank lines are skipped, a torn last line is ignored."""
+    lines = [ln for ln in lines if ln.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a run killed mid-write leaves a partial last line
+                break
+            raise LogError(f"{source}: line {i + 1} is not JSON") from None
+        if not isinstance(rec, dict):
+            raise LogError(f"{source}: line {i + 1} is not a JSON object")
+        records.append(rec)
+    return records
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise LogError(f"{path}: log file not found")
+    return parse_log_lines(path.read_text().splitlines(), str(path))
+
+
+def term_series(records: Sequence[dict], kind: str = "step") -> "OrderedDict[str, tuple[np.ndarray, np.ndarray]]":
+    """``{term: (x, values)}`` for every numeric loss term of the records of ``kind``.
+
+    x is ``step`` for step records and ``epoch`` for epoch records. If the same x occurs
+    twice (a resumed run repeats the steps after its last checkpoint), the last value wins.
+    """
+    xkey = "step" if kind == "step" else "epoch"
+    per_term: dict[str, dict[int, float]] = {}
+    for rec in records:
+        if rec.get("kind") != kind or xkey not in rec:
+            continue
+        for k, v in rec.items():
+            if k in NON_TERM_KEYS or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            per_term.setdefault(k, {})[int(rec[xkey])] = float(v)
+    out = OrderedDict()
+    for k in sorted(per_term, key=_term_sort_key):
+        xs = np.array(sorted(per_term[k]), dtype=np.int64)
+        out[k] = (xs, np.array([per_term[k][x] for x in xs], dtype=np.float64))
+    return out
+
+
+def _term_sort_key(term: str) -> tuple:
+    group, _, scale = term.partition("/")
+    rank = SCALE_ORDER.index(scale) if scale in SCALE_ORDER else len(SCALE_ORDER)
+    return (group == "loss", group, rank, scale)
+
+
+def group_terms(terms: Iterable[str]) -> "OrderedDict[str, list[str]]":
+    """Terms by panel: ``contrast/c5`` -> panel ``contrast``; ``loss`` -> panel ``loss``."""
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for t in sorted(terms, key=_term_sort_key):
+        groups.setdefault(t.partition("/")[0], []).append(t)
+    return groups
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (same length; the first points average what exists)."""
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(values) < 2:
+        return values
+    c = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: str | os.PathLike) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, out)  # a reader never sees a half-written figure
+    return out
+
+
+def plot_loss_curves(log_jsonl_path: str | os.PathLike, out_png: str | os.PathLike,
+                     title: str | None = None, smooth_window: int = 0) -> Path:
+    """One panel per loss term (lines per scale) of a pre-training ``log.jsonl``.
+
+    Step records are plotted against the step; a log without step records falls back to
+    its epoch means. ``smooth_window`` > 1 draws a moving average over the raw curve.
+    """
+    records = read_log(log_jsonl_path)
+    kind = "step" if any(r.get("kind") == "step" for r in records) else "epoch"
+    series = term_series(records, kind)
+    if not series:
+        raise LogError(f"{log_jsonl_path}: no loss terms in {len(records)} records")
+    groups = group_terms(series)
+    plt = _pyplot()
+    n = len(groups)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), dpi=110, squeeze=False)
+    for ax, (group, terms) in zip(axes[0], groups.items()):
+        for t in terms:
+            x, y = series[t]
+            label = t.partition("/")[2] or t
+            if smooth_window > 1:
+                line, = ax.plot(x, y, alpha=0.25, lw=0.8)
+                ax.plot(x, smooth(y, smooth_window), color=line.get_color(), lw=1.4, label=label)
+            else:
+                ax.plot(x, y, lw=1.2, marker="." if len(x) < 30 else None, label=label)
+        ax.set_title(group)
+        ax.set_xlabel(kind)
+        ax.grid(alpha=0.3)
+        if len(terms) > 1 or terms[0] != group:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def plot_method_losses(logs: dict[str, str | os.PathLike], out_png: str | os.PathLike,
+                       term: str = "loss", title: str | None = None, smooth_window: int = 0) -> Path:
+    """``term`` (default: the total loss) of several runs, ``{label: log.jsonl}``, on one axis.
+
+    Logs that are missing or lack the term are left out; none usable is a :class:`LogError`.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    drawn = 0
+    for label, path in logs.items():
+        try:
+            series = term_series(read_log(path), "step")
+        except LogError:
+            continue
+        if term not in series:
+            continue
+        x, y = series[term]
+        ax.plot(x, smooth(y, smooth_window) if smooth_window > 1 else y, lw=1.2, label=label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise LogError(f"no log among {list(map(str, logs.values()))} has the term '{term}'")
+    ax.set_xlabel("step")
+    ax.set_ylabel(term)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def plot_results_bar(labels: Sequence[str], means: Sequence[float], stds: Sequence[float],
+                     out_png: str | os.PathLike, ylabel: str = "accuracy",
+                     title: str | None = None) -> Path:
+    """Bars of ``means`` with ± ``stds`` error bars, one per label (NaN = no bar)."""
+    if not (len(labels) == len(means) == len(stds)) or not labels:
+        raise ValueError(f"{out_png}: labels, means and stds must be non-empty and of equal length")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.6), dpi=110)
+    x = np.arange(len(labels))
+    m = np.array([v if v is not None else math.nan for v in means], dtype=float)
+    s = np.array([v if v is not None else math.nan for v in stds], dtype=float)
+    ax.bar(x, np.nan_to_num(m), yerr=np.nan_to_num(s), capsize=4, color="#4c72b0")
+    for xi, mi in zip(x, m):
+        if math.isfinite(mi):
+            ax.text(xi, mi, f"{mi:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    finite = m[np.isfinite(m)]
+    if finite.size and finite.max() <= 1.0:
+        ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 image with each non-zero id of ``label`` tinted in its own colour (pure)."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
+    img = image[..., :3].astype(np.float32)
+    ids = np.unique(label)
+    ids = ids[ids != 0]
+    rng = np.random.default_rng(12345)
+    colours = rng.integers(40, 256, size=(int(label.max(initial=0)) + 1, 3)).astype(np.float32)
+    out = img.copy()
+    for i in ids:
+        m = label == i
+        out[m] = (1 - alpha) * img[m] + alpha * colours[i]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def plot_mask_overlays(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                       out_png: str | os.PathLike, titles: Sequence[str] | None = None,
+                       cols: int = 4, suptitle: str | None = None) -> Path:
+    """A grid of RGB/grey images with their label maps overlaid (see :func:`overlay_labels`)."""
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"{out_png}: need as many label maps as images (got {len(images)} and {len(labels)})")
+    plt = _pyplot()
+    cols = max(1, min(cols, len(images)))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), dpi=110, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(overlay_labels(images[k], labels[k]))
+            if titles:
+                ax.set_title(titles[k], fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
