@@ -1,0 +1,89 @@
+"""study_real_data.py: pure helpers, and the --smoke path on the real data (skips without it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+import study_real_data as srd
+
+
+def test_parse_and_plan_runs():
+    assert srd.parse_run("byol") == srd.Run("byol", "byol", None, "superpixel")
+    assert srd.parse_run("aclus_asam").mask_source == "asam"
+    with pytest.raises(ValueError, match="unknown run 'detcon_sam'"):
+        srd.parse_run("detcon_sam")
+    runs, missing = srd.plan_runs(["byol", "detcon_superpixel", "aclus_asam"], {"superpixel"})
+    assert [r.name for r in runs] == ["byol", "detcon_superpixel"]
+    assert list(missing) == ["aclus_asam"] and "A-SAM" in missing["aclus_asam"]
+
+
+def test_same_budget_for_every_run(tmp_path):
+    def overrides(name):
+        o = srd.pretrain_overrides(srd.parse_run(name), tmp_path / "d", tmp_path / name, 112, 8, 3, 1, 0, 1,
+                                   (0.2, 1.0), 5)
+        return dict(x.split("=", 1) for x in o[1::2])
+    a, b = overrides("byol"), overrides("aclus_asam")
+    differ = {k for k in a if a[k] != b[k]}
+    assert differ == {"model.method", "checkpoint.ckpt_path"}
+    assert a["data.resize_size"] == "112" and a["optimizer.total_epochs"] == "3" and a["seed"] == "0"
+
+
+def test_table_and_helpers():
+    ev = {"summary": {"accuracy_mean": 0.8, "accuracy_std": 0.05, "macro_f1_mean": 0.7, "macro_f1_std": 0.1,
+                      "pooled_accuracy": 0.81}, "wall_time_s": 3.0}
+    rows = [srd.result_row("byol", "byol", None, {"images": 10, "steps": 4, "wall_s": 200.0}, ev),
+            srd.result_row("aclus_asam", "aclus", "asam", None, None, "no A-SAM masks")]
+    md = srd.markdown_table(rows)
+    assert "| byol | byol | - (whole image) | 10 | 4 | 3.3 min | 0.800 ± 0.050 | 0.700 ± 0.100 | 0.810 |" in md
+    assert "missing: no A-SAM masks" in md
+    recs = [{"kind": "step", "step": 0}, {"kind": "step", "step": 7}, {"kind": "epoch", "epoch": 1, "seconds": 2.5},
+            {"kind": "epoch", "epoch": 2, "seconds": 1.5}]
+    assert srd.log_summary(recs) == {"logged_steps_max": 8, "epochs_done": 2, "train_s": 4.0}
+    assert srd.pick_evenly(list(range(10)), 3) == [0, 3, 6] and srd.pick_evenly([1], 4) == [1]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    base = ["--covid_blues", str(tmp_path), "--pocus", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert srd.main(base + ["--runs", "byol,simclr"]) == 2
+    assert "unknown run 'simclr'" in capsys.readouterr().err
+    assert srd.main(base + ["--mask_sources", "sam"]) == 2
+    assert srd.main(base + ["--asam_ckpt", str(tmp_path / "none.pt")]) == 2
+    assert "--asam_ckpt" in capsys.readouterr().err
+
+
+def test_smoke_on_real_data(shared_data, tmp_path, capsys):
+    """The whole study, tiny: 4 videos x 2 frames, superpixels, DetCon 4 steps, 5-fold probe."""
+    blues, pocus = shared_data / "covid_blues", shared_data / "pocus"
+    if not (blues / "lus_videos").is_dir() or not (pocus / "data").is_dir():
+        pytest.skip("covid_blues/lus_videos or pocus/data missing in the shared data")
+    out = tmp_path / "study"
+    args = ["--covid_blues", str(blues), "--pocus", str(pocus), "--out", str(out), "--smoke",
+            "--mask_sources", "superpixel", "--runs", "detcon_superpixel,aclus_asam"]
+    t = time.time()
+    r = subprocess.run([sys.executable, str(srd.REPO / "study_real_data.py"), *args], cwd=srd.REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert time.time() - t < 240
+    res = json.loads((out / "results.json").read_text())
+    rows = {row["run"]: row for row in res["rows"]}
+    assert rows["detcon_superpixel"]["accuracy_mean"] is not None and rows["detcon_superpixel"]["pretrain_images"] == 8
+    assert rows["random init"]["accuracy_mean"] is not None and rows["aclus_asam"]["missing"]
+    assert "| detcon_superpixel | detcon | Felzenszwalb superpixels | 8 |" in (out / "results.md").read_text()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["packages"]["torch"] and "pretrain_detcon_superpixel" in settings["stages"]
+    assert "model.method=detcon" in settings["stages"]["pretrain_detcon_superpixel"]["cmd"]
+    for fig in ("loss_detcon_superpixel.png", "masks_superpixel.png", "accuracy.png",
+                "confusion_linear_last_detcon_superpixel.png", "confusion_linear_last_random.png"):
+        assert (out / "figures" / fig).is_file(), fig
+    # a second invocation skips every finished stage and rebuilds the report
+    assert srd.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[run ]" not in printed and "[skip] pretrain_detcon_superpixel" in printed
+    # the same folder with another budget is refused, naming the stage
+    assert srd.main(args + ["--seed", "5"]) == 1
+    assert "fixed_budget.seed=0, now 5" in capsys.readouterr().err
+    assert json.loads((out / "settings.json").read_text())["args"]["seed"] == 0
