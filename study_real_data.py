@@ -429,9 +429,11 @@ def study(a: argparse.Namespace) -> int:
         # a: frames
         frames = out / "frames"
         videos = find_videos(Path(a.covid_blues))
+        sources_arg = [str(videos[0].parent.resolve())]  # the folder: a short, stable command line
         if a.smoke_videos:
             videos = videos[: a.smoke_videos]
-        st.run("extract_frames", [py, "utils/extract_frames.py", "--videos", *map(str, videos),
+            sources_arg = [str(v.resolve()) for v in videos]
+        st.run("extract_frames", [py, "utils/extract_frames.py", "--videos", *sources_arg,
                                   "--out_dir", str(frames), "--sub", SUB, "--num", str(a.frames_per_video)],
                [frames / SUB / "img"], note=f"{len(videos)} videos x {a.frames_per_video} frames")
         # b, c: masks and pair lists
