@@ -18,8 +18,12 @@ Results: <work_dir>/bench_asam.json and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +38,7 @@ from SAM.engine import evaluate, make_loader  # noqa: E402
 from SAM.samus_data import SAMUSDataset, image_to_tensor, prompt_keys  # noqa: E402
 from SAM.seg_metrics import format_summary  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
-from utils.io import atomic_write, read_image  # noqa: E402
+from utils.io import atomic_write, atomic_write_png, read_image  # noqa: E402
 
 DATASETS = ("FetalHead-HC18", "Nerve-USGRA")
 
@@ -92,6 +96,80 @@ def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path
             "infer_masks_img_per_s": res["images_per_s"], "encoder_only_s": enc_s,
             "encoder_img_per_s": len(imgs) / enc_s,
             "pipeline_overhead_pct": 100 * (res["seconds"] - enc_s) / enc_s}
+
+
+def write_synthetic_images(folder: Path, n: int, size: int) -> list[Path]:
+    """n synthetic scans under <folder>/Syn/img: square and 2:3 letterboxed ones alternate."""
+    from utils.synthetic_us import make_scan
+
+    paths = []
+    for i in range(n):
+        shape = (size, size) if i % 2 == 0 else (size * 2 // 3, size)
+        image, _ = make_scan(seed=i, size=shape, scan_class=i % 3)
+        path = folder / "Syn" / "img" / f"syn_{i:03d}.png"
+        atomic_write_png(image, path)
+        paths.append(path)
+    return paths
+
+
+def random_stage2_checkpoint(path: Path, backbone: str, img_size: int, prompts: int) -> Path:
+    """A stage-2 checkpoint with untrained prompter / decoder: speed does not depend on weights."""
+    from SAM.auto_prompter import AutoPrompter, prompter_grid
+    from SAM.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    seg = build_segmenter(backbone, img_size, random_init=backbone != "lite")
+    prompter = AutoPrompter(prompts, grid=prompter_grid(seg.grid))
+    save_checkpoint(path, "asam_stage2", seg, [f"Syn/{k + 1}" for k in range(prompts)], prompter)
+    return path
+
+
+def encoder_seconds(seg, paths: list[Path], batch: int) -> float:
+    """Bare encoder forward over pre-loaded, letterboxed images at ``batch`` (no I/O)."""
+    imgs = [image_to_tensor(read_image(p, "rgb"), seg.img_size)[0] for p in paths]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(imgs), batch):
+            seg.embed(torch.stack(imgs[i:i + batch]))
+    return time.perf_counter() - t0
+
+
+def pipeline_seconds(ckpt: Path, src: Path, out: Path, batch: int, workers: int | None) -> float:
+    """SAM/infer_masks.py end to end (read, encode, prompt, decode, resize, write PNGs)."""
+    shutil.rmtree(out, ignore_errors=True)  # a timed run must not skip finished files
+    argv = ["--ckpt", str(ckpt), "--data_dir", str(src), "--out_dir", str(out),
+            "--batch_size", str(batch), "--device", "cpu", "--montage", "none"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        res = infer_masks.main(argv)
+    return res["seconds"]
+
+
+def synthetic_throughput(work: Path, backbone: str = "lite", img_size: int = 256, n_images: int = 8,
+                         batch: int = 8, prompts: int = 3, repeats: int = 3,
+                         workers: int | None = None) -> dict:
+    """Mask inference against the bare encoder on the same synthetic images and batch size,
+    in one process: one untimed warm-up of each, then ``repeats`` alternating timed runs
+    (encoder, pipeline, encoder, ...); medians reported."""
+    from SAM.checkpoint import load_checkpoint, segmenter_from_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = random_stage2_checkpoint(work / "stage2_random.pt", backbone, img_size, prompts)
+    paths = write_synthetic_images(work / "images", n_images, img_size)
+    seg = segmenter_from_checkpoint(load_checkpoint(ckpt, ("asam_stage2",))).eval()
+    encoder_seconds(seg, paths[:batch], batch)
+    pipeline_seconds(ckpt, work / "images", work / "masks", batch, workers)
+    enc, pipe = [], []
+    for _ in range(repeats):
+        enc.append(encoder_seconds(seg, paths, batch))
+        pipe.append(pipeline_seconds(ckpt, work / "images", work / "masks", batch, workers))
+    e, m = statistics.median(enc), statistics.median(pipe)
+    return {"backbone": backbone, "img_size": img_size, "images": n_images, "batch_size": batch,
+            "prompts": prompts, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+            "workers": infer_masks.default_workers() if workers is None else workers,
+            "encoder_s": enc, "pipeline_s": pipe, "encoder_img_per_s": n_images / e,
+            "pipeline_img_per_s": n_images / m, "overhead_pct": 100 * (m - e) / e}
 
 
 def main(argv=None) -> dict:

@@ -11,6 +11,7 @@ extra target pass for the context view, so ~1.5x a BYOL step is its arithmetic f
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.aclus import ACLUS  # noqa: E402
+from models.aclus import ACLUS, build_model  # noqa: E402
 from pretrain_aclus import lars_param_groups  # noqa: E402
 from timm.optim import Lars  # noqa: E402
 from utils.pretrain_data import make_views  # noqa: E402
@@ -41,9 +42,30 @@ def make_batch(batch: int, size: int, method: str) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def time_method(method: str, batch: int, size: int, steps: int, warmup: int, device: torch.device) -> list[float]:
+def make_model(method: str, cfg: dict | None = None) -> ACLUS:
+    """The model of ``method``: paper-size heads, or those of a loaded config (utils.config)."""
+    if cfg is None:
+        return ACLUS(method)
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["method"] = method
+    return build_model(cfg)
+
+
+def train_step(model: ACLUS, opt: torch.optim.Optimizer, data: dict[str, torch.Tensor],
+               gen: torch.Generator) -> None:
+    """One pre-training step: forward, backward, LARS update, target EMA update."""
+    loss, _ = model(data, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    model.update_target(0.99)
+
+
+def time_method(method: str, batch: int, size: int, steps: int, warmup: int, device: torch.device,
+                cfg: dict | None = None) -> list[float]:
+    """Seconds of each timed step (after ``warmup`` untimed ones) on one fixed batch."""
     torch.manual_seed(0)
-    model = ACLUS(method).to(device)  # paper-size heads
+    model = make_model(method, cfg).to(device)
     opt = Lars(lars_param_groups(model, 1e-6, True), lr=0.1, momentum=0.9, trust_coeff=1e-3)
     data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -52,11 +74,7 @@ def time_method(method: str, batch: int, size: int, steps: int, warmup: int, dev
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss, _ = model(data, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.update_target(0.99)
+        train_step(model, opt, data, gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -64,8 +82,9 @@ def time_method(method: str, batch: int, size: int, steps: int, warmup: int, dev
     return times
 
 
-def time_loader(batch: int, size: int, workers: int, batches: int) -> float:
-    """Images/s of the real training DataLoader (aclus views) on synthetic files."""
+def time_loader(batch: int, size: int, workers: int, batches: int, crop_scale=(0.2, 1.0)) -> float:
+    """Images/s of the real training DataLoader (aclus views) on synthetic files, worker
+    start-up included (as at the start of every epoch: persistent_workers is off)."""
     from torch.utils.data import DataLoader
 
     from utils.generate_masks_pkls import generate
@@ -75,7 +94,7 @@ def time_loader(batch: int, size: int, workers: int, batches: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         write_pretrain_layout(tmp, n_images=batch * batches // 2 + 1, size=2 * size, seed=0)
         generate(Path(tmp))
-        ds = AnatomyPairDataset(load_pairs(tmp), size=size, crop_scale=(0.2, 1.0), with_context=True)
+        ds = AnatomyPairDataset(load_pairs(tmp), size=size, crop_scale=tuple(crop_scale), with_context=True)
         loader = DataLoader(ds, batch_size=batch, sampler=EpochSampler(len(ds)), num_workers=workers,
                             drop_last=True)
         t = time.perf_counter()

@@ -1,0 +1,85 @@
+"""benchmarks/run_all.py in --quick mode, and the fast mask decoder of SAM/infer_masks.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import peak_memory, run_all
+from SAM import infer_masks
+from SAM.auto_prompter import AutoPrompter, prompter_grid
+from SAM.samus_data import restore_logits
+from SAM.segmenter import build_segmenter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_run_all_quick_writes_json_markdown_and_figures(tmp_path):
+    res = run_all.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert set(saved["pretrain"]["methods"]) == {"byol", "detcon", "aclus"}
+    assert saved["loader"]["loader_img_per_s"] > 0 and saved["masks"]["pipeline_img_per_s"] > 0
+    assert saved["memory"][0]["peak_rss_mb"] >= saved["memory"][0]["rss_before_step_mb"] > 0
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "| aclus |" in md and "Overhead of the pipeline" in md and "Peak memory" in md
+    assert res["figures"] and all((tmp_path / f).stat().st_size > 0 for f in res["figures"])
+
+
+def test_extrapolation_is_linear_in_batch():
+    a = {"batch": 1, "peak_rss_mb": 1000.0, "step_increase_mb": 100.0, "rss_before_step_mb": 900.0}
+    b = {"batch": 2, "peak_rss_mb": 1100.0, "step_increase_mb": 180.0, "rss_before_step_mb": 920.0}
+    out = run_all.extrapolate(a, b, 8)
+    assert out["peak_rss_mb"] == 1700.0 and out["step_increase_mb"] == 660.0
+    assert out["extrapolated_from"] == [1, 2]
+
+
+def test_configured_batches_follow_configs():
+    assert peak_memory.configured_batch("pretrain", "paper") == 32
+    assert peak_memory.configured_batch("pretrain", "demo") == 16
+    assert peak_memory.configured_batch("mask_inference", "paper") == 8
+
+
+@torch.inference_mode()
+def test_fast_decoder_matches_the_module():
+    """decode_low_res == seg.decode per (image, anatomy), also when cropped to the content."""
+    torch.manual_seed(0)
+    seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
+    assert infer_masks.fast_decoder_applies(seg)
+    B, K, T = 3, 4, 2
+    emb = torch.randn(B, 256, seg.grid, seg.grid)
+    sparse = torch.randn(B, K, T, 256)
+    ref = seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1))[:, 0]
+    ref = ref.view(B, K, seg.low_res, seg.low_res)
+    full = infer_masks.decode_low_res(seg, emb, sparse, seg.grid, seg.grid)
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+    crop = infer_masks.decode_low_res(seg, emb, sparse, 5, 8)             # 20 x 32 logits
+    torch.testing.assert_close(crop, ref[..., :20, :32], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_index_maps_match_the_reference_up_to_ties():
+    """predict_index_maps == sigmoid(restore_logits(seg.decode(...))).max(0) of the module,
+    except where two anatomies' probabilities tie to float precision."""
+    torch.manual_seed(1)
+    seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
+    prompter = AutoPrompter(3, grid=prompter_grid(seg.grid)).eval()
+    images = torch.rand(2, 3, 64, 64)
+    images[1, :, 40:] = 0                                                  # letterboxed
+    valid, sizes = [(64, 64), (40, 64)], [(100, 90), (50, 80)]
+    maps = infer_masks.predict_index_maps(seg, prompter, images, [0, 1, 2], valid, sizes, threshold=0.3)
+    emb = seg.embed(images)
+    sparse = prompter(images, emb, torch.arange(3).expand(2, 3))
+    logits = seg.decode(emb.repeat_interleave(3, 0), sparse.flatten(0, 1))[:, 0].view(2, 3, 32, 32)
+    for b in range(2):
+        prob = torch.sigmoid(restore_logits(logits[b], valid[b], 64, sizes[b]))
+        best, arg = prob.max(0)
+        ref = torch.where(best > 0.3, arg + 1, 0).numpy()
+        assert maps[b].shape == sizes[b] and maps[b].dtype == np.uint8
+        differ = maps[b] != ref
+        p = prob.numpy()
+        top = np.sort(p, axis=0)
+        tie = ((top[-1] - top[-2]) < 1e-5) | (np.abs(best.numpy() - 0.3) < 1e-5)
+        assert np.all(tie[differ])
+        assert differ.mean() < 1e-3
