@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
@@ -151,7 +151,7 @@ def result_row(name: str, method: str, mask_source: str | None, pretrain: dict |
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| run | method | mask source | pre-train images | steps | pre-train wall time | "
+    head = ("| run | method | mask source | pre-train images | steps | pre-training time | "
             "accuracy (mean ± std, 5 folds) | macro-F1 (mean ± std) | pooled accuracy |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
@@ -162,7 +162,7 @@ def markdown_table(rows: list[dict]) -> str:
         pooled = "-" if r["pooled_accuracy"] is None else f"{r['pooled_accuracy']:.3f}"
         lines.append(
             f"| {r['run']} | {r['method']} | {r['mask_source']} | {r['pretrain_images'] or '-'} | "
-            f"{r['pretrain_steps'] or '-'} | {fmt_seconds(r['pretrain_wall_s'])} | "
+            f"{r['pretrain_steps'] or '-'} | {fmt_seconds(r['pretrain_train_s'] or r['pretrain_wall_s'])} | "
             f"{fmt_pm(r['accuracy_mean'], r['accuracy_std'])} | {fmt_pm(r['macro_f1_mean'], r['macro_f1_std'])} | "
             f"{pooled} |")
     return "\n".join(lines) + "\n"
@@ -174,6 +174,29 @@ def log_summary(records: list[dict]) -> dict:
     epochs = {int(r["epoch"]): float(r.get("seconds", 0.0)) for r in records if r.get("kind") == "epoch"}
     return {"logged_steps_max": max(steps) + 1 if steps else 0, "epochs_done": len(epochs),
             "train_s": round(sum(epochs.values()), 1) if epochs else None}
+
+
+def label_stats(labels: list) -> dict:
+    """Mask statistics of one source: regions (non-zero ids) per image, background share."""
+    import numpy as np
+
+    if not labels:
+        return {"images": 0}
+    regions = [int(np.count_nonzero(np.bincount(lab.ravel())[1:])) for lab in labels]
+    background = [float((lab == 0).mean()) for lab in labels]
+    return {"images": len(labels), "regions_mean": round(float(np.mean(regions)), 2),
+            "regions_min": min(regions), "regions_max": max(regions),
+            "background_fraction_mean": round(float(np.mean(background)), 3)}
+
+
+def mask_stats_markdown(stats: dict[str, dict]) -> str:
+    lines = ["| mask source | images | regions per image (mean, min-max) | background share (mean) |",
+             "|---|---|---|---|"]
+    for source, s in stats.items():
+        if s.get("images"):
+            lines.append(f"| {SOURCE_LABELS.get(source, source)} | {s['images']} | {s['regions_mean']:.1f} "
+                         f"({s['regions_min']}-{s['regions_max']}) | {s['background_fraction_mean']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def pick_evenly(items: list, n: int) -> list:
@@ -489,16 +512,25 @@ def study(a: argparse.Namespace) -> int:
             rows.append(result_row(name, run.method, run.mask_source, pretrain_record(run, out, st), load_eval(name)))
     figures = make_figures(out, runs, rows, frames, sources, a.overlay_n)
     table = markdown_table(rows)
+    from utils.io import read_label
+
+    mask_stats = {s: label_stats([read_label(p) for p in sorted((out / "masks" / s / SUB / "label").glob("*.png"))
+                                  if (frames / SUB / "img" / p.name).is_file()]) for s in sorted(sources)}
     budget = (f"Pre-training budget (every run): {a.img_size} px views, batch {a.batch_size}, "
               f"{a.epochs} epochs ({a.warmup_epochs} warm-up), seed {a.seed}, config {a.base_config} + overrides, "
               f"{a.threads} CPU threads. Evaluation: POCUS 5-fold (convex, {a.pocus_frames_per_video} frames per "
               f"video, folds split by video), linear probe on frozen features, selection '{a.eval_selection}', "
-              f"{a.img_size} px. Wall times are of this contended {os.cpu_count()}-core CPU.")
+              f"{a.img_size} px. Pre-training time = sum of the epoch times in log.jsonl (a resumed run counts "
+              f"every epoch once; the stage wall times incl. start-up are in settings.json), measured on this "
+              f"contended {os.cpu_count()}-core CPU shared with other jobs.")
     md = (f"# Real-data study: COVID-BLUES pre-training -> POCUS linear probe\n\n{budget}\n\n{table}\n"
+          f"Masks of the pre-training frames (id 0 = background, itself a region the loss may draw):\n\n"
+          f"{mask_stats_markdown(mask_stats)}\n"
           f"Figures: {', '.join(Path(f).name for f in figures)} (in figures/).\n")
     (out / "results.md").write_text(md)
     _write_json(out / "results.json", {"rows": rows, "budget": settings["fixed_budget"], "eval": settings["eval"],
-                                       "missing": missing, "figures": figures})
+                                       "missing": missing, "figures": figures,
+                                       "mask_stats": mask_stats})
     settings.update(finished=dt.datetime.now().isoformat(timespec="seconds"),
                     study_wall_s=round(time.time() - t_start, 1), figures=figures)
     _write_json(out / "settings.json", settings)
