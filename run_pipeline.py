@@ -3,83 +3,294 @@
 
     python run_pipeline.py                 # everything under outputs/demo
     python run_pipeline.py --out /tmp/x    # elsewhere
+    python run_pipeline.py --tiny          # seconds-sized smoke run (tests)
 
 Each stage is the real stage script called with small settings (no separate code
 path); its command line is printed before it runs, so any stage can be re-run by
-hand. A stage that fails stops the pipeline with the stage's name and exit status.
+hand. A stage that fails stops the pipeline with the stage's name and the reason.
 
 Stages (METHOD.md §0):
-  0 synthetic data    python -m utils.synthetic_us        scans + exact anatomy labels
-  4 mask pickles      utils/generate_masks_pkls.py        label PNGs -> masks/*.pkl
-  5 pre-training      pretrain_aclus.py                   ResNet-18 encoder
-  6 evaluation        evaluation_aclus.py                 5-fold linear probe, random init vs ACLUS
+  0 synthetic data     python -m utils.synthetic_us        scans, SAMUS pairs, POCUS folds
+  1 A-SAM stage 1      SAM/only_train_sam.py               adapters (tiny random ViT)
+  2 A-SAM stage 2      SAM/train_auto_prompter.py          prompt-free segmenter
+  3 A-SAM masks        SAM/infer_masks.py                  label PNGs of the pre-training scans
+  4 mask pickles       utils/generate_masks_pkls.py        label PNGs -> masks/*.pkl
+  5 pre-training       pretrain_aclus.py                   ResNet-18 encoder
+  6 evaluation         evaluation_aclus.py                 5-fold linear probe, random init vs ACLUS
+
+The pre-training corpus is treated as unlabeled: the generator's exact anatomy maps are
+moved to ``train/<Sub>/label_exact`` before stage 3 (they only score the A-SAM masks), so
+pre-training sees A-SAM's masks. Every figure goes to ``<out>/figures``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent
+MARKER = ".run_pipeline"  # marks an output folder this script may wipe on a re-run
+SEG_DATASET = "SynLung-Anatomy"  # A-SAM learns rib, pleura, consolidation (SAMUS layout)
 
 
 class StageFailed(RuntimeError):
     pass
 
 
-def run_stage(name: str, cmd: list[str]) -> float:
+@dataclass
+class Settings:
+    """Sizes of one run; the defaults are the demo, :func:`tiny` the smoke test."""
+    n_pretrain: int = 160      # synthetic scans per pre-training subset (2 subsets)
+    n_seg: int = 64            # SAMUS pairs per dataset (split 70/10/20)
+    size: int = 96             # side of every generated scan
+    pocus_videos: int = 6      # POCUS videos per class per fold (x 3 classes x 5 folds)
+    pocus_frames: int = 4      # frames per POCUS video
+    asam_size: int = 64        # A-SAM input side
+    asam1_epochs: int = 1
+    asam2_epochs: int = 8
+    epochs: int | None = None  # pre-training epochs (None: the config's)
+    eval_size: int = 64
+    random_seeds: tuple[int, ...] = (1, 2, 3)  # random-init baselines (evaluation --seed)
+    mask_threshold: float = 0.5  # A-SAM foreground probability
+    pretrain_overrides: tuple[str, ...] = ()
+
+    @staticmethod
+    def tiny() -> "Settings":
+        return Settings(n_pretrain=8, n_seg=10, size=48, pocus_videos=1, pocus_frames=1, asam_size=32,
+                        asam1_epochs=1, asam2_epochs=1, epochs=1, eval_size=32, random_seeds=(1,),
+                        # an untrained A-SAM finds nothing at 0.5; 0 gives every scan a mask
+                        mask_threshold=0.0,
+                        pretrain_overrides=("data.train_batch_size=4", "data.resize_size=32",
+                                            "data.data_workers=0", "optimizer.warmup_epochs=0"))
+
+
+# --------------------------------------------------------------------------- #
+# running stages
+# --------------------------------------------------------------------------- #
+def child_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_stage(name: str, cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run one stage script; returns (wall seconds, CPU seconds of the stage's processes)."""
     print(f"\n=== {name}\n$ {shlex.join(cmd)}", flush=True)
-    t = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
+    t, cpu = time.time(), child_cpu_seconds()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env)
+    except OSError as e:
+        raise StageFailed(f"stage '{name}' could not start: {e}") from None
     if proc.returncode != 0:
-        raise StageFailed(f"stage '{name}' failed with exit status {proc.returncode} (command above)")
-    return time.time() - t
+        raise StageFailed(f"stage '{name}' failed with exit status {proc.returncode} "
+                          "(its error is printed above; the command line is above it)")
+    return time.time() - t, child_cpu_seconds() - cpu
+
+
+def need(path: Path, stage: str) -> Path:
+    """A file a stage should have written; its absence fails that stage by name."""
+    if not path.is_file():
+        raise StageFailed(f"stage '{stage}' finished but did not write {path}")
+    return path
+
+
+def prepare_out(out: Path) -> None:
+    """Start from an empty output folder; wipe only a folder an earlier run of this script made."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise StageFailed(f"{out} exists, is not empty and was not made by run_pipeline.py; "
+                              "delete it or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("output folder of run_pipeline.py; wiped by the next run\n")
+
+
+def hide_exact_labels(train_dir: Path) -> int:
+    """``<Sub>/label`` -> ``<Sub>/label_exact``: the corpus becomes unlabeled for stages 3-5."""
+    moved = 0
+    for lab in sorted(train_dir.glob("*/label")):
+        lab.rename(lab.with_name("label_exact"))
+        moved += 1
+    return moved
+
+
+# --------------------------------------------------------------------------- #
+# reporting
+# --------------------------------------------------------------------------- #
+def asam_dice(train_dir: Path, classes_json: Path) -> dict[str, float]:
+    """Dice of each A-SAM anatomy against the generator's exact map, pooled over all scans."""
+    from utils.io import read_label
+    from utils.synthetic_us import ANATOMY_IDS, SAMUS_ANATOMY_CLASSES
+
+    class_to_anatomy = {f"{SEG_DATASET}/{c}": a for a, c in SAMUS_ANATOMY_CLASSES.items()}
+    class_to_anatomy["SynLung-Pleura/1"] = ANATOMY_IDS["pleura"]
+    names = {v: k for k, v in ANATOMY_IDS.items()}
+    classes = json.loads(classes_json.read_text())  # {"1": "SynLung-Anatomy/1", ...}
+    inter = {k: 0 for k in classes}
+    total = {k: 0 for k in classes}
+    for pred_path in sorted(train_dir.glob("*/label/*.png")):
+        exact = read_label(pred_path.parent.parent / "label_exact" / pred_path.name)
+        pred = read_label(pred_path)
+        for k, key in classes.items():
+            p, g = pred == int(k), exact == class_to_anatomy.get(key, -1)
+            inter[k] += int((p & g).sum())
+            total[k] += int(p.sum() + g.sum())
+    return {f"{k} {names.get(class_to_anatomy.get(key, -1), key)}": 2 * inter[k] / max(total[k], 1)
+            for k, key in classes.items()}
+
+
+def plot_losses(log_jsonl: Path, out_png: Path, title: str) -> None:
+    """Per-term pre-training loss curves (utils.plots when present, else a minimal plot)."""
+    try:
+        from utils.plots import plot_loss_curves
+    except ImportError:
+        plot_loss_curves = None
+    if plot_loss_curves is not None:
+        plot_loss_curves(log_jsonl, out_png, title=title)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in map(json.loads, log_jsonl.read_text().splitlines()) if r.get("kind") == "step"]
+    terms = sorted(k for k in steps[0] if "/" in k or k == "loss")
+    groups = sorted({t.split("/")[0] for t in terms})
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for t in (t for t in terms if t.split("/")[0] == g):
+            ax.plot([r["step"] for r in steps], [r[t] for r in steps], label=t.partition("/")[2] or t)
+        ax.set_title(g)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print("\n=== results (synthetic POCUS-like 5-fold, linear probe on frozen features, "
+          "fixed C, no selection)")
+    print(f"{'encoder':<22} {'accuracy (mean ± std)':>22} {'macro-F1 (mean ± std)':>22} {'pooled acc':>11}")
+    for label, r in results.items():
+        s = r["summary"]
+        print(f"{label:<22} {s['accuracy_mean']:>13.3f} ± {s['accuracy_std']:.3f} "
+              f"{s['macro_f1_mean']:>13.3f} ± {s['macro_f1_std']:.3f} {s['pooled_accuracy']:>11.3f}")
+    randoms = [r["summary"]["accuracy_mean"] for k, r in results.items() if k.startswith("random")]
+    if len(randoms) > 1:
+        print(f"{'random init, mean':<22} {np.mean(randoms):>13.3f} ± {np.std(randoms):.3f} "
+              "(over init seeds)")
+
+
+# --------------------------------------------------------------------------- #
+# the pipeline
+# --------------------------------------------------------------------------- #
+def pipeline(out: Path, s: Settings, threads: int) -> int:
+    data, runs, figs, py = out / "data", out / "runs", out / "figures", sys.executable
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONUNBUFFERED="1")
+    times: dict[str, tuple[float, float]] = {}
+    prepare_out(out)
+    figs.mkdir()
+    t0 = time.time()
+
+    def timed(key: str, name: str, cmd: list[str]) -> None:
+        w, c = times.get(key, (0.0, 0.0))
+        dw, dc = run_stage(name, cmd, env)
+        times[key] = (w + dw, c + dc)
+
+    timed("0 synthetic data", "0 synthetic data (pre-training scans + POCUS folds)", [
+        py, "-m", "utils.synthetic_us", "--out", str(data), "--layouts", "pretrain,pocus",
+        "--n", str(s.n_pretrain), "--size", str(s.size),
+        "--pocus-videos", str(s.pocus_videos), "--pocus-frames", str(s.pocus_frames)])
+    timed("0 synthetic data", "0 synthetic data (SAMUS segmentation pairs)", [
+        py, "-m", "utils.synthetic_us", "--out", str(data), "--layouts", "samus",
+        "--n", str(s.n_seg), "--size", str(s.size)])
+    print(f"moved the exact labels of {hide_exact_labels(data / 'train')} pre-training subsets to "
+          "label_exact/ (the corpus is unlabeled from here on)")
+
+    seg = ["--task", "SynLung", "--data_root", str(data / "samus"), "--datasets", SEG_DATASET,
+           "--img_size", str(s.asam_size), "--batch_size", "8", "--workers", "0"]
+    timed("1 A-SAM stage 1", "1 A-SAM stage 1 (adapters, click prompts)", [
+        py, "SAM/only_train_sam.py", *seg, "--backbone", "vit_tiny", "--epochs", str(s.asam1_epochs),
+        "--out_dir", str(runs / "asam_stage1")])
+    stage1 = need(runs / "asam_stage1" / "best.pt", "1 A-SAM stage 1")
+    timed("2 A-SAM stage 2", "2 A-SAM stage 2 (auto-prompter)", [
+        py, "SAM/train_auto_prompter.py", *seg, "--sam_ckpt", str(stage1),
+        "--epochs", str(s.asam2_epochs), "--out_dir", str(runs / "asam_stage2")])
+    stage2 = need(runs / "asam_stage2" / "best.pt", "2 A-SAM stage 2")
+    timed("3 A-SAM masks", "3 A-SAM masks of the pre-training scans", [
+        py, "SAM/infer_masks.py", "--ckpt", str(stage2), "--data_dir", str(data / "train"),
+        "--workers", "0", "--batch_size", "16", "--threshold", str(s.mask_threshold),
+        "--montage", str(figs / "asam_montage.png"), "--montage_n", "8"])
+    dice = asam_dice(data / "train", need(data / "train" / "asam_classes.json", "3 A-SAM masks"))
+    print("A-SAM masks vs the exact anatomy maps, Dice: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+
+    timed("4 mask pickles", "4 mask pickles", [
+        py, "utils/generate_masks_pkls.py", "--data_dir", str(data)])
+    epochs = [] if s.epochs is None else ["-o", f"optimizer.total_epochs={s.epochs}"]
+    extra = [a for o in s.pretrain_overrides for a in ("-o", o)]
+    timed("5 pre-training", "5 ACLUS pre-training", [
+        py, "pretrain_aclus.py", "--cfg", "configs/synthetic_cpu.yaml", "--device", "cpu",
+        "-o", f"data.image_dir={data}", "-o", f"checkpoint.ckpt_path={runs / 'pretrain'}",
+        "-o", "checkpoint.resume_path=", *epochs, *extra])
+    encoder = need(runs / "pretrain" / "encoder_resnet18.pth", "5 ACLUS pre-training")
+    plot_losses(need(runs / "pretrain" / "log.jsonl", "5 ACLUS pre-training"),
+                figs / "pretrain_loss_curves.png", "ACLUS pre-training on synthetic scans")
+
+    results: dict[str, dict] = {}
+    evals = [(f"random init (seed {k})", f"random_seed{k}", ["--seed", str(k)]) for k in s.random_seeds]
+    evals.append(("ACLUS pre-trained", "aclus", ["--ckpt_path", str(encoder)]))
+    for label, key, args in evals:
+        timed("6 evaluation", f"6 evaluation, {label}", [
+            py, "evaluation_aclus.py", "--data_path", str(data / "pocus"), "--protocol", "linear",
+            "--img_size", str(s.eval_size), "--out_dir", str(runs / f"eval_{key}"), *args])
+        result_json = need(runs / f"eval_{key}" / "eval_linear_last.json", f"6 evaluation, {label}")
+        results[label] = json.loads(result_json.read_text())
+        shutil.copy(need(runs / f"eval_{key}" / "confusion_linear_last.png", f"6 evaluation, {label}"),
+                    figs / f"confusion_{key}.png")
+
+    print_table(results)
+    total = time.time() - t0
+    print("\nstage times, wall (CPU) seconds: "
+          + ", ".join(f"{k} {w:.0f} ({c:.0f})" for k, (w, c) in times.items()))
+    print(f"total {total:.0f} s wall ({sum(c for _, c in times.values()):.0f} s CPU) with "
+          f"{threads} thread(s) per stage")
+    print(f"outputs in {out}; figures: {', '.join(sorted(p.name for p in figs.iterdir()))}")
+    summary = {"results": {k: v["summary"] for k, v in results.items()}, "asam_dice": dice,
+               "stage_seconds": {k: {"wall": round(w, 1), "cpu": round(c, 1)} for k, (w, c) in times.items()},
+               "total_wall_s": round(total, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    p.add_argument("--n", type=int, default=64, help="synthetic scans per pre-training subset")
-    p.add_argument("--epochs", type=int, default=4, help="pre-training epochs")
+    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo); "
+                   "a folder of an earlier run is wiped first")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="pre-training epochs (default: configs/synthetic_cpu.yaml)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per stage (default: 2)")
+    p.add_argument("--tiny", action="store_true", help="shrink everything to a seconds-long smoke run")
     a = p.parse_args(argv)
-    out = Path(a.out).resolve()
-    data, py = out / "data", sys.executable
-    times: dict[str, float] = {}
+    s = Settings.tiny() if a.tiny else Settings()
+    if a.epochs is not None:
+        s.epochs = a.epochs
     try:
-        times["synthetic data"] = run_stage("0 synthetic data", [
-            py, "-m", "utils.synthetic_us", "--out", str(data), "--layouts", "pretrain,pocus",
-            "--n", str(a.n), "--size", "96", "--pocus-videos", "2", "--pocus-frames", "4"])
-        times["mask pickles"] = run_stage("4 mask pickles", [
-            py, "utils/generate_masks_pkls.py", "--data_dir", str(data)])
-        times["pre-training"] = run_stage("5 ACLUS pre-training", [
-            py, "pretrain_aclus.py", "--cfg", "configs/synthetic_cpu.yaml",
-            "-o", f"data.image_dir={data}", "-o", f"checkpoint.ckpt_path={out / 'pretrain'}",
-            "-o", f"optimizer.total_epochs={a.epochs}"])
-        results = {}
-        for label, extra in [("random init", []),
-                             ("ACLUS", ["--ckpt_path", str(out / "pretrain" / "encoder_resnet18.pth")])]:
-            key = "eval_random" if not extra else "eval_aclus"
-            times[f"evaluation ({label})"] = run_stage(f"6 evaluation, {label}", [
-                py, "evaluation_aclus.py", "--data_path", str(data / "pocus"), "--protocol", "linear",
-                "--img_size", "64", "--out_dir", str(out / key), *extra])
-            results[label] = json.loads(next((out / key).glob("eval_*.json")).read_text())
+        return pipeline(Path(a.out).resolve(), s, a.threads)
     except StageFailed as e:
         print(f"\nrun_pipeline.py: {e}", file=sys.stderr)
         return 1
-
-    print("\n=== results (synthetic 5-fold, linear probe)")
-    print(f"{'encoder':<12} {'accuracy (mean ± std)':>24} {'macro-F1 (mean ± std)':>24}")
-    for label, r in results.items():
-        s = r["summary"]
-        print(f"{label:<12} {s['accuracy_mean']:>13.3f} ± {s['accuracy_std']:.3f} "
-              f"{s['macro_f1_mean']:>14.3f} ± {s['macro_f1_std']:.3f}")
-    print("\nstage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    print(f"outputs in {out}")
-    return 0
 
 
 if __name__ == "__main__":
