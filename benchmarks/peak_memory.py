@@ -6,7 +6,7 @@ stages: asam_stage1 | asam_stage2 | mask_inference | pretrain | evaluation
 settings: demo (configs/synthetic_cpu.yaml, tiny ViT, the sizes run_pipeline.py uses) |
           paper (configs/example.yaml, A-SAM ViT-B at 256 px, evaluation at 224 px)
 
-Prints one JSON line: peak RSS of the process (ru_maxrss), its RSS before the step (models,
+Prints one JSON line: peak RSS of the process (VmHWM), its RSS before the step (models,
 optimizer and inputs built; python + torch imported), the step's increase, and on CUDA
 torch.cuda.max_memory_allocated of the step. Weights are random: memory does not depend on
 them. The parent (benchmarks/run_all.py) runs one process per measurement, so peaks of
@@ -56,7 +56,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak RSS of this process image (VmHWM). Not ru_maxrss: that one carries the high-water
+    mark of the parent over fork + exec, so every child would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _asam_step(stage: str, setting: str, batch: int, device: torch.device) -> Callable[[], None]:
