@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.plots import plot_loss_curves
+
 REPO = Path(__file__).resolve().parent
 MARKER = ".run_pipeline"  # marks an output folder this script may wipe on a re-run
 SEG_DATASET = "SynLung-Anatomy"  # A-SAM learns rib, pleura, consolidation (SAMUS layout)
@@ -148,35 +150,6 @@ def asam_dice(train_dir: Path, classes_json: Path) -> dict[str, float]:
             for k, key in classes.items()}
 
 
-def plot_losses(log_jsonl: Path, out_png: Path, title: str) -> None:
-    """Per-term pre-training loss curves (utils.plots when present, else a minimal plot)."""
-    try:
-        from utils.plots import plot_loss_curves
-    except ImportError:
-        plot_loss_curves = None
-    if plot_loss_curves is not None:
-        plot_loss_curves(log_jsonl, out_png, title=title)
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in map(json.loads, log_jsonl.read_text().splitlines()) if r.get("kind") == "step"]
-    terms = sorted(k for k in steps[0] if "/" in k or k == "loss")
-    groups = sorted({t.split("/")[0] for t in terms})
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        for t in (t for t in terms if t.split("/")[0] == g):
-            ax.plot([r["step"] for r in steps], [r[t] for r in steps], label=t.partition("/")[2] or t)
-        ax.set_title(g)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-
-
 def print_table(results: dict[str, dict]) -> None:
     print("\n=== results (synthetic POCUS-like 5-fold, linear probe on frozen features, "
           "fixed C, no selection)")
@@ -245,7 +218,7 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
         "-o", f"data.image_dir={data}", "-o", f"checkpoint.ckpt_path={runs / 'pretrain'}",
         "-o", "checkpoint.resume_path=", *epochs, *extra])
     encoder = need(runs / "pretrain" / "encoder_resnet18.pth", "5 ACLUS pre-training")
-    plot_losses(need(runs / "pretrain" / "log.jsonl", "5 ACLUS pre-training"),
+    plot_loss_curves(need(runs / "pretrain" / "log.jsonl", "5 ACLUS pre-training"),
                 figs / "pretrain_loss_curves.png", "ACLUS pre-training on synthetic scans")
 
     results: dict[str, dict] = {}
