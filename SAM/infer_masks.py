@@ -48,23 +48,10 @@ from tqdm import tqdm  # noqa: E402
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.engine import pick_device  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
-from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PALETTE = np.array([[255, 64, 64], [64, 255, 64], [64, 128, 255], [255, 255, 0], [255, 0, 255],
                     [0, 255, 255], [255, 128, 0], [128, 0, 255]], dtype=np.uint8)  # RGB
-
-
-def list_jobs(data_dir: Path, out_dir: Path) -> list[tuple[Path, Path]]:
-    """(image, label) path pairs for every image under ``<data_dir>/<Sub>/img``, sorted."""
-    jobs = []
-    for img_dir in sorted(p for p in data_dir.glob("*/img") if p.is_dir()):
-        sub = img_dir.parent.name
-        for f in sorted(img_dir.rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-                rel = f.relative_to(img_dir).with_suffix(".png")
-                jobs.append((f, out_dir / sub / "label" / rel))
-    return jobs
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -376,7 +363,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"prompts {unknown} unknown to {args.ckpt}; it knows {keys}")
     prompt_ids = [keys.index(k) for k in wanted]
 
-    jobs = list_jobs(data_dir, out_dir)
+    jobs = label_jobs(data_dir, out_dir)
     if not jobs:
         raise SystemExit(f"no images under {data_dir}/<Sub>/img/")
     mine = shard(jobs, rank, world)

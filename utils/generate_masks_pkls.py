@@ -29,9 +29,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.io import DataError, atomic_pickle_dump, read_image, read_label  # noqa: E402
+from utils.io import IMAGE_EXTS, DataError, atomic_pickle_dump, read_image, read_label  # noqa: E402
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass

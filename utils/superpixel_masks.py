@@ -36,9 +36,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IDS = 255  # uint8 label PNGs
 
 
@@ -172,22 +171,11 @@ def superpixel_labels(image: np.ndarray, params: SuperpixelParams = SuperpixelPa
 # --------------------------------------------------------------------------- #
 # files
 # --------------------------------------------------------------------------- #
-def list_jobs(data_dir: Path, out_dir: Path) -> list[tuple[Path, Path]]:
-    """(image, label) path pairs for every image under ``<data_dir>/<Sub>/img``, sorted."""
-    jobs = []
-    for img_dir in sorted(p for p in data_dir.glob("*/img") if p.is_dir()):
-        sub = img_dir.parent.name
-        for f in sorted(img_dir.rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-                jobs.append((f, out_dir / sub / "label" / f.relative_to(img_dir).with_suffix(".png")))
-    return jobs
-
-
 def run(data_dir: Path, out_dir: Path, params: SuperpixelParams, limit: int = 0) -> dict:
     """Write the missing labels; returns counts and the bad images (``path: reason``)."""
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: folder not found; expected <Sub>/img/ sub-folders")
-    jobs = list_jobs(data_dir, out_dir)
+    jobs = label_jobs(data_dir, out_dir)
     if not jobs:
         raise DataError(f"{data_dir}: no images found under <Sub>/img/")
     if limit:
