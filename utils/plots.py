@@ -113,11 +113,14 @@ def _pyplot():
 
 
 def _save(fig, out_png: str | os.PathLike) -> Path:
+    """Lay out, write atomically and close ``fig``."""
+    fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)
     os.replace(tmp, out)  # a reader never sees a half-written figure
+    _pyplot().close(fig)
     return out
 
 
@@ -153,9 +156,7 @@ def plot_loss_curves(log_jsonl_path: str | os.PathLike, out_png: str | os.PathLi
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     out = _save(fig, out_png)
-    plt.close(fig)
     return out
 
 
@@ -187,9 +188,7 @@ def plot_method_losses(logs: dict[str, str | os.PathLike], out_png: str | os.Pat
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     out = _save(fig, out_png)
-    plt.close(fig)
     return out
 
 
@@ -216,9 +215,7 @@ def plot_results_bar(labels: Sequence[str], means: Sequence[float], stds: Sequen
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     out = _save(fig, out_png)
-    plt.close(fig)
     return out
 
 
@@ -258,7 +255,5 @@ def plot_mask_overlays(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
                 ax.set_title(titles[k], fontsize=6)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
     out = _save(fig, out_png)
-    plt.close(fig)
     return out
