@@ -407,6 +407,68 @@ def make_figures(out: Path, runs: list[Run], rows: list[dict], frames: Path, sou
     return made
 
 
+def write_report(a: argparse.Namespace, out: Path, st: Stages, names: list[str], sources: set[str],
+                 missing: dict[str, str], settings: dict, frames: Path) -> None:
+    """results.md, results.json and figures/ from whatever evaluations exist in ``out``."""
+    from utils.io import read_label
+
+    tag = f"linear_{a.eval_selection}"
+
+    def load_eval(name: str) -> dict | None:
+        p = out / "eval" / name / f"eval_{tag}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    rows = [result_row("random init", "-", None, None, load_eval("random"))]
+    rows[0]["mask_source"] = "- (no pre-training)"
+    runs = []
+    for name in names:
+        run = parse_run(name)
+        evaluation = load_eval(name)
+        if name in missing:
+            rows.append(result_row(name, run.method, run.mask_source, None, None, missing[name]))
+            continue
+        runs.append(run)
+        rows.append(result_row(name, run.method, run.mask_source, pretrain_record(run, out, st), evaluation,
+                               None if evaluation else "not finished yet"))
+    figures = make_figures(out, runs, rows, frames, sources, a.overlay_n)
+    table = markdown_table(rows)
+    mask_stats = {s: label_stats([read_label(p) for p in sorted((out / "masks" / s / SUB / "label").glob("*.png"))
+                                  if (frames / SUB / "img" / p.name).is_file()]) for s in sorted(sources)}
+    budget = (f"Pre-training budget (every run): {a.img_size} px views, batch {a.batch_size}, "
+              f"{a.epochs} epochs ({a.warmup_epochs} warm-up), seed {a.seed}, config {a.base_config} + overrides, "
+              f"{a.threads} CPU threads. Evaluation: POCUS 5-fold (convex, {a.pocus_frames_per_video} frames per "
+              f"video, folds split by video), linear probe on frozen features, selection '{a.eval_selection}', "
+              f"{a.img_size} px. Pre-training time = sum of the epoch times in log.jsonl (a resumed run counts "
+              f"every epoch once; the stage wall times incl. start-up are in settings.json), measured on this "
+              f"contended {os.cpu_count()}-core CPU shared with other jobs.")
+    md = (f"# Real-data study: COVID-BLUES pre-training -> POCUS linear probe\n\n{budget}\n\n{table}\n"
+          f"Masks of the pre-training frames (id 0 = background, itself a region the loss may draw):\n\n"
+          f"{mask_stats_markdown(mask_stats)}\n"
+          f"Figures: {', '.join(Path(f).name for f in figures)} (in figures/).\n")
+    (out / "results.md").write_text(md)
+    _write_json(out / "results.json", {"rows": rows, "budget": settings.get("fixed_budget"),
+                                       "eval": settings.get("eval"), "missing": missing, "figures": figures,
+                                       "mask_stats": mask_stats})
+    print("\n" + table + f"\nresults: {out / 'results.md'}, {out / 'results.json'}; settings: {out / 'settings.json'}")
+
+
+def report_only(a: argparse.Namespace) -> int:
+    """Rebuild the report of a study folder (finished or still running) without running any stage."""
+    out = Path(a.out).resolve()
+    path = out / "settings.json"
+    if not path.is_file():
+        print(f"study_real_data.py: error: {path}: not found; --report_only needs a study folder", file=sys.stderr)
+        return 2
+    settings = json.loads(path.read_text())
+    b = argparse.Namespace(**{**settings["args"], "overlay_n": a.overlay_n})
+    st = Stages(out, dict(os.environ))
+    names = [r for r in b.runs.split(",") if r]
+    sources = {s for s in MASK_SOURCES if (out / "pretrain_data" / s / "train_tf_img_to_gt.pkl").is_file()}
+    _, missing = plan_runs(names, sources)
+    write_report(b, out, st, names, sources, missing, settings, out / "frames")
+    return 0
+
+
 def budget_clash(path: Path, settings: dict) -> str | None:
     """Why ``settings`` cannot continue the study of ``path`` (another budget), or None."""
     if not path.is_file():
@@ -498,50 +560,17 @@ def study(a: argparse.Namespace) -> int:
         _write_json(out / "settings.json", settings)
 
     # f: report
-    def load_eval(name: str) -> dict | None:
-        p = out / "eval" / name / f"eval_{tag}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    rows = [result_row("random init", "-", None, None, load_eval("random"))]
-    rows[0]["mask_source"] = "- (no pre-training)"
-    for name in names:
-        run = parse_run(name)
-        if name in missing:
-            rows.append(result_row(name, run.method, run.mask_source, None, None, missing[name]))
-        else:
-            rows.append(result_row(name, run.method, run.mask_source, pretrain_record(run, out, st), load_eval(name)))
-    figures = make_figures(out, runs, rows, frames, sources, a.overlay_n)
-    table = markdown_table(rows)
-    from utils.io import read_label
-
-    mask_stats = {s: label_stats([read_label(p) for p in sorted((out / "masks" / s / SUB / "label").glob("*.png"))
-                                  if (frames / SUB / "img" / p.name).is_file()]) for s in sorted(sources)}
-    budget = (f"Pre-training budget (every run): {a.img_size} px views, batch {a.batch_size}, "
-              f"{a.epochs} epochs ({a.warmup_epochs} warm-up), seed {a.seed}, config {a.base_config} + overrides, "
-              f"{a.threads} CPU threads. Evaluation: POCUS 5-fold (convex, {a.pocus_frames_per_video} frames per "
-              f"video, folds split by video), linear probe on frozen features, selection '{a.eval_selection}', "
-              f"{a.img_size} px. Pre-training time = sum of the epoch times in log.jsonl (a resumed run counts "
-              f"every epoch once; the stage wall times incl. start-up are in settings.json), measured on this "
-              f"contended {os.cpu_count()}-core CPU shared with other jobs.")
-    md = (f"# Real-data study: COVID-BLUES pre-training -> POCUS linear probe\n\n{budget}\n\n{table}\n"
-          f"Masks of the pre-training frames (id 0 = background, itself a region the loss may draw):\n\n"
-          f"{mask_stats_markdown(mask_stats)}\n"
-          f"Figures: {', '.join(Path(f).name for f in figures)} (in figures/).\n")
-    (out / "results.md").write_text(md)
-    _write_json(out / "results.json", {"rows": rows, "budget": settings["fixed_budget"], "eval": settings["eval"],
-                                       "missing": missing, "figures": figures,
-                                       "mask_stats": mask_stats})
+    write_report(a, out, st, names, sources, missing, settings, frames)
     settings.update(finished=dt.datetime.now().isoformat(timespec="seconds"),
-                    study_wall_s=round(time.time() - t_start, 1), figures=figures)
+                    study_wall_s=round(time.time() - t_start, 1))
     _write_json(out / "settings.json", settings)
-    print("\n" + table + f"\nresults: {out / 'results.md'}, {out / 'results.json'}; settings: {out / 'settings.json'}")
     return 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--covid_blues", required=True, help="COVID-BLUES folder (holding lus_videos/*.mp4)")
-    p.add_argument("--pocus", required=True, help="covid19_ultrasound checkout (utils.pocus_folds --src)")
+    p.add_argument("--covid_blues", help="COVID-BLUES folder (holding lus_videos/*.mp4); required unless --report_only")
+    p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --report_only")
     p.add_argument("--out", required=True, help="study folder (re-running resumes it)")
     p.add_argument("--asam_ckpt", default=None, help="A-SAM stage-2 checkpoint for SAM/infer_masks.py")
     p.add_argument("--asam_masks", default=None, help="precomputed A-SAM label tree <DIR>/COVID-BLUES/label/*.png "
@@ -573,6 +602,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every stage")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of every stage")
     p.add_argument("--overlay_n", type=int, default=8, help="frames in the mask-overlay figures")
+    p.add_argument("--report_only", action="store_true",
+                   help="rebuild results.md/json and figures of --out from what exists (no stage runs; "
+                        "the settings come from <out>/settings.json), e.g. while a study is running")
     p.add_argument("--smoke", action="store_true", help="tiny run: 4 videos, 32 px, 4 steps, 1 POCUS frame per video")
     p.add_argument("--smoke_videos", type=int, default=0, help="only the first N videos (smoke sets 4)")
     return p
@@ -580,6 +612,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
+    if a.report_only:
+        return report_only(a)
+    if not a.covid_blues or not a.pocus:
+        print("study_real_data.py: error: --covid_blues and --pocus are required (unless --report_only)",
+              file=sys.stderr)
+        return 2
     if a.smoke:
         smoke_settings(a)
     bad = [s for s in a.mask_sources if s not in MASK_SOURCES]

@@ -57,6 +57,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert srd.main(base + ["--mask_sources", "sam"]) == 2
     assert srd.main(base + ["--asam_ckpt", str(tmp_path / "none.pt")]) == 2
     assert "--asam_ckpt" in capsys.readouterr().err
+    assert srd.main(["--out", str(tmp_path / "o")]) == 2
+    assert "--covid_blues and --pocus are required" in capsys.readouterr().err
+    assert srd.main(["--report_only", "--out", str(tmp_path / "o")]) == 2
+    assert "settings.json: not found" in capsys.readouterr().err
 
 
 def test_smoke_on_real_data(shared_data, tmp_path, capsys):
@@ -87,6 +91,10 @@ def test_smoke_on_real_data(shared_data, tmp_path, capsys):
     assert srd.main(args) == 0
     printed = capsys.readouterr().out
     assert "[run ]" not in printed and "[skip] pretrain_detcon_superpixel" in printed
+    (out / "results.md").unlink()
+    assert srd.main(["--report_only", "--out", str(out)]) == 0
+    assert "| detcon_superpixel | detcon | Felzenszwalb superpixels | 8 |" in (out / "results.md").read_text()
+    assert "[run ]" not in capsys.readouterr().out
     # the same folder with another budget is refused, naming the stage
     assert srd.main(args + ["--seed", "5"]) == 1
     assert "fixed_budget.seed=0, now 5" in capsys.readouterr().err
