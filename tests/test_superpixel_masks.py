@@ -77,6 +77,8 @@ def test_cli_layout_resume_and_bad_image(tmp_path, capsys):
     assert main(["--data_dir", str(data), "--out_dir", str(out)]) == 0
     assert a.stat().st_mtime_ns == mtime and "2 already done" in capsys.readouterr().out
     assert main(["--data_dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{tmp_path / 'nope'}: folder not found" in err
 
 
 def test_labels_feed_generate_masks_pkls(tmp_path):

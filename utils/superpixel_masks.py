@@ -78,7 +78,7 @@ def boundary_counts(seg: np.ndarray) -> dict[tuple[int, int], int]:
         diff = a != b
         lo, hi = np.minimum(a[diff], b[diff]), np.maximum(a[diff], b[diff])
         pairs.append(np.stack([lo, hi], axis=1))
-    allp = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    allp = np.concatenate(pairs)
     if not len(allp):
         return {}
     uniq, counts = np.unique(allp, axis=0, return_counts=True)
