@@ -61,11 +61,23 @@ def test_plots_written(tmp_path):
     assert plot_method_losses(logs, tmp_path / "all.png").is_file()
     with pytest.raises(LogError, match="not found"):
         plot_loss_curves(tmp_path / "missing.jsonl", tmp_path / "x.png")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\x80\xff\x00")
+    with pytest.raises(LogError, match=f"{binary}: not a text file"):
+        plot_loss_curves(binary, tmp_path / "x.png")
+    with pytest.raises(LogError, match="has the term 'nope'"):
+        plot_method_losses(logs, tmp_path / "x.png", term="nope")
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="equal length"):
+        plot_results_bar(["a", "b"], [0.5], [0.1], tmp_path / "x.png")
     assert plot_results_bar(["a", "b"], [0.5, float("nan")], [0.1, float("nan")], tmp_path / "bar.png").is_file()
     img = np.full((8, 8), 100, np.uint8)
     lab = np.zeros((8, 8), np.uint8)
     lab[:4] = 1
     ov = overlay_labels(img, lab)
     assert ov.shape == (8, 8, 3) and (ov[4:] == 100).all() and not (ov[:4] == 100).all()
+    lab[:4, 4:] = 2  # two ids get two colours, each a tint of the grey
+    ov = overlay_labels(img, lab)
+    assert (ov[0, 0] != ov[0, 4]).any() and (ov[:4, :4] == ov[0, 0]).all() and (ov[:4, 4:] == ov[0, 4]).all()
     assert plot_mask_overlays([img, img], [lab, lab], tmp_path / "ov.png", titles=["a", "b"]).is_file()
     assert not list(tmp_path.glob(".*tmp*"))

@@ -53,7 +53,11 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise LogError(f"{path}: log file not found")
-    return parse_log_lines(path.read_text().splitlines(), str(path))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise LogError(f"{path}: not a text file (expected JSON lines)") from None
+    return parse_log_lines(text.splitlines(), str(path))
 
 
 def term_series(records: Sequence[dict], kind: str = "step") -> "OrderedDict[str, tuple[np.ndarray, np.ndarray]]":
@@ -113,13 +117,12 @@ def _pyplot():
 
 
 def _save(fig, out_png: str | os.PathLike) -> Path:
-    """Lay out, write atomically and close ``fig``."""
+    """Lay out, write atomically (a reader never sees a half-written figure) and close ``fig``."""
+    from utils.io import atomic_write
+
     fig.tight_layout()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out)  # a reader never sees a half-written figure
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     _pyplot().close(fig)
     return out
 
@@ -156,8 +159,7 @@ def plot_loss_curves(log_jsonl_path: str | os.PathLike, out_png: str | os.PathLi
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    out = _save(fig, out_png)
-    return out
+    return _save(fig, out_png)
 
 
 def plot_method_losses(logs: dict[str, str | os.PathLike], out_png: str | os.PathLike,
@@ -188,8 +190,7 @@ def plot_method_losses(logs: dict[str, str | os.PathLike], out_png: str | os.Pat
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    out = _save(fig, out_png)
-    return out
+    return _save(fig, out_png)
 
 
 def plot_results_bar(labels: Sequence[str], means: Sequence[float], stds: Sequence[float],
@@ -215,8 +216,7 @@ def plot_results_bar(labels: Sequence[str], means: Sequence[float], stds: Sequen
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    out = _save(fig, out_png)
-    return out
+    return _save(fig, out_png)
 
 
 def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -226,14 +226,11 @@ def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) ->
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
     img = image[..., :3].astype(np.float32)
-    ids = np.unique(label)
-    ids = ids[ids != 0]
     rng = np.random.default_rng(12345)
     colours = rng.integers(40, 256, size=(int(label.max(initial=0)) + 1, 3)).astype(np.float32)
     out = img.copy()
-    for i in ids:
-        m = label == i
-        out[m] = (1 - alpha) * img[m] + alpha * colours[i]
+    m = label != 0
+    out[m] = (1 - alpha) * img[m] + alpha * colours[label[m]]
     return out.clip(0, 255).astype(np.uint8)
 
 
@@ -255,5 +252,4 @@ def plot_mask_overlays(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
                 ax.set_title(titles[k], fontsize=6)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    out = _save(fig, out_png)
-    return out
+    return _save(fig, out_png)
