@@ -400,4 +400,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # bad input: one line naming the file, no traceback
+        sys.exit(f"infer_masks.py: error: {e}")

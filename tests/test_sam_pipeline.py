@@ -112,3 +112,12 @@ def test_scripts_run_from_repo_root(repo_root):
     out = subprocess.run([sys.executable, "SAM/only_train_sam.py", "--task", "Nope"], cwd=repo_root,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_infer_masks_missing_checkpoint_is_one_line(repo_root, tmp_path):
+    bad = tmp_path / "missing.pt"
+    out = subprocess.run([sys.executable, "SAM/infer_masks.py", "--ckpt", str(bad), "--data_dir",
+                          str(tmp_path)], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0] == f"infer_masks.py: error: {bad}: checkpoint not found"
