@@ -85,16 +85,11 @@ def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path
         f.unlink()
     res = infer_masks.main(["--ckpt", str(ckpt), "--data_dir", str(src), "--out_dir", str(out),
                             "--batch_size", str(batch), "--workers", "1", "--device", "cpu"])
-    imgs = [image_to_tensor(read_image(p, "rgb"), seg.img_size)[0] for p in sorted(src.rglob("*.png"))]
-    seg.eval()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(imgs), batch):
-            seg.embed(torch.stack(imgs[i:i + batch]))
-    enc_s = time.perf_counter() - t0
-    return {"images": len(imgs), "batch_size": batch, "infer_masks_s": res["seconds"],
+    paths = sorted(src.rglob("*.png"))
+    enc_s = encoder_seconds(seg.eval(), paths, batch)
+    return {"images": len(paths), "batch_size": batch, "infer_masks_s": res["seconds"],
             "infer_masks_img_per_s": res["images_per_s"], "encoder_only_s": enc_s,
-            "encoder_img_per_s": len(imgs) / enc_s,
+            "encoder_img_per_s": len(paths) / enc_s,
             "pipeline_overhead_pct": 100 * (res["seconds"] - enc_s) / enc_s}
 
 
