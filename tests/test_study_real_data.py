@@ -63,6 +63,22 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "settings.json: not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad_file, text, says", [
+    ("settings.json", '{"args": ', "settings.json: not valid JSON"),
+    ("settings.json", "[]", "settings.json: expected a JSON object"),
+    ("settings.json", "{}", "settings.json: no 'args' section"),
+    ("stages/pretrain_byol.json", "{", "pretrain_byol.json: not valid JSON"),
+])
+def test_corrupt_study_files_are_one_line_errors(tmp_path, capsys, bad_file, text, says):
+    out = tmp_path / "o"
+    (out / "stages").mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps({"args": {"runs": "byol", "eval_selection": "last"}}))
+    (out / bad_file).write_text(text)
+    assert srd.main(["--report_only", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and says in err and str(out) in err
+
+
 def test_smoke_on_real_data(shared_data, tmp_path, capsys):
     """The whole study, tiny: 4 videos x 2 frames, superpixels, DetCon 4 steps, 5-fold probe."""
     blues, pocus = shared_data / "covid_blues", shared_data / "pocus"
