@@ -61,14 +61,20 @@ def train_step(model: ACLUS, opt: torch.optim.Optimizer, data: dict[str, torch.T
     model.update_target(0.99)
 
 
+def step_inputs(method: str, batch: int, size: int, device: torch.device, cfg: dict | None = None
+                ) -> tuple[ACLUS, torch.optim.Optimizer, dict[str, torch.Tensor], torch.Generator]:
+    """Model, LARS optimizer, one fixed batch and generator: the arguments of :func:`train_step`."""
+    model = make_model(method, cfg).to(device)
+    opt = Lars(lars_param_groups(model, 1e-6, True), lr=0.1, momentum=0.9, trust_coeff=1e-3)
+    data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
+    return model, opt, data, torch.Generator(device=device).manual_seed(0)
+
+
 def time_method(method: str, batch: int, size: int, steps: int, warmup: int, device: torch.device,
                 cfg: dict | None = None) -> list[float]:
     """Seconds of each timed step (after ``warmup`` untimed ones) on one fixed batch."""
     torch.manual_seed(0)
-    model = make_model(method, cfg).to(device)
-    opt = Lars(lars_param_groups(model, 1e-6, True), lr=0.1, momentum=0.9, trust_coeff=1e-3)
-    data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
-    gen = torch.Generator(device=device).manual_seed(0)
+    model, opt, data, gen = step_inputs(method, batch, size, device, cfg)
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":

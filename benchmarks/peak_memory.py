@@ -116,18 +116,12 @@ def _asam_step(stage: str, setting: str, batch: int, device: torch.device) -> Ca
 
 
 def _pretrain_step(setting: str, batch: int, device: torch.device) -> Callable[[], None]:
-    from timm.optim import Lars
-
-    from benchmarks.bench_pretrain_step import make_batch, make_model, train_step
-    from pretrain_aclus import lars_param_groups
+    from benchmarks.bench_pretrain_step import step_inputs, train_step
     from utils.config import load_config
 
     cfg = load_config(CONFIGS[setting])
     method, size = cfg["model"]["method"], int(cfg["data"]["resize_size"])
-    model = make_model(method, cfg).to(device)
-    opt = Lars(lars_param_groups(model, 1e-6, True), lr=0.1, momentum=0.9, trust_coeff=1e-3)
-    data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
-    gen = torch.Generator(device=device).manual_seed(0)
+    model, opt, data, gen = step_inputs(method, batch, size, device, cfg)
     amp = cfg["amp"]["opt_level"] != "O0" and device.type == "cuda"
 
     def step() -> None:
