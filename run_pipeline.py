@@ -107,6 +107,8 @@ def need(path: Path, stage: str) -> Path:
 
 def prepare_out(out: Path) -> None:
     """Start from an empty output folder; wipe only a folder an earlier run of this script made."""
+    if out.exists() and not out.is_dir():
+        raise StageFailed(f"{out} is a file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise StageFailed(f"{out} exists, is not empty and was not made by run_pipeline.py; "

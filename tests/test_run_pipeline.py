@@ -35,6 +35,12 @@ def test_refuses_to_wipe_a_foreign_folder(tmp_path: Path, capsys):
     assert (tmp_path / "keep.txt").is_file()
 
 
+def test_refuses_a_file_as_output_folder(tmp_path: Path, capsys):
+    (tmp_path / "out").write_text("a file")
+    assert run_pipeline.main(["--tiny", "--out", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'out'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_failing_stage_is_named(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.setattr(run_pipeline, "REPO", tmp_path)  # no stage scripts there
     monkeypatch.setattr(run_pipeline.sys, "executable", str(tmp_path / "no-python"))
