@@ -280,7 +280,11 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render_only:
-        res = json.loads((out / "benchmarks.json").read_text())
+        saved = out / "benchmarks.json"
+        try:
+            res = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"run_all.py: {saved}: cannot read the results to render ({e})") from None
         res["figures"] = figures(res, out)
         (out / "benchmarks.md").write_text(markdown(res))
         return res

@@ -25,6 +25,13 @@ def test_run_all_quick_writes_json_markdown_and_figures(tmp_path):
     md = (tmp_path / "benchmarks.md").read_text()
     assert "| aclus |" in md and "Overhead of the pipeline" in md and "Peak memory" in md
     assert res["figures"] and all((tmp_path / f).stat().st_size > 0 for f in res["figures"])
+    run_all.main(["--render_only", "--out", str(tmp_path)])    # the same report from the JSON
+    assert (tmp_path / "benchmarks.md").read_text() == md
+
+
+def test_render_only_without_results_names_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="benchmarks.json: cannot read the results to render"):
+        run_all.main(["--render_only", "--out", str(tmp_path)])
 
 
 def test_extrapolation_is_linear_in_batch():
