@@ -433,16 +433,15 @@ def write_report(a: argparse.Namespace, out: Path, st: Stages, names: list[str],
         p = out / "eval" / name / f"eval_{tag}.json"
         return _read_json(p) if p.is_file() else None
 
-    rows = [result_row("random init", "-", None, None, load_eval("random"))]
-    rows[0]["mask_source"] = "- (no pre-training)"
+    rows = [result_row("random init", "-", "- (no pre-training)", None, load_eval("random"))]
     runs = []
     for name in names:
         run = parse_run(name)
-        evaluation = load_eval(name)
         if name in missing:
             rows.append(result_row(name, run.method, run.mask_source, None, None, missing[name]))
             continue
         runs.append(run)
+        evaluation = load_eval(name)
         rows.append(result_row(name, run.method, run.mask_source, pretrain_record(run, out, st), evaluation,
                                None if evaluation else "not finished yet"))
     figures = make_figures(out, runs, rows, frames, sources, a.overlay_n)
@@ -509,9 +508,7 @@ def study(a: argparse.Namespace) -> int:
                PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
     st = Stages(out, env)
     t_start = time.time()
-    names = [r for r in a.runs.split(",") if r]
-    for n in names:
-        parse_run(n)  # fail early on a typo
+    names = [r for r in a.runs.split(",") if r]  # main() has parsed each
     settings = {"args": vars(a), "argv": sys.argv, "started": dt.datetime.now().isoformat(timespec="seconds"),
                 "packages": package_versions(), "git": git_state(), "cpu_count": os.cpu_count(),
                 "platform": platform.platform(), "threads": a.threads,

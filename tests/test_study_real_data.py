@@ -55,6 +55,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert srd.main(base + ["--runs", "byol,simclr"]) == 2
     assert "unknown run 'simclr'" in capsys.readouterr().err
     assert srd.main(base + ["--mask_sources", "sam"]) == 2
+    assert "unknown mask source 'sam'" in capsys.readouterr().err
+    assert srd.main(base + ["--epochs", "2", "--warmup_epochs", "2"]) == 2
+    assert "--warmup_epochs must be < --epochs" in capsys.readouterr().err
     assert srd.main(base + ["--asam_ckpt", str(tmp_path / "none.pt")]) == 2
     assert "--asam_ckpt" in capsys.readouterr().err
     assert srd.main(["--out", str(tmp_path / "o")]) == 2
