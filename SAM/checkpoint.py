@@ -7,6 +7,7 @@ Loading the wrong kind (e.g. a stage-2 file where stage 1 is expected) is a Data
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,12 @@ def load_checkpoint(path: str | os.PathLike, kinds: tuple[str, ...]) -> dict:
         raise DataError(f"{path}: checkpoint not found")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own text suggests weights_only=False: not for us
+        raise DataError(f"{path}: not a checkpoint, or one holding more than tensors and plain "
+                        "containers (loaded with weights_only=True)") from None
     except Exception as e:
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     kind = ck.get("kind") if isinstance(ck, dict) else None
     if kind not in kinds:
         found = f"a '{kind}' checkpoint" if kind else "not an A-SAM checkpoint (no 'kind' field)"
@@ -61,7 +66,7 @@ def segmenter_from_checkpoint(ck: dict) -> PromptableSegmenter:
 
 def prompter_from_checkpoint(ck: dict) -> AutoPrompter:
     if "prompter" not in ck:
-        raise DataError("checkpoint has no auto-prompter (a stage-1 checkpoint?)")
+        raise DataError(f"a '{ck.get('kind')}' checkpoint has no auto-prompter (stage 2 writes one)")
     p = AutoPrompter(**ck["prompter_args"])
     p.load_state_dict(ck["prompter"])
     return p
