@@ -55,6 +55,7 @@ from models.encoder_io import build_resnet18, load_resnet18_state
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.io import DataError, atomic_write, read_image, safe_pickle_load
+from utils.plots import plot_confusion
 
 CLASSES = ("covid19", "pneumonia", "regular")
 NUM_FOLDS = 5
@@ -373,28 +374,6 @@ def run_linear_fold(fold: Fold, features: FeatureCache, args) -> dict:
 # --------------------------------------------------------------------------- #
 # reporting
 # --------------------------------------------------------------------------- #
-def save_confusion_png(cm: np.ndarray, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(CLASSES)), CLASSES)
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def evaluate(args) -> dict:
     t0 = time.time()
     device = torch.device(args.device)
@@ -439,7 +418,7 @@ def evaluate(args) -> dict:
              f"pooled acc {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
     if optimistic:
         title = "OPTIMISTIC (paper protocol: epoch chosen on test fold)\n" + title
-    save_confusion_png(np.array(summary["confusion_matrix_sum"]), title, png_path)
+    plot_confusion(np.array(summary["confusion_matrix_sum"]), CLASSES, png_path, title)
 
     label = " [OPTIMISTIC: paper protocol, selected on the test fold]" if optimistic else ""
     print(f"{args.protocol} / selection={args.selection}{label}")

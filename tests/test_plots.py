@@ -81,3 +81,14 @@ def test_plots_written(tmp_path):
     assert (ov[0, 0] != ov[0, 4]).any() and (ov[:4, :4] == ov[0, 0]).all() and (ov[:4, 4:] == ov[0, 4]).all()
     assert plot_mask_overlays([img, img], [lab, lab], tmp_path / "ov.png", titles=["a", "b"]).is_file()
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_confusion_png_is_an_image_and_leaves_no_temp_file(tmp_path):
+    import cv2
+
+    from utils.plots import plot_confusion
+
+    out = plot_confusion(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 9]]), ("a", "b", "c"), tmp_path / "cm.png", "t")
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[0] > 100 and img.shape[1] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png"]

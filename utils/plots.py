@@ -219,6 +219,25 @@ def plot_results_bar(labels: Sequence[str], means: Sequence[float], stds: Sequen
     return _save(fig, out_png)
 
 
+def plot_confusion(cm: np.ndarray, class_names: Sequence[str], out_png: str | os.PathLike,
+                   title: str | None = None) -> Path:
+    """A confusion matrix (rows = true, columns = predicted) with its counts written in."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _save(fig, out_png)
+
+
 def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 image with each non-zero id of ``label`` tinted in its own colour (pure)."""
     if image.ndim == 2:
