@@ -1,4 +1,9 @@
-"""CUDA, AMP, NCCL and SyncBatchNorm paths; skipped on machines without a GPU (CI).
+"""CUDA and AMP paths of every stage, and the NCCL / SyncBatchNorm pieces that one GPU can
+exercise; skipped on machines without a GPU (CI).
+
+One GPU cannot run a real multi-process NCCL job (NCCL wants a GPU per process, and a
+``torchrun --nproc_per_node 1`` run creates no process group at all), so the collective and
+SyncBatchNorm are checked in a one-process group instead.
 
 Run on a GPU machine with ``python3 -m pytest -q tests/test_cuda.py``
 (``ACLUS_TEST_DEVICE=cpu`` runs the same checks on the CPU paths, for debugging the tests).
@@ -35,7 +40,7 @@ def _torchrun(cfg: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("method", ["aclus", "byol"])
-def test_pretraining_under_torchrun_uses_nccl_amp_and_syncbn(tmp_path, synthetic_pretrain_dir,
+def test_pretraining_under_torchrun_with_amp(tmp_path, synthetic_pretrain_dir,
                                                               make_pretrain_config, method):
     cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, model={"method": method},
                                amp={"opt_level": "O1", "sync_bn": True})
@@ -48,7 +53,7 @@ def test_pretraining_under_torchrun_uses_nccl_amp_and_syncbn(tmp_path, synthetic
     assert state["epoch"] == 2
     assert not any(k.startswith("module.") for k in state["model"])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    # the exported encoder loads into a plain torchvision ResNet-18 (no SyncBN / DDP leftovers)
+    # the exported encoder loads into a plain torchvision ResNet-18
     import torchvision
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(
@@ -94,3 +99,28 @@ def test_lite_encoder_on_cuda_matches_cpu():
         cpu = seg.embed(x)
         gpu = seg.cuda().embed(x.cuda()).cpu()
     assert (gpu - cpu).abs().max() < 1e-2 * cpu.abs().max()
+
+
+def test_one_process_group_gathers_and_runs_syncbn(tmp_path):
+    """NCCL (gloo on the CPU) all_gather of utils.distributed, and a SyncBatchNorm-converted
+    ResNet-18 training step (CUDA only: SyncBatchNorm has no CPU kernel)."""
+    import torch.distributed as dist
+    import torchvision
+
+    from utils import distributed as du
+
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        x = torch.arange(12.0, device=DEVICE).reshape(3, 4)
+        assert torch.equal(du.all_gather_cat(x), x)
+        if DEVICE == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(num_classes=3)).cuda()
+            assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules())
+            before = net.bn1.running_mean.clone()
+            loss = net(torch.rand(4, 3, 64, 64, device="cuda")).square().mean()
+            loss.backward()
+            assert torch.isfinite(loss) and net.conv1.weight.grad is not None
+            assert not torch.equal(before, net.bn1.running_mean)
+    finally:
+        dist.destroy_process_group()
