@@ -221,7 +221,7 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
         "-o", "checkpoint.resume_path=", *epochs, *extra])
     encoder = need(runs / "pretrain" / "encoder_resnet18.pth", "5 ACLUS pre-training")
     plot_loss_curves(need(runs / "pretrain" / "log.jsonl", "5 ACLUS pre-training"),
-                figs / "pretrain_loss_curves.png", "ACLUS pre-training on synthetic scans")
+                     figs / "pretrain_loss_curves.png", "ACLUS pre-training on synthetic scans")
 
     results: dict[str, dict] = {}
     evals = [(f"random init (seed {k})", f"random_seed{k}", ["--seed", str(k)]) for k in s.random_seeds]
