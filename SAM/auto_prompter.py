@@ -78,6 +78,9 @@ class AutoPrompter(nn.Module):
         return tok.reshape(B, K, T, D) if multi else tok
 
 
-def prompter_grid(embedding_grid: int) -> int:
-    """Working grid of the prompter: the embedding grid, capped at 32 (cost is quadratic)."""
-    return min(32, embedding_grid)
+def prompter_grid(embedding_grid: int, cap: int = 32) -> int:
+    """Working grid of the prompter: the embedding grid, capped at ``cap``. The alignment
+    attention costs O(grid⁴): 16 instead of 32 makes a CPU stage-2 step about 2.5x faster."""
+    if cap < 1:
+        raise ValueError(f"prompter grid cap must be >= 1, got {cap}")
+    return min(cap, embedding_grid)

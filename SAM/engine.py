@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from SAM.samus_data import SAMUSDataset, collate, restore_logits
@@ -54,11 +54,27 @@ def start_run(args, kind: str):
     return cfg, pick_device(args.device), out_dir, prompt_keys(cfg.data_root, cfg.datasets), resume
 
 
+def prompt_balance_weights(prompt_keys: list[str]) -> torch.Tensor:
+    """Sampling weight of each sample so that every prompt key ("<Dataset>/<class ID>") is
+    drawn equally often: 1 / (number of samples of its key)."""
+    counts: dict[str, int] = {}
+    for k in prompt_keys:
+        counts[k] = counts.get(k, 0) + 1
+    return torch.tensor([1.0 / counts[k] for k in prompt_keys], dtype=torch.float64)
+
+
 def make_loader(ds: SAMUSDataset, batch_size: int, shuffle: bool, workers: int,
-                seed: int = 0) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate, drop_last=False, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(seed))
+                seed: int = 0, balance: bool = False) -> DataLoader:
+    """``balance``: draw len(ds) samples per epoch, with replacement, every prompt key equally
+    often (HC18 has twice as many lines as nerve + vessel together, say)."""
+    gen = torch.Generator().manual_seed(seed)
+    sampler = None
+    if balance:
+        weights = prompt_balance_weights([line.prompt_key for line in ds.lines])
+        sampler = WeightedRandomSampler(weights, len(ds), replacement=True, generator=gen)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=False,
+                      persistent_workers=False, generator=gen)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

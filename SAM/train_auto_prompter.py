@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lite: start from LiteMedSAM instead of a stage-1 checkpoint")
     p.add_argument("--num_tokens", type=int, default=2, help="task tokens per anatomy (2)")
     p.add_argument("--prompter_depth", type=int, default=4, help="alignment blocks (4)")
+    p.add_argument("--prompter_grid", type=int, default=32,
+                   help="cap on the prompter's working grid (32; 16 trains ~2.5x faster on a CPU)")
+    p.add_argument("--balance_prompts", type=parse_bool, default=False,
+                   help="sample every anatomy (prompt key) equally often (false)")
     p.add_argument("--cache_embeddings", type=parse_bool, default=True,
                    help="encode each image once (true, recommended on CPU)")
     p.add_argument("--cache_dir", default=None,
@@ -59,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default="runs/asam_stage2", help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if present")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompter_grid < 1:
+        p.error(f"--prompter_grid must be >= 1, got {args.prompter_grid}")
+    return args
 
 
 def freeze_for_stage2(seg: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -84,7 +91,8 @@ def main(argv=None) -> dict:
             seg = segmenter_from_checkpoint(load_checkpoint(args.sam_ckpt, ("asam_stage1",)))
         if cfg.img_size != seg.img_size:
             raise SystemExit(f"img_size {cfg.img_size} differs from the model's {seg.img_size}")
-        prompter = AutoPrompter(len(keys), num_tokens=args.num_tokens, grid=prompter_grid(seg.grid),
+        prompter = AutoPrompter(len(keys), num_tokens=args.num_tokens,
+                                grid=prompter_grid(seg.grid, args.prompter_grid),
                                 depth=args.prompter_depth)
     seg.to(device)
     prompter.to(device)
@@ -124,7 +132,8 @@ def main(argv=None) -> dict:
         cache.fill(val_ds)
     best = train(out_dir=out_dir, loss_fn=lambda b: asam_loss(logits(b, train_ds), b["low_mask"]),
                  predict_fn=lambda b: logits(b, val_ds), params=params,
-                 train_loader=make_loader(train_ds, cfg.batch_size, True, cfg.workers, cfg.seed),
+                 train_loader=make_loader(train_ds, cfg.batch_size, True, cfg.workers, cfg.seed,
+                                          balance=args.balance_prompts),
                  val_loader=make_loader(val_ds, cfg.batch_size, False, cfg.workers), keys=keys,
                  epochs=cfg.epochs, lr=cfg.lr, device=device, save=save,
                  set_train_mode=set_train_mode, resume_state=resume)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-from SAM.auto_prompter import AutoPrompter
+from SAM.auto_prompter import AutoPrompter, prompter_grid
 from SAM.checkpoint import load_checkpoint, save_checkpoint
+from SAM.engine import make_loader, prompt_balance_weights
 from SAM.config import ConfigError, add_task_args, get_task, task_config_from_args
 from SAM.samus_data import augment_pair, central_point, mask_box
 from SAM.seg_metrics import asam_loss, dice_iou, hd95
@@ -137,6 +138,28 @@ def test_auto_prompter_class_conditioned(tiny):
     assert torch.allclose(both[:, 0], same, atol=1e-5) and torch.allclose(both[:, 1], p(x, emb, torch.tensor([2, 2])), atol=1e-5)
     # the prompter pools a finer embedding grid down to its own (LiteMedSAM: 64 -> 32)
     assert AutoPrompter(2, grid=4)(x, emb, torch.tensor([0, 1])).shape == (2, 2, 256)
+    assert prompter_grid(64) == 32 and prompter_grid(64, 16) == 16 and prompter_grid(8, 16) == 8
+
+
+def test_balanced_sampling_draws_every_anatomy_equally(tmp_path):
+    keys = ["A/1"] * 6 + ["B/1"] * 2 + ["B/2"] * 2
+    w = prompt_balance_weights(keys)
+    assert torch.allclose(w[:6].sum(), w[6:8].sum()) and torch.allclose(w[6:8].sum(), w[8:].sum())
+
+    class Lines(torch.utils.data.Dataset):  # only what the sampler reads: lines' prompt keys
+        lines = [argparse.Namespace(prompt_key=k) for k in keys * 30]
+
+        def __len__(self):
+            return len(self.lines)
+
+        def __getitem__(self, i):
+            return {"key": torch.tensor(ord(self.lines[i].prompt_key[0]) * 10 + int(self.lines[i].prompt_key[-1]))}
+
+    loader = make_loader(Lines(), 50, True, 0, seed=0, balance=True)
+    drawn = torch.cat([b["key"] for b in loader])
+    assert len(drawn) == 300                     # an epoch keeps its length
+    share = torch.tensor([(drawn == v).float().mean() for v in (651, 661, 662)])
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.08), share   # unbalanced: 0.6/0.2/0.2
 
 
 def test_checkpoint_kind_is_checked(tiny, tmp_path):

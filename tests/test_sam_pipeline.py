@@ -33,7 +33,8 @@ def run(tmp_path_factory):
     only_train_sam.main(data + ["--backbone", "vit_tiny", "--epochs", "2", "--out_dir", str(s1), "--resume"])
     result = train_auto_prompter.main(data + ["--sam_ckpt", str(s1 / "best.pt"), "--epochs", "2",
                                               "--out_dir", str(s2), "--eval_test",
-                                              "--cache_dir", str(tmp / "cache")])
+                                              "--cache_dir", str(tmp / "cache"),
+                                              "--prompter_grid", "4", "--balance_prompts", "true"])
     return {"tmp": tmp, "root": root, "s1": s1, "s2": s2, "result": result}
 
 
@@ -57,6 +58,7 @@ def test_stage2_freezes_everything_but_prompter_and_decoder(run):
     assert all(torch.equal(s1[k], s2["model"][k]) for k in s1
                if k.startswith(("image_encoder.", "prompt_encoder.")))
     assert "prompter" in s2 and s2["prompter"]["tokens"].shape == (4, 2, 256)
+    assert s2["prompter_args"]["grid"] == 4      # --prompter_grid 4 caps the 8x8 embedding grid
     test = json.loads((run["s2"] / "test_metrics.json").read_text())
     assert {"SynLung-Pleura/1", "mean"} <= set(test) and 0 <= test["mean"]["dice"] <= 1
 
