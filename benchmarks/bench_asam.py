@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--prompter_grid", type=int, default=32, help="stage 2 --prompter_grid (32)")
+    p.add_argument("--balance_prompts", default="false", help="stage 2 --balance_prompts (false)")
     p.add_argument("--max_train", type=int, default=0, help="split lines per dataset (0 = all)")
     p.add_argument("--max_val", type=int, default=0)
     p.add_argument("--max_test", type=int, default=0)
@@ -191,6 +193,7 @@ def main(argv=None) -> dict:
             "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
             "--max_train", str(args.max_train), "--max_val", str(args.max_val),
             "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
+            "--prompter_grid", str(args.prompter_grid), "--balance_prompts", args.balance_prompts,
             "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
             + (["--resume"] if args.resume else []))
         train_s = time.perf_counter() - t0
