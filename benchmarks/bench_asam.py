@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_train", type=int, default=0, help="split lines per dataset (0 = all)")
     p.add_argument("--max_val", type=int, default=0)
     p.add_argument("--max_test", type=int, default=0)
-    p.add_argument("--infer_images", type=int, default=16, help="images for the throughput test")
+    p.add_argument("--infer_images", type=int, default=32,
+                   help="images for the throughput test (32; at 16 start-up costs dominate)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2/best.pt")
     p.add_argument("--resume", action="store_true",
@@ -72,8 +73,10 @@ def box_baseline(seg, cache: EmbeddingCache, ds: SAMUSDataset, keys: list[str], 
     return evaluate(predict, make_loader(ds, batch, False, 0), keys, torch.device("cpu"), desc="box")
 
 
-def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path) -> dict:
-    """infer_masks.py on n test images vs the bare encoder on the same images and batch size."""
+def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path,
+               repeats: int = 2) -> dict:
+    """infer_masks.py on n test images vs the bare encoder on the same images and batch size:
+    one untimed warm-up of each, then ``repeats`` alternating timed runs; medians."""
     src = work / "infer_in"
     names = sorted({l.image_key for l in ds.lines})[:n]
     for key in names:
@@ -82,17 +85,18 @@ def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             os.symlink((ds.root / dataset / "img" / f"{name}.png").resolve(), link)
-    out = work / "infer_out"
-    for f in out.rglob("*.png"):  # a throughput run must not skip finished files
-        f.unlink()
-    res = infer_masks.main(["--ckpt", str(ckpt), "--data_dir", str(src), "--out_dir", str(out),
-                            "--batch_size", str(batch), "--workers", "1", "--device", "cpu"])
     paths = sorted(src.rglob("*.png"))
-    enc_s = encoder_seconds(seg.eval(), paths, batch)
-    return {"images": len(paths), "batch_size": batch, "infer_masks_s": res["seconds"],
-            "infer_masks_img_per_s": res["images_per_s"], "encoder_only_s": enc_s,
-            "encoder_img_per_s": len(paths) / enc_s,
-            "pipeline_overhead_pct": 100 * (res["seconds"] - enc_s) / enc_s}
+    seg.eval()
+    encoder_seconds(seg, paths[:batch], batch)
+    pipeline_seconds(ckpt, src, work / "infer_out", batch, workers=1)
+    enc, pipe = [], []
+    for _ in range(repeats):
+        enc.append(encoder_seconds(seg, paths, batch))
+        pipe.append(pipeline_seconds(ckpt, src, work / "infer_out", batch, workers=1))
+    e, m = statistics.median(enc), statistics.median(pipe)
+    return {"images": len(paths), "batch_size": batch, "repeats": repeats, "infer_masks_s": pipe,
+            "infer_masks_img_per_s": len(paths) / m, "encoder_only_s": enc,
+            "encoder_img_per_s": len(paths) / e, "pipeline_overhead_pct": 100 * (m - e) / e}
 
 
 def write_synthetic_images(folder: Path, n: int, size: int) -> list[Path]:
