@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
+from SAM.config import parse_bool  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
 from SAM.engine import evaluate, make_loader  # noqa: E402
 from SAM.samus_data import SAMUSDataset, image_to_tensor, prompt_keys  # noqa: E402
@@ -52,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--prompter_grid", type=int, default=32, help="stage 2 --prompter_grid (32)")
-    p.add_argument("--balance_prompts", default="false", help="stage 2 --balance_prompts (false)")
+    p.add_argument("--balance_prompts", type=parse_bool, default=False,
+                   help="stage 2 --balance_prompts (false)")
     p.add_argument("--max_train", type=int, default=0, help="split lines per dataset (0 = all)")
     p.add_argument("--max_val", type=int, default=0)
     p.add_argument("--max_test", type=int, default=0)
@@ -75,24 +77,18 @@ def box_baseline(seg, cache: EmbeddingCache, ds: SAMUSDataset, keys: list[str], 
 
 def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path,
                repeats: int = 2) -> dict:
-    """infer_masks.py on n test images vs the bare encoder on the same images and batch size:
-    one untimed warm-up of each, then ``repeats`` alternating timed runs; medians."""
+    """infer_masks.py on n test images vs the bare encoder on the same images and batch size
+    (:func:`timed_runs`); medians."""
     src = work / "infer_in"
-    names = sorted({l.image_key for l in ds.lines})[:n]
-    for key in names:
+    shutil.rmtree(src, ignore_errors=True)  # infer_masks reads the whole folder: exactly n images
+    paths = []
+    for key in sorted({l.image_key for l in ds.lines})[:n]:
         dataset, name = key.split("/")
         link = src / dataset / "img" / f"{name}.png"
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            os.symlink((ds.root / dataset / "img" / f"{name}.png").resolve(), link)
-    paths = sorted(src.rglob("*.png"))
-    seg.eval()
-    encoder_seconds(seg, paths[:batch], batch)
-    pipeline_seconds(ckpt, src, work / "infer_out", batch, workers=1)
-    enc, pipe = [], []
-    for _ in range(repeats):
-        enc.append(encoder_seconds(seg, paths, batch))
-        pipe.append(pipeline_seconds(ckpt, src, work / "infer_out", batch, workers=1))
+        os.symlink((ds.root / dataset / "img" / f"{name}.png").resolve(), link)
+        paths.append(link)
+    enc, pipe = timed_runs(seg.eval(), ckpt, paths, src, work / "infer_out", batch, repeats, workers=1)
     e, m = statistics.median(enc), statistics.median(pipe)
     return {"images": len(paths), "batch_size": batch, "repeats": repeats, "infer_masks_s": pipe,
             "infer_masks_img_per_s": len(paths) / m, "encoder_only_s": enc,
@@ -147,24 +143,31 @@ def pipeline_seconds(ckpt: Path, src: Path, out: Path, batch: int, workers: int 
     return res["seconds"]
 
 
+def timed_runs(seg, ckpt: Path, paths: list[Path], src: Path, out: Path, batch: int,
+               repeats: int, workers: int | None) -> tuple[list[float], list[float]]:
+    """One untimed warm-up of the bare encoder and of infer_masks.py, then ``repeats``
+    alternating timed runs (encoder, pipeline, encoder, ...) -> (encoder s, pipeline s)."""
+    encoder_seconds(seg, paths[:batch], batch)
+    pipeline_seconds(ckpt, src, out, batch, workers)
+    enc, pipe = [], []
+    for _ in range(repeats):
+        enc.append(encoder_seconds(seg, paths, batch))
+        pipe.append(pipeline_seconds(ckpt, src, out, batch, workers))
+    return enc, pipe
+
+
 def synthetic_throughput(work: Path, backbone: str = "lite", img_size: int = 256, n_images: int = 8,
                          batch: int = 8, prompts: int = 3, repeats: int = 3,
                          workers: int | None = None) -> dict:
     """Mask inference against the bare encoder on the same synthetic images and batch size,
-    in one process: one untimed warm-up of each, then ``repeats`` alternating timed runs
-    (encoder, pipeline, encoder, ...); medians reported."""
+    in one process (:func:`timed_runs`); medians reported."""
     from SAM.checkpoint import load_checkpoint, segmenter_from_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = random_stage2_checkpoint(work / "stage2_random.pt", backbone, img_size, prompts)
     paths = write_synthetic_images(work / "images", n_images, img_size)
     seg = segmenter_from_checkpoint(load_checkpoint(ckpt, ("asam_stage2",))).eval()
-    encoder_seconds(seg, paths[:batch], batch)
-    pipeline_seconds(ckpt, work / "images", work / "masks", batch, workers)
-    enc, pipe = [], []
-    for _ in range(repeats):
-        enc.append(encoder_seconds(seg, paths, batch))
-        pipe.append(pipeline_seconds(ckpt, work / "images", work / "masks", batch, workers))
+    enc, pipe = timed_runs(seg, ckpt, paths, work / "images", work / "masks", batch, repeats, workers)
     e, m = statistics.median(enc), statistics.median(pipe)
     return {"backbone": backbone, "img_size": img_size, "images": n_images, "batch_size": batch,
             "prompts": prompts, "repeats": repeats, "torch_threads": torch.get_num_threads(),
@@ -197,7 +200,7 @@ def main(argv=None) -> dict:
             "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
             "--max_train", str(args.max_train), "--max_val", str(args.max_val),
             "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
-            "--prompter_grid", str(args.prompter_grid), "--balance_prompts", args.balance_prompts,
+            "--prompter_grid", str(args.prompter_grid), "--balance_prompts", str(args.balance_prompts),
             "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
             + (["--resume"] if args.resume else []))
         train_s = time.perf_counter() - t0
