@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from SAM.samus_data import SAMUSDataset, collate, restore_logits
 from SAM.seg_metrics import MetricTable, format_summary
+from utils.io import DataError
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -100,14 +101,15 @@ def evaluate(predict_fn: Callable[[dict], torch.Tensor], loader: DataLoader, key
 
 
 def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
-          predict_fn: Callable[[dict], torch.Tensor], params: list[torch.nn.Parameter],
+          predict_fn: Callable[[dict], torch.Tensor], params: list,
           train_loader: DataLoader, val_loader: DataLoader, keys: list[str], epochs: int,
           lr: float, device: torch.device, save: Callable[..., None],
           set_train_mode: Callable[[bool], None], resume_state: dict | None = None) -> dict:
     """Run the epochs; returns the best validation summary.
 
-    ``save(path, **extra)`` writes a checkpoint (the stage knows its kind and modules);
-    ``resume_state`` is a loaded 'last.pt' (optimizer, epoch, best_dice).
+    ``params``: the trainable parameters, or Adam parameter groups (dicts with their own
+    ``lr``); ``save(path, **extra)`` writes a checkpoint (the stage knows its kind and
+    modules); ``resume_state`` is a loaded 'last.pt' (optimizer, epoch, best_dice).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard import is slow
@@ -115,7 +117,11 @@ def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
     optimizer = torch.optim.Adam(params, lr=lr)
     start, best, best_summary = 0, -1.0, {}
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except ValueError as e:  # e.g. resumed with another --encoder_lr on/off choice
+            raise DataError(f"{out_dir / 'last.pt'}: its optimizer does not match this run's "
+                            f"trainable parameters ({e}); resume with the same settings") from None
         start, best = int(resume_state["epoch"]) + 1, float(resume_state["best_dice"])
         print(f"resumed after epoch {start - 1} (best val Dice {best:.4f})")
     writer = SummaryWriter(str(out_dir / "tb"))

@@ -6,6 +6,10 @@ computed once and cached (--cache_embeddings, default on); geometric augmentatio
 change them, so a cached run trains without augmentation (--cache_embeddings false restores
 it at the cost of an encoder pass per sample and epoch).
 
+--encoder_lr > 0 departs from METHOD.md §1 on purpose: the image encoder fine-tunes too, at
+its own learning rate (no cache then; augmentation stays on). A frozen encoder cannot learn
+which of two neighbouring structures is the nerve; see docs/RESULTS.md.
+
     python SAM/train_auto_prompter.py --task HC18_USGRA --data_root ../shared/data/seg \\
         --sam_ckpt runs/asam_stage1/best.pt --out_dir runs/asam_stage2
     python SAM/train_auto_prompter.py --task HC18_USGRA --data_root ../shared/data/seg \\
@@ -55,8 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap on the prompter's working grid (32; 16 trains ~2.5x faster on a CPU)")
     p.add_argument("--balance_prompts", type=parse_bool, default=False,
                    help="sample every anatomy (prompt key) equally often (false)")
-    p.add_argument("--cache_embeddings", type=parse_bool, default=True,
-                   help="encode each image once (true, recommended on CPU)")
+    p.add_argument("--encoder_lr", type=float, default=0.0,
+                   help="0 (default, METHOD.md): the image encoder stays frozen; > 0: it "
+                        "fine-tunes too at this learning rate (not in the paper; no cache)")
+    p.add_argument("--cache_embeddings", type=parse_bool, default=None,
+                   help="encode each image once (default: true with a frozen encoder; "
+                        "recommended on CPU)")
     p.add_argument("--cache_dir", default=None,
                    help="also keep the embedding cache on disk here (reused across runs)")
     p.add_argument("--eval_test", action="store_true", help="evaluate best.pt on the test split")
@@ -66,14 +74,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prompter_grid < 1:
         p.error(f"--prompter_grid must be >= 1, got {args.prompter_grid}")
+    if args.encoder_lr < 0:
+        p.error(f"--encoder_lr must be >= 0, got {args.encoder_lr}")
+    if args.cache_embeddings is None:
+        args.cache_embeddings = args.encoder_lr == 0
+    elif args.cache_embeddings and args.encoder_lr > 0:
+        p.error("--cache_embeddings true needs a frozen encoder (--encoder_lr 0): "
+                "the embeddings of an encoder that trains change every step")
     return args
 
 
-def freeze_for_stage2(seg: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Only the mask decoder of the segmenter trains; returns its parameters."""
+def freeze_for_stage2(seg: torch.nn.Module, train_encoder: bool = False
+                      ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Only the mask decoder of the segmenter trains (and the image encoder with
+    ``train_encoder``); returns (decoder parameters, encoder parameters)."""
+    trains = ("mask_decoder.", "image_encoder.") if train_encoder else ("mask_decoder.",)
     for name, p in seg.named_parameters():
-        p.requires_grad = name.startswith("mask_decoder.")
-    return [p for p in seg.parameters() if p.requires_grad]
+        p.requires_grad = name.startswith(trains)
+    return [p for p in seg.mask_decoder.parameters() if p.requires_grad], \
+        [p for p in seg.image_encoder.parameters() if p.requires_grad]
 
 
 def main(argv=None) -> dict:
@@ -96,9 +115,14 @@ def main(argv=None) -> dict:
                                 depth=args.prompter_depth)
     seg.to(device)
     prompter.to(device)
-    params = freeze_for_stage2(seg) + list(prompter.parameters())
-    print(f"stage 2: {sum(p.numel() for p in params):,} trainable parameters "
-          f"(auto-prompter + mask decoder); prompts: {keys}")
+    train_encoder = args.encoder_lr > 0
+    decoder, encoder = freeze_for_stage2(seg, train_encoder)
+    params = [{"params": decoder + list(prompter.parameters()), "lr": cfg.lr}]
+    if train_encoder:
+        params.append({"params": encoder, "lr": args.encoder_lr})
+    n = sum(p.numel() for g in params for p in g["params"])
+    print(f"stage 2: {n:,} trainable parameters (auto-prompter + mask decoder"
+          f"{f' + image encoder at lr {args.encoder_lr:g}' if train_encoder else ''}); prompts: {keys}")
 
     cached = args.cache_embeddings
     mk = lambda split, aug, orig, n: SAMUSDataset(cfg.data_root, split, cfg.img_size, seg.low_res,  # noqa: E731
@@ -110,7 +134,7 @@ def main(argv=None) -> dict:
     def embeddings(b, ds):
         if cache is not None:
             return cache.batch(ds, b["index"])
-        with torch.no_grad():
+        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
             return seg.embed(b["image"])
 
     def logits(b, ds):
@@ -120,7 +144,7 @@ def main(argv=None) -> dict:
     def set_train_mode(flag: bool):
         prompter.train(flag)
         seg.mask_decoder.train(flag)
-        seg.image_encoder.eval()  # frozen: BatchNorm statistics must not move either
+        seg.image_encoder.train(flag and train_encoder)  # frozen: BatchNorm statistics stay too
         seg.prompt_encoder.eval()
 
     def save(path, **extra):

@@ -63,6 +63,24 @@ def test_stage2_freezes_everything_but_prompter_and_decoder(run):
     assert {"SynLung-Pleura/1", "mean"} <= set(test) and 0 <= test["mean"]["dice"] <= 1
 
 
+def test_stage2_encoder_lr_fine_tunes_the_encoder_too(run):
+    """--encoder_lr > 0 (a deliberate departure from METHOD.md) trains the image encoder at
+    its own rate; the prompt encoder still stays bit-identical, and a cache is refused."""
+    data = COMMON + ["--data_root", str(run["root"]), "--sam_ckpt", str(run["s1"] / "best.pt"),
+                     "--prompter_grid", "4", "--out_dir", str(run["tmp"] / "s2_enc")]
+    with pytest.raises(SystemExit):
+        train_auto_prompter.parse_args(data + ["--encoder_lr", "1e-4", "--cache_embeddings", "true"])
+    assert train_auto_prompter.parse_args(data + ["--encoder_lr", "1e-4"]).cache_embeddings is False
+    train_auto_prompter.main(data + ["--encoder_lr", "1e-4", "--epochs", "1"])
+    s1 = load_checkpoint(run["s1"] / "best.pt", ("asam_stage1",))["model"]
+    s2 = load_checkpoint(run["tmp"] / "s2_enc" / "last.pt", ("asam_stage2",))["model"]
+    changed = {k.split(".")[0] for k in s1 if not torch.equal(s1[k], s2[k])}
+    assert changed == {"image_encoder", "mask_decoder"}
+    # resuming with the encoder frozen again cannot reuse the optimizer: a clear error
+    with pytest.raises(DataError, match="last.pt: its optimizer does not match"):
+        train_auto_prompter.main(data + ["--epochs", "2", "--resume"])
+
+
 def test_stage2_refuses_wrong_checkpoint_kind(run):
     with pytest.raises(DataError, match="'asam_stage2' checkpoint; expected kind asam_stage1"):
         train_auto_prompter.main(COMMON + ["--data_root", str(run["root"]), "--sam_ckpt",
