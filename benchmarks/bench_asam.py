@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompter_grid", type=int, default=32, help="stage 2 --prompter_grid (32)")
     p.add_argument("--balance_prompts", type=parse_bool, default=False,
                    help="stage 2 --balance_prompts (false)")
+    p.add_argument("--encoder_lr", type=float, default=0.0,
+                   help="stage 2 --encoder_lr (0: encoder frozen and cached; > 0 fine-tunes it, "
+                        "an encoder pass per step: slow on a CPU)")
     p.add_argument("--max_train", type=int, default=0, help="split lines per dataset (0 = all)")
     p.add_argument("--max_val", type=int, default=0)
     p.add_argument("--max_test", type=int, default=0)
@@ -201,6 +204,7 @@ def main(argv=None) -> dict:
             "--max_train", str(args.max_train), "--max_val", str(args.max_val),
             "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
             "--prompter_grid", str(args.prompter_grid), "--balance_prompts", str(args.balance_prompts),
+            "--encoder_lr", str(args.encoder_lr),
             "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
             + (["--resume"] if args.resume else []))
         train_s = time.perf_counter() - t0
