@@ -11,7 +11,8 @@ import pytest
 
 import evaluation_aclus as ev
 from utils.io import safe_pickle_load
-from utils.pocus_folds import assign_folds, build, class_from_filename, even_frame_indices
+from utils.pocus_folds import (assign_folds, build, class_from_filename, even_frame_indices,
+                               site_baseline_accuracy, site_leakage)
 
 
 # --------------------------------------------------------------------------- #
@@ -66,6 +67,25 @@ def test_assign_folds_stratified_balanced_deterministic():
     assert assign_folds(src, 5, seed=1) != folds
 
 
+def test_site_leakage_by_hand():
+    sites = ["A", "A", "B", "", "A", "C"]
+    folds = np.array([1, 1, 1, 1, 2, 2])
+    # fold 1 tests A, A, B, unknown; training (fold 2) has sites A and C -> 2 of 4 shared.
+    # fold 2 tests A, C; training has A and B -> 1 of 2. Fold 3 is empty.
+    assert site_leakage(sites, folds, 3) == {1: 0.5, 2: 0.5, 3: 0.0}
+
+
+def test_site_baseline_accuracy_by_hand():
+    sites = ["A", "A", "B", "", "A", "A", "B", "C"]
+    classes = ["cov", "cov", "reg", "reg", "cov", "reg", "reg", "pneu"]
+    folds = np.array([1, 1, 1, 1, 2, 2, 2, 2])
+    # fold 1 test, trained on fold 2 (A: cov 1 / reg 1 -> tie -> "cov"; B: reg; overall: reg):
+    #   A cov ok, A cov ok, B reg ok, unknown -> overall "reg" ok            -> 4
+    # fold 2 test, trained on fold 1 (A: cov; B: reg; overall: cov 2, reg 2 -> "cov"):
+    #   A cov ok, A reg no, B reg ok, C unseen -> overall "cov" vs pneu no    -> 2
+    assert site_baseline_accuracy(sites, classes, folds, 2) == 6 / 8
+
+
 # --------------------------------------------------------------------------- #
 # a fake covid19_ultrasound checkout, end to end (also feeds the evaluation script)
 # --------------------------------------------------------------------------- #
@@ -90,13 +110,14 @@ def fake_checkout(tmp_path_factory):
     for cls, prefix, value in (("covid19", "Cov", 40), ("pneumonia", "Pneu", 120), ("regular", "Reg", 200)):
         for i in range(6):
             _write_video(vid / f"{prefix}_v{i}.avi", 12 + i, value)
-            meta.append({"Filename": f"{prefix}_v{i}", "License": "CC BY 4.0", "LinkToLicense": "x", "ChangesMade": ""})
+            meta.append({"Filename": f"{prefix}_v{i}", "License": "CC BY 4.0", "LinkToLicense": "x",
+                         "ChangesMade": "", "Source ID": "7" if prefix == "Cov" else "18"})
         cv2.imwrite(str(img / f"{prefix}_still.png"), np.full((30, 30, 3), value, np.uint8))
     _write_video(vid / "Vir_v0.avi", 12, 90)
     _write_video(root / "data/pocus_videos/linear/label_uncertain/Vir_or_Pneu_v.avi", 12, 90)
     (vid / "Cov_broken.mp4").write_bytes(b"not a video at all")
     with open(root / "data/dataset_metadata.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["Filename", "License", "LinkToLicense", "ChangesMade"])
+        w = csv.DictWriter(f, fieldnames=["Filename", "License", "LinkToLicense", "ChangesMade", "Source ID"])
         w.writeheader()
         w.writerows(meta)
     return root
@@ -130,6 +151,12 @@ def test_build_fake_checkout(fake_checkout, tmp_path, capsys):
     assert report["num_images"] == 18 * 3 + 3 and report["per_class"] == {"covid19": 19, "pneumonia": 19, "regular": 19}
     rows = _check_fold_set(out, report)
     assert {r["license"] for r in rows if r["type"] == "video"} == {"CC BY 4.0"}
+    assert {r["site_id"] for r in rows if r["type"] == "video"} == {"7", "18"}
+    # stills have no metadata row: their site is unknown
+    assert report["sources_per_site"] == {"18": {"pneumonia": 6, "regular": 6}, "7": {"covid19": 6},
+                                          "unknown": {"covid19": 1, "pneumonia": 1, "regular": 1}}
+    assert set(report["test_frames_from_a_training_site"]) == {"1", "2", "3", "4", "5"}
+    assert 0 <= report["site_only_accuracy"] <= 1
     assert json.loads((out / "build_report.json").read_text())["num_images"] == report["num_images"]
     # deterministic by seed
     again = build(fake_checkout, tmp_path / "again", frames_per_video=3, size=32, probe="both", seed=0, verbose=False)
@@ -177,3 +204,8 @@ def test_build_real_pocus(shared_data, tmp_path):
     assert report["skipped"].get("viral", 0) >= 1  # viral videos are counted, not used
     _check_fold_set(out, report, classes_every_fold=True)
     assert report["num_sources"] >= 100
+    # site leakage: one site holds about half the convex videos, so nearly every test frame
+    # comes from a site seen in training, and the site alone predicts ~3/4 of the classes
+    assert max(sum(v.values()) for v in report["sources_per_site"].values()) >= 60
+    assert min(report["test_frames_from_a_training_site"].values()) > 0.9
+    assert 0.6 < report["site_only_accuracy"] < 0.85

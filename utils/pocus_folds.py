@@ -12,10 +12,14 @@ Output in ``--out``:
   of file ``k``; its training set is the other four folds.
 * ``images/fold<k>/<class>/<source stem>__f<frame>.png`` — the same frames as plain PNGs.
 * ``manifest.csv`` — one row per frame: PNG path, source file, frame index, class, label,
-  fold, probe, licence columns of the metadata. Row order = the order inside the pickles
-  (fold by fold; a fold's training set is the other folds' rows in manifest order), so an
-  evaluation can recover which video a training frame came from.
-* ``build_report.json`` — counts per class and fold, skipped files and unreadable videos.
+  fold, probe, site (the metadata's ``Source ID``), licence columns of the metadata. Row
+  order = the order inside the pickles (fold by fold; a fold's training set is the other
+  folds' rows in manifest order), so an evaluation can recover which video a training
+  frame came from.
+* ``build_report.json`` — counts per class and fold, sources per site and class, the share
+  of each fold's test frames that come from a site which also supplies training frames,
+  the accuracy of guessing each frame's class from its site alone, skipped files and
+  unreadable videos.
 
 Folds are split by source file: all frames of one video land in one fold (frames of one
 video are near-duplicates; splitting them across folds leaks the test set into training).
@@ -37,6 +41,7 @@ import io
 import json
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -123,6 +128,46 @@ def assign_folds(sources: dict[str, tuple[str, int]], num_folds: int = NUM_FOLDS
             frames[f] += sources[sid][1]
             count[f] += 1
     return out
+
+
+def site_leakage(site_ids: list[str], folds: np.ndarray, num_folds: int = NUM_FOLDS) -> dict[int, float]:
+    """Per fold, the share of its test frames whose site (metadata ``Source ID``) also
+    supplies training frames, i.e. the other folds. Frames without a site id count as not
+    shared. Folds split by video keep a video out of training, not its site: a classifier
+    can score by recognising the site's device and presets (site leakage).
+    """
+    out = {}
+    for k in range(1, num_folds + 1):
+        test = folds == k
+        train_sites = {s for s, t in zip(site_ids, test) if not t and s}
+        shared = [bool(s) and s in train_sites for s, t in zip(site_ids, test) if t]
+        out[k] = float(np.mean(shared)) if shared else 0.0
+    return out
+
+
+def site_baseline_accuracy(site_ids: list[str], classes: list[str], folds: np.ndarray,
+                           num_folds: int = NUM_FOLDS) -> float:
+    """Accuracy over all folds of a "classifier" that sees only the site: each test frame
+    gets the majority class of its site's training frames (the overall training majority
+    for an unknown or unseen site). A reference floor for the 5-fold results: accuracy up
+    to here can come from recognising where a video was recorded."""
+    def majority(counts: Counter) -> str | None:  # ties: alphabetical, so deterministic
+        return min(counts, key=lambda c: (-counts[c], c)) if counts else None
+
+    correct = 0
+    for k in range(1, num_folds + 1):
+        test = folds == k
+        per_site: dict[str, Counter] = {}
+        overall: Counter = Counter()
+        for s, c, t in zip(site_ids, classes, test):
+            if not t:
+                overall[c] += 1
+                if s:
+                    per_site.setdefault(s, Counter())[c] += 1
+        for s, c, t in zip(site_ids, classes, test):
+            if t:
+                correct += majority(per_site.get(s) or overall) == c
+    return correct / len(classes) if classes else 0.0
 
 
 def fold_arrays(images: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int):
@@ -275,8 +320,13 @@ def build(src: str | Path, out: str | Path, frames_per_video: int = 16, size: in
         m = meta.get(Path(s.rel).stem) or meta.get(Path(s.rel).name) or {}
         rows.append({"file": png, "source": s.rel, "frame_index": i, "class": s.cls,
                      "label": CLASS_TO_LABEL[s.cls], "fold": int(fold), "type": s.kind, "probe": s.probe,
+                     "site_id": m.get("Source ID", "").strip(),
                      "license": m.get("License", ""), "link_to_license": m.get("LinkToLicense", ""),
                      "changes_made": m.get("ChangesMade", "")})
+    site_of = {r["source"]: r["site_id"] for r in rows}
+    sites: dict[str, Counter] = {}  # site -> class -> number of sources
+    for rel, (cls, _) in sorted(per_source.items()):
+        sites.setdefault(site_of[rel] or "unknown", Counter())[cls] += 1
     for k in range(1, num_folds + 1):
         atomic_pickle_dump(fold_arrays(images, labels, folds, k), out / f"covid_data{k}.pkl")
     buf = io.StringIO()
@@ -292,6 +342,11 @@ def build(src: str | Path, out: str | Path, frames_per_video: int = 16, size: in
         "per_fold": {str(k): {c: int(((folds == k) & (labels == l)).sum()) for c, l in CLASS_TO_LABEL.items()}
                      for k in range(1, num_folds + 1)},
         "sources_per_fold": {str(k): sum(1 for v in fold_of.values() if v == k) for k in range(1, num_folds + 1)},
+        "sources_per_site": {k: dict(v) for k, v in sorted(sites.items(), key=lambda kv: -kv[1].total())},
+        "test_frames_from_a_training_site": {
+            str(k): round(v, 4) for k, v in site_leakage([r["site_id"] for r in rows], folds, num_folds).items()},
+        "site_only_accuracy": round(site_baseline_accuracy([r["site_id"] for r in rows],
+                                                           [r["class"] for r in rows], folds, num_folds), 4),
         "skipped": {k: len(v) for k, v in sorted(skipped.items())},
         "skipped_files": skipped,
         "unreadable": unreadable,
@@ -301,6 +356,9 @@ def build(src: str | Path, out: str | Path, frames_per_video: int = 16, size: in
         print(f"{report['num_images']} images from {report['num_sources']} sources -> {out}")
         print("per fold:", json.dumps(report["per_fold"]))
         print("skipped:", report["skipped"] or "none", "| unreadable:", unreadable or "none")
+        print("test frames whose site also supplies training frames, per fold:",
+              json.dumps(report["test_frames_from_a_training_site"]),
+              f"| site-only accuracy: {report['site_only_accuracy']}")
     return report
 
 
