@@ -95,7 +95,7 @@ def plan_runs(names: list[str], available_sources: set[str]) -> tuple[list[Run],
     return runs, missing
 
 
-def pretrain_overrides(run: Run, data_dir: Path, run_dir: Path, img_size: int, batch_size: int,
+def pretrain_overrides(run: Run, data_dir: Path, run_dir: Path, *, img_size: int, batch_size: int,
                        epochs: int, warmup_epochs: int, seed: int, workers: int,
                        crop_scale: tuple[float, float], log_step: int, num_examples: int = 0) -> list[str]:
     """The ``-o key=value`` overrides of configs/example.yaml for one run (same budget for all)."""
@@ -559,9 +559,11 @@ def study(a: argparse.Namespace) -> int:
         for run in runs:
             run_dir = out / "runs" / run.name
             cmd = [py, "pretrain_aclus.py", "--cfg", str(REPO / a.base_config), "--device", "cpu",
-                   *pretrain_overrides(run, out / "pretrain_data" / run.pairs_source, run_dir, a.img_size,
-                                       a.batch_size, a.epochs, a.warmup_epochs, a.seed, a.workers,
-                                       tuple(a.crop_scale), a.log_step, a.num_examples)]
+                   *pretrain_overrides(run, out / "pretrain_data" / run.pairs_source, run_dir,
+                                       img_size=a.img_size, batch_size=a.batch_size, epochs=a.epochs,
+                                       warmup_epochs=a.warmup_epochs, seed=a.seed, workers=a.workers,
+                                       crop_scale=tuple(a.crop_scale), log_step=a.log_step,
+                                       num_examples=a.num_examples)]
             resumed = (run_dir / "latest.pth").is_file() and f"pretrain_{run.name}" not in st.records
             st.run(f"pretrain_{run.name}", cmd, [run_dir / "encoder_resnet18.pth"],
                    note="resumed from latest.pth" if resumed else "")

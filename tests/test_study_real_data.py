@@ -22,8 +22,9 @@ def test_parse_and_plan_runs():
 
 def test_same_budget_for_every_run(tmp_path):
     def overrides(name):
-        o = srd.pretrain_overrides(srd.parse_run(name), tmp_path / "d", tmp_path / name, 112, 8, 3, 1, 0, 1,
-                                   (0.2, 1.0), 5)
+        o = srd.pretrain_overrides(srd.parse_run(name), tmp_path / "d", tmp_path / name, img_size=112,
+                                   batch_size=8, epochs=3, warmup_epochs=1, seed=0, workers=1,
+                                   crop_scale=(0.2, 1.0), log_step=5)
         return dict(x.split("=", 1) for x in o[1::2])
     a, b = overrides("byol"), overrides("aclus_asam")
     differ = {k for k in a if a[k] != b[k]}
