@@ -49,10 +49,7 @@ from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_
 from SAM.engine import pick_device  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
-
-PALETTE = np.array([[255, 64, 64], [64, 255, 64], [64, 128, 255], [255, 255, 0], [255, 0, 255],
-                    [0, 255, 255], [255, 128, 0], [128, 0, 255]], dtype=np.uint8)  # RGB
-
+from utils.plots import overlay_labels  # noqa: E402
 
 def shard(items: list, rank: int, world: int) -> list:
     """Every ``world``-th item from ``rank`` on: disjoint shards that cover the list."""
@@ -271,20 +268,6 @@ def default_workers() -> int:
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
-def overlay(img: np.ndarray, lab: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB image + index map -> RGB overlay with coloured, outlined anatomies."""
-    out = img.copy()
-    for k in range(1, int(lab.max()) + 1):
-        m = lab == k
-        if not m.any():
-            continue
-        colour = PALETTE[(k - 1) % len(PALETTE)]
-        out[m] = ((1 - alpha) * out[m] + alpha * colour).astype(np.uint8)
-        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1)
-    return out
-
-
 def montage(tiles: list[np.ndarray], tile: int = 192, cols: int = 4) -> np.ndarray:
     """RGB tiles of any size -> one RGB grid image, each tile letterboxed to tile x tile."""
     rows = (len(tiles) + cols - 1) // cols
@@ -320,7 +303,7 @@ def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
             writer.put(lab, todo[i][1])
             written += 1
             if rank == 0 and len(tiles) < args.montage_n:
-                tiles.append(overlay(orig, lab))
+                tiles.append(overlay_labels(orig, lab, outline=True))
     return written, tiles
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from utils.plots import (LogError, group_terms, overlay_labels, parse_log_lines, plot_loss_curves,
+from utils.plots import (PALETTE, LogError, group_terms, overlay_labels, parse_log_lines, plot_loss_curves,
                          plot_mask_overlays, plot_method_losses, plot_results_bar, smooth, term_series)
 
 
@@ -79,6 +79,8 @@ def test_plots_written(tmp_path):
     lab[:4, 4:] = 2  # two ids get two colours, each a tint of the grey
     ov = overlay_labels(img, lab)
     assert (ov[0, 0] != ov[0, 4]).any() and (ov[:4, :4] == ov[0, 0]).all() and (ov[:4, 4:] == ov[0, 4]).all()
+    edge = overlay_labels(img, lab, outline=True)  # outlines are drawn in the id's pure colour
+    assert (edge[0, 0] == PALETTE[0]).all() and (edge[0, 4] == PALETTE[1]).all() and (edge[4:] == 100).all()
     assert plot_mask_overlays([img, img], [lab, lab], tmp_path / "ov.png", titles=["a", "b"]).is_file()
     assert not list(tmp_path.glob(".*tmp*"))
 

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 
 # keys of a log record that are not loss terms
@@ -238,19 +239,28 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], out_png: str | os
     return _save(fig, out_png)
 
 
-def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 image with each non-zero id of ``label`` tinted in its own colour (pure)."""
+#: RGB colour of anatomy id k at PALETTE[(k - 1) % len(PALETTE)]
+PALETTE = np.array([[255, 64, 64], [64, 255, 64], [64, 128, 255], [255, 255, 0], [255, 0, 255],
+                    [0, 255, 255], [255, 128, 0], [128, 0, 255]], dtype=np.uint8)
+
+
+def overlay_labels(image: np.ndarray, label: np.ndarray, alpha: float = 0.45,
+                   outline: bool = False) -> np.ndarray:
+    """RGB uint8 image with each non-zero id of ``label`` tinted in its ``PALETTE`` colour,
+    and with ``outline`` also traced in it (pure)."""
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
-    img = image[..., :3].astype(np.float32)
-    rng = np.random.default_rng(12345)
-    colours = rng.integers(40, 256, size=(int(label.max(initial=0)) + 1, 3)).astype(np.float32)
-    out = img.copy()
-    m = label != 0
-    out[m] = (1 - alpha) * img[m] + alpha * colours[label[m]]
-    return out.clip(0, 255).astype(np.uint8)
+    out = image[..., :3].astype(np.uint8)  # a copy
+    for k in np.unique(label[label != 0]):
+        m = label == k
+        colour = PALETTE[(int(k) - 1) % len(PALETTE)]
+        out[m] = ((1 - alpha) * out[m] + alpha * colour).astype(np.uint8)
+        if outline:
+            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1)
+    return out
 
 
 def plot_mask_overlays(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
