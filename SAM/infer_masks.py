@@ -51,6 +51,7 @@ from SAM.samus_data import image_to_tensor  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
 
+
 def shard(items: list, rank: int, world: int) -> list:
     """Every ``world``-th item from ``rank`` on: disjoint shards that cover the list."""
     return items[rank::world]

@@ -91,8 +91,9 @@ def freeze_for_stage2(seg: torch.nn.Module, train_encoder: bool = False
     trains = ("mask_decoder.", "image_encoder.") if train_encoder else ("mask_decoder.",)
     for name, p in seg.named_parameters():
         p.requires_grad = name.startswith(trains)
-    return [p for p in seg.mask_decoder.parameters() if p.requires_grad], \
-        [p for p in seg.image_encoder.parameters() if p.requires_grad]
+    decoder = [p for p in seg.mask_decoder.parameters() if p.requires_grad]
+    encoder = [p for p in seg.image_encoder.parameters() if p.requires_grad]
+    return decoder, encoder
 
 
 def main(argv=None) -> dict:
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
     def set_train_mode(flag: bool):
         prompter.train(flag)
         seg.mask_decoder.train(flag)
-        seg.image_encoder.train(flag and train_encoder)  # frozen: BatchNorm statistics stay too
+        seg.image_encoder.train(flag and train_encoder)  # frozen: not even BatchNorm statistics move
         seg.prompt_encoder.eval()
 
     def save(path, **extra):
