@@ -276,7 +276,7 @@ def plot_mask_overlays(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(images):
-            ax.imshow(overlay_labels(images[k], labels[k]))
+            ax.imshow(overlay_labels(images[k], labels[k], outline=True))  # outlines: the palette repeats
             if titles:
                 ax.set_title(titles[k], fontsize=6)
     if suptitle:
