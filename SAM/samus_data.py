@@ -166,10 +166,7 @@ class SAMUSDataset(Dataset):
     image (3, S, S) float in [0, 1], letterboxed (:func:`letterbox`), valid (2,) its content
     height and width; mask (S, S) and low_mask (L, L) float {0, 1};
     point (1, 2) xy and point_label (1,) (random click if ``augment`` else the central point);
-    box (4,) xyxy; prompt_idx (); siblings (K,) the prompt indices of every anatomy of the
-    sample's data set by class ID, -1-padded to the most anatomies of any data set here, and
-    low_label (L, L) int64, the label at low resolution as positions in ``siblings`` (0 =
-    background, k = siblings[k - 1]); with ``return_orig`` also orig_mask (H, W) uint8 at the
+    box (4,) xyxy; prompt_idx (); with ``return_orig`` also orig_mask (H, W) uint8 at the
     image's own size (collate with :func:`collate`).
     """
 
@@ -193,20 +190,6 @@ class SAMUSDataset(Dataset):
             raise DataError(f"{root}/{split}: prompt keys {sorted(unknown)} not known to the model "
                             f"({keys})")
         self.augment, self.return_orig = augment, return_orig
-        # per data set: label value -> channel (1 + position among its anatomies; 0 = none)
-        by_dataset: dict[str, list[tuple[int, int]]] = {}
-        for k, idx in self.key_index.items():
-            name, cid = k.rsplit("/", 1)
-            by_dataset.setdefault(name, []).append((int(cid), idx))
-        width = max(len(v) for v in by_dataset.values())
-        self.siblings, self.channel_of = {}, {}
-        for name, pairs in by_dataset.items():
-            pairs.sort()
-            self.siblings[name] = torch.tensor([i for _, i in pairs] + [-1] * (width - len(pairs)))
-            lut = np.zeros(pairs[-1][0] + 1, np.int64)
-            for ch, (cid, _) in enumerate(pairs, 1):
-                lut[cid] = ch
-            self.channel_of[name] = lut
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -223,14 +206,6 @@ class SAMUSDataset(Dataset):
         """HxWx3 uint8 -> (3, S, S) float in [0, 1], letterboxed."""
         return image_to_tensor(img, self.img_size)[0]
 
-    def low_channels(self, lab: np.ndarray, dataset: str) -> np.ndarray:
-        """HxW label -> (L, L) int64 channel map of ``siblings`` (letterboxed, nearest)."""
-        lut = self.channel_of[dataset]
-        ch = np.where(lab < len(lut), lut[np.minimum(lab, len(lut) - 1)], 0)
-        boxed, _ = letterbox(ch.astype(np.uint8), self.img_size, nearest=True)
-        L = self.low_res
-        return cv2.resize(boxed, (L, L), interpolation=cv2.INTER_NEAREST).astype(np.int64)
-
     def __getitem__(self, i: int) -> dict:
         line = self.lines[i]
         img, lab = self.load_pair(line)
@@ -244,7 +219,7 @@ class SAMUSDataset(Dataset):
             a_img, a_lab = augment_pair(img, lab, rng)
             a_mask = (a_lab == line.class_id).astype(np.uint8)
             if a_mask.sum() >= 4:  # the zoom can push a small anatomy out of view: keep original then
-                img, lab, mask = a_img, a_lab, a_mask
+                img, mask = a_img, a_mask
         S, L = self.img_size, self.low_res
         m_s, valid = letterbox(mask, S, nearest=True)
         if not m_s.any():  # a sliver lost in resizing: keep its nearest pixel
@@ -261,8 +236,6 @@ class SAMUSDataset(Dataset):
             "prompt_idx": torch.tensor(self.key_index[line.prompt_key]),
             "index": torch.tensor(i),
             "valid": torch.tensor(valid),
-            "siblings": self.siblings[line.dataset],
-            "low_label": torch.from_numpy(self.low_channels(lab, line.dataset)),
         }
         if self.return_orig:
             item["orig_mask"] = orig

@@ -25,24 +25,6 @@ def asam_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 2.
     return 0.2 * bce + 0.8 * (1 - dice).mean()
 
 
-def exclusive_loss(logits: torch.Tensor, valid: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Pixel-wise cross-entropy among the anatomies of one image (not in METHOD.md).
-
-    Every anatomy of an image's data set is decoded with its own prompt; at each pixel the
-    anatomies and the background compete in one softmax whose background logit is fixed at
-    0. An anatomy is thus trained to be *the* most likely one where it lies, not merely
-    above threshold: the per-prompt loss alone lets the nerve prompt cover the vessel as
-    well. With one anatomy it equals BCE with logits.
-
-    logits: (B, K, L, L), channel k = the image's k-th anatomy; valid: (B, K) bool, False
-    for padding (a data set with fewer than K anatomies); label: (B, L, L) int64 in 0..K,
-    0 = background, k = channel k - 1. Returns the mean over pixels.
-    """
-    z = logits.masked_fill(~valid[:, :, None, None], float("-inf"))
-    z = torch.cat([torch.zeros_like(z[:, :1]), z], dim=1)               # B x (1+K) x L x L
-    return F.cross_entropy(z, label)
-
-
 def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     """Binary masks -> (Dice, IoU); both empty counts as a perfect 1."""
     pred, gt = pred.astype(bool), gt.astype(bool)

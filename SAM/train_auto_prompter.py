@@ -39,7 +39,7 @@ from SAM.config import parse_bool, add_task_args  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
 from SAM.engine import evaluate, make_loader, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
-from SAM.seg_metrics import asam_loss, exclusive_loss, format_summary  # noqa: E402
+from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 
@@ -62,10 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder_lr", type=float, default=0.0,
                    help="0 (default, METHOD.md): the image encoder stays frozen; > 0: it "
                         "fine-tunes too at this learning rate (not in the paper; no cache)")
-    p.add_argument("--exclusive_weight", type=float, default=0.0,
-                   help="> 0: add this weight x the cross-entropy among all anatomies of each "
-                        "image (seg_metrics.exclusive_loss; not in the paper), so that one "
-                        "anatomy's prompt stops masking its neighbour too (0)")
     p.add_argument("--cache_embeddings", type=parse_bool, default=None,
                    help="encode each image once (default: true with a frozen encoder; "
                         "recommended on CPU)")
@@ -78,9 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prompter_grid < 1:
         p.error(f"--prompter_grid must be >= 1, got {args.prompter_grid}")
-    for name in ("encoder_lr", "exclusive_weight"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.encoder_lr < 0:
+        p.error(f"--encoder_lr must be >= 0, got {args.encoder_lr}")
     if args.cache_embeddings is None:
         args.cache_embeddings = args.encoder_lr == 0
     elif args.cache_embeddings and args.encoder_lr > 0:
@@ -128,8 +123,7 @@ def main(argv=None) -> dict:
         params.append({"params": encoder, "lr": args.encoder_lr})
     n = sum(p.numel() for g in params for p in g["params"])
     print(f"stage 2: {n:,} trainable parameters (auto-prompter + mask decoder"
-          f"{f' + image encoder at lr {args.encoder_lr:g}' if train_encoder else ''}); prompts: {keys}"
-          f"{f'; exclusive loss weight {args.exclusive_weight:g}' if args.exclusive_weight else ''}")
+          f"{f' + image encoder at lr {args.encoder_lr:g}' if train_encoder else ''}); prompts: {keys}")
 
     cached = args.cache_embeddings
     mk = lambda split, aug, orig, n: SAMUSDataset(cfg.data_root, split, cfg.img_size, seg.low_res,  # noqa: E731
@@ -148,17 +142,6 @@ def main(argv=None) -> dict:
         emb = embeddings(b, ds)
         return seg.decode(emb, prompter(b["image"], emb, b["prompt_idx"]))
 
-    def loss(b):
-        if args.exclusive_weight == 0:
-            return asam_loss(logits(b, train_ds), b["low_mask"])
-        emb, sib = embeddings(b, train_ds), b["siblings"]                # sib: B x K, -1 = padding
-        sparse = prompter(b["image"], emb, sib.clamp_min(0))            # B x K x T x D
-        z = torch.cat([seg.decode(emb, sparse[:, k]) for k in range(sib.shape[1])], 1)  # B x K x L x L
-        own = (sib == b["prompt_idx"][:, None]).int().argmax(1)          # the sampled anatomy's channel
-        z_own = z[torch.arange(len(own), device=z.device), own][:, None]
-        return (asam_loss(z_own, b["low_mask"])
-                + args.exclusive_weight * exclusive_loss(z, sib >= 0, b["low_label"]))
-
     def set_train_mode(flag: bool):
         prompter.train(flag)
         seg.mask_decoder.train(flag)
@@ -167,13 +150,12 @@ def main(argv=None) -> dict:
 
     def save(path, **extra):
         save_checkpoint(path, "asam_stage2", seg, keys, prompter,
-                        config=vars(cfg) | {"datasets": list(cfg.datasets), "encoder_lr": args.encoder_lr,
-                                           "exclusive_weight": args.exclusive_weight}, **extra)
+                        config=vars(cfg) | {"datasets": list(cfg.datasets)}, **extra)
 
     if cache is not None:
         cache.fill(train_ds)
         cache.fill(val_ds)
-    best = train(out_dir=out_dir, loss_fn=loss,
+    best = train(out_dir=out_dir, loss_fn=lambda b: asam_loss(logits(b, train_ds), b["low_mask"]),
                  predict_fn=lambda b: logits(b, val_ds), params=params,
                  train_loader=make_loader(train_ds, cfg.batch_size, True, cfg.workers, cfg.seed,
                                           balance=args.balance_prompts),

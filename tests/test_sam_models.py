@@ -3,7 +3,6 @@ auto-prompter, checkpoint kinds, task config, data helpers, loss and metrics."""
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from SAM.checkpoint import load_checkpoint, save_checkpoint
 from SAM.config import ConfigError, add_task_args, get_task, task_config_from_args
 from SAM.engine import make_loader, prompt_balance_weights
 from SAM.samus_data import augment_pair, central_point, mask_box
-from SAM.seg_metrics import asam_loss, dice_iou, exclusive_loss, hd95
+from SAM.seg_metrics import asam_loss, dice_iou, hd95
 from SAM.segmenter import build_segmenter
 from utils.io import DataError
 
@@ -222,28 +221,6 @@ def test_loss_and_metrics():
     assert d == pytest.approx(2 * 70 / 200) and i == pytest.approx(70 / 130)
     assert hd95(a, a) == 0 and hd95(a, b) == pytest.approx(3.0)
     assert np.isnan(hd95(a, np.zeros_like(a))) and dice_iou(a & False, a & False) == (1.0, 1.0)
-
-
-def test_exclusive_loss_reference_values():
-    # one pixel, two anatomies with logits 2 and 1, the pixel is the second: -log(e / (1 + e² + e))
-    z = torch.tensor([2.0, 1.0]).view(1, 2, 1, 1)
-    label = torch.tensor([[[2]]])
-    ref = -math.log(math.e / (1 + math.e ** 2 + math.e))
-    assert exclusive_loss(z, torch.tensor([[True, True]]), label).item() == pytest.approx(ref)
-    # a padded channel takes no part, whatever its logit
-    assert exclusive_loss(torch.cat([z, torch.full_like(z[:, :1], 50.0)], 1),
-                          torch.tensor([[True, True, False]]), label).item() == pytest.approx(ref)
-    # one anatomy: BCE with logits
-    x, t = torch.randn(3, 1, 8, 8), (torch.rand(3, 8, 8) > 0.5).long()
-    bce = F.binary_cross_entropy_with_logits(x[:, 0], t.float())
-    assert exclusive_loss(x, torch.ones(3, 1, dtype=torch.bool), t).item() == pytest.approx(bce.item(), rel=1e-5)
-    # a prompt that covers its neighbour as confidently as its own anatomy costs more than
-    # one that stays on its own, even though both are "above threshold" on their own anatomy
-    t = torch.tensor([[[1, 2]]])                                       # pixel 0: A, pixel 1: B
-    spill = torch.tensor([[[[5.0, 5.0]], [[-5.0, 5.0]]]])             # A's prompt fires on B too
-    clean = torch.tensor([[[[5.0, -5.0]], [[-5.0, 5.0]]]])
-    both = torch.tensor([[True, True]])
-    assert exclusive_loss(spill, both, t) > 0.3 > 0.01 > exclusive_loss(clean, both, t)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import torch
 
 from SAM import infer_masks, only_train_sam, train_auto_prompter
 from SAM.checkpoint import load_checkpoint
-from SAM.samus_data import SAMUSDataset
 from utils.io import DataError
 from utils.synthetic_us import write_samus_layout
 
@@ -80,30 +79,6 @@ def test_stage2_encoder_lr_fine_tunes_the_encoder_too(run):
     # resuming with the encoder frozen again cannot reuse the optimizer: a clear error
     with pytest.raises(DataError, match="last.pt: its optimizer does not match"):
         train_auto_prompter.main(data + ["--epochs", "2", "--resume"])
-
-
-def test_stage2_exclusive_loss_sees_every_anatomy_of_the_image(run):
-    """--exclusive_weight: each sample carries its data set's anatomies (siblings) and the
-    label as positions among them; stage 2 trains with it and the frozen parts stay frozen."""
-    keys = ["SynLung-Anatomy/1", "SynLung-Anatomy/2", "SynLung-Anatomy/3", "SynLung-Pleura/1"]
-    ds = SAMUSDataset(run["root"], "train", 64, 16, keys, augment=True)
-    for i in range(len(ds)):
-        item = ds[i]
-        sib = item["siblings"].tolist()
-        assert sib == ([0, 1, 2] if ds.lines[i].dataset == "SynLung-Anatomy" else [3, -1, -1])
-        own = 1 + sib.index(int(item["prompt_idx"]))
-        assert torch.equal(item["low_label"] == own, item["low_mask"] > 0)
-        assert int(item["low_label"].max()) <= sum(k >= 0 for k in sib)
-    out = run["tmp"] / "s2_excl"
-    train_auto_prompter.main(COMMON + ["--data_root", str(run["root"]), "--sam_ckpt", str(run["s1"] / "best.pt"),
-                                       "--prompter_grid", "4", "--exclusive_weight", "1", "--epochs", "1",
-                                       "--cache_dir", str(run["tmp"] / "cache"), "--out_dir", str(out)])
-    s1 = load_checkpoint(run["s1"] / "best.pt", ("asam_stage1",))["model"]
-    s2 = load_checkpoint(out / "last.pt", ("asam_stage2",))
-    assert s2["config"]["exclusive_weight"] == 1.0
-    assert {k.split(".")[0] for k in s1 if not torch.equal(s1[k], s2["model"][k])} == {"mask_decoder"}
-    with pytest.raises(SystemExit):
-        train_auto_prompter.parse_args(["--exclusive_weight", "-1"])
 
 
 def test_stage2_refuses_wrong_checkpoint_kind(run):
