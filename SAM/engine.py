@@ -3,6 +3,8 @@ checkpoints, resume, tqdm and TensorBoard. The stage scripts only supply two fun
 
 * ``loss_fn(batch) -> scalar loss`` (training step, grads flow into the trainable params);
 * ``predict_fn(batch) -> (B, 1, L, L) low-res logits`` (validation / test).
+
+``amp``: fp16 autocast with a gradient scaler on CUDA (``--amp true``); ignored on a CPU.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +81,16 @@ def make_loader(ds: SAMUSDataset, batch_size: int, shuffle: bool, workers: int,
                       persistent_workers=False, generator=gen)
 
 
+def amp_enabled(amp: bool, device: torch.device) -> bool:
+    """Mixed precision runs on CUDA only; on a CPU ``--amp true`` is a no-op."""
+    return amp and device.type == "cuda"
+
+
+def autocast(amp: bool):
+    """fp16 autocast when ``amp`` (already checked by :func:`amp_enabled`), else nothing."""
+    return torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -85,13 +98,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(predict_fn: Callable[[dict], torch.Tensor], loader: DataLoader, keys: list[str],
-             device: torch.device, desc: str = "val") -> dict:
+             device: torch.device, desc: str = "val", amp: bool = False) -> dict:
     """Dice / IoU / HD95 per prompt key, each mask compared at its image's own size."""
     table = MetricTable()
     ds: SAMUSDataset = loader.dataset
+    amp = amp_enabled(amp, device)
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         batch = to_device(batch, device)
-        logits = predict_fn(batch)
+        with autocast(amp):
+            logits = predict_fn(batch)
         for b in range(logits.shape[0]):
             gt = batch["orig_mask"][b]
             up = restore_logits(logits[b], batch["valid"][b].tolist(), ds.img_size, gt.shape)
@@ -104,17 +119,21 @@ def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
           predict_fn: Callable[[dict], torch.Tensor], params: list,
           train_loader: DataLoader, val_loader: DataLoader, keys: list[str], epochs: int,
           lr: float, device: torch.device, save: Callable[..., None],
-          set_train_mode: Callable[[bool], None], resume_state: dict | None = None) -> dict:
+          set_train_mode: Callable[[bool], None], resume_state: dict | None = None,
+          amp: bool = False) -> dict:
     """Run the epochs; returns the best validation summary.
 
     ``params``: the trainable parameters, or Adam parameter groups (dicts with their own
     ``lr``); ``save(path, **extra)`` writes a checkpoint (the stage knows its kind and
-    modules); ``resume_state`` is a loaded 'last.pt' (optimizer, epoch, best_dice).
+    modules); ``resume_state`` is a loaded 'last.pt' (optimizer, epoch, best_dice, and the
+    gradient scaler of an ``amp`` run).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard import is slow
 
     optimizer = torch.optim.Adam(params, lr=lr)
+    amp = amp_enabled(amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start, best, best_summary = 0, -1.0, {}
     if resume_state is not None:
         try:
@@ -122,6 +141,8 @@ def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
         except ValueError as e:  # e.g. resumed with another --encoder_lr on/off choice
             raise DataError(f"{out_dir / 'last.pt'}: its optimizer does not match this run's "
                             f"trainable parameters ({e}); resume with the same settings") from None
+        if amp and "scaler" in resume_state:
+            scaler.load_state_dict(resume_state["scaler"])
         start, best = int(resume_state["epoch"]) + 1, float(resume_state["best_dice"])
         print(f"resumed after epoch {start - 1} (best val Dice {best:.4f})")
     writer = SummaryWriter(str(out_dir / "tb"))
@@ -132,18 +153,20 @@ def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
         t0, losses = time.time(), []
         bar = tqdm(train_loader, desc=f"epoch {epoch}", dynamic_ncols=True)
         for batch in bar:
-            loss = loss_fn(to_device(batch, device))
+            with autocast(amp):
+                loss = loss_fn(to_device(batch, device))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(loss.item())
             writer.add_scalar("train/loss", loss.item(), step)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
             step += 1
         set_train_mode(False)
-        summary = evaluate(predict_fn, val_loader, keys, device)
+        summary = evaluate(predict_fn, val_loader, keys, device, amp=amp)
         dice = summary["mean"]["dice"]
         for key, v in summary.items():
             writer.add_scalar(f"val_dice/{key}", v["dice"], epoch)
@@ -159,7 +182,8 @@ def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
         if is_best:
             save(out_dir / "best.pt", epoch=epoch, best_dice=best, val=summary)
         # last.pt carries the optimizer so that --resume continues exactly here
-        save(out_dir / "last.pt", epoch=epoch, best_dice=best, optimizer=optimizer.state_dict())
+        save(out_dir / "last.pt", epoch=epoch, best_dice=best, optimizer=optimizer.state_dict(),
+             **({"scaler": scaler.state_dict()} if amp else {}))
     writer.close()
     log.close()
     return best_summary

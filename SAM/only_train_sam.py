@@ -24,7 +24,7 @@ if str(_HERE.parent) not in sys.path:  # run as a script: the repo root must be 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from SAM.checkpoint import save_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from SAM.config import add_task_args  # noqa: E402
+from SAM.config import add_task_args, parse_bool  # noqa: E402
 from SAM.engine import make_loader, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss  # noqa: E402
@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default="runs/asam_stage1", help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if present")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--amp", type=parse_bool, default=False,
+                   help="fp16 mixed precision on CUDA (false; ignored on a CPU)")
     return p.parse_args(argv)
 
 
@@ -80,7 +82,8 @@ def main(argv=None) -> dict:
 
     return train(out_dir=out_dir, loss_fn=loss_fn, predict_fn=predict_fn, params=params,
                  train_loader=train_loader, val_loader=val_loader, keys=keys, epochs=cfg.epochs,
-                 lr=cfg.lr, device=device, save=save, set_train_mode=seg.train, resume_state=resume)
+                 lr=cfg.lr, device=device, save=save, set_train_mode=seg.train, resume_state=resume,
+                 amp=args.amp)
 
 
 if __name__ == "__main__":

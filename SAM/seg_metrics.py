@@ -16,7 +16,7 @@ def asam_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 2.
     logits: (B, 1, L, L) raw decoder output; target: (B, L, L) in {0, 1}. Dice is per sample,
     then averaged, so a small anatomy counts as much as a large one.
     """
-    logits = logits[:, 0]
+    logits = logits[:, 0].float()  # fp32 even under autocast: the Dice sums run over L² pixels
     bce = F.binary_cross_entropy_with_logits(
         logits, target, pos_weight=torch.tensor(pos_weight, device=logits.device))
     prob = torch.sigmoid(logits).flatten(1)

@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", default="runs/asam_stage2", help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if present")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--amp", type=parse_bool, default=False,
+                   help="fp16 mixed precision on CUDA (false; ignored on a CPU)")
     args = p.parse_args(argv)
     if args.prompter_grid < 1:
         p.error(f"--prompter_grid must be >= 1, got {args.prompter_grid}")
@@ -161,7 +163,7 @@ def main(argv=None) -> dict:
                                           balance=args.balance_prompts),
                  val_loader=make_loader(val_ds, cfg.batch_size, False, cfg.workers), keys=keys,
                  epochs=cfg.epochs, lr=cfg.lr, device=device, save=save,
-                 set_train_mode=set_train_mode, resume_state=resume)
+                 set_train_mode=set_train_mode, resume_state=resume, amp=args.amp)
     if args.eval_test:
         ck = load_checkpoint(out_dir / "best.pt", ("asam_stage2",))
         seg.load_state_dict(ck["model"])
@@ -171,7 +173,7 @@ def main(argv=None) -> dict:
         if cache is not None:
             cache.fill(test_ds)
         summary = evaluate(lambda b: logits(b, test_ds), make_loader(test_ds, cfg.batch_size, False, cfg.workers),
-                           keys, device, desc="test")
+                           keys, device, desc="test", amp=args.amp)
         print(f"test (prompt-free, best epoch {ck['epoch']}):\n{format_summary(summary)}")
         atomic_write(out_dir / "test_metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         best = {"val": best, "test": summary}

