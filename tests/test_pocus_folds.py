@@ -11,8 +11,8 @@ import pytest
 
 import evaluation_aclus as ev
 from utils.io import safe_pickle_load
-from utils.pocus_folds import (assign_folds, build, class_from_filename, even_frame_indices,
-                               site_baseline_accuracy, site_leakage)
+from utils.pocus_folds import (assign_folds, build, class_from_filename, site_baseline_accuracy,
+                               site_leakage)
 
 
 # --------------------------------------------------------------------------- #
@@ -30,18 +30,6 @@ from utils.pocus_folds import (assign_folds, build, class_from_filename, even_fr
 ])
 def test_class_from_filename(name, cls):
     assert class_from_filename(name) == cls
-
-
-def test_even_frame_indices():
-    assert even_frame_indices(100, 4) == [12, 37, 62, 87]  # segment middles, no first/last frame
-    assert even_frame_indices(3, 5) == [0, 1, 2]            # short video: all frames
-    assert even_frame_indices(7, 0) == list(range(7))       # 0 = all
-    assert even_frame_indices(0, 4) == []
-    for n, k in [(17, 16), (1000, 16), (16, 16), (31, 7)]:
-        idx = even_frame_indices(n, k)
-        assert len(idx) == k and len(set(idx)) == k and idx == sorted(idx) and 0 <= idx[0] and idx[-1] < n
-        gaps = np.diff(idx)
-        assert gaps.max() - gaps.min() <= 1  # evenly spread
 
 
 def _toy_sources(seed=0):

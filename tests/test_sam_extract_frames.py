@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.extract_frames import evenly_spaced, main
+from utils.extract_frames import even_frame_indices, main
 
 
 def _write_video(path, n=10, size=(32, 24)):
@@ -17,10 +17,16 @@ def _write_video(path, n=10, size=(32, 24)):
     w.release()
 
 
-def test_evenly_spaced():
-    assert evenly_spaced(10, 4) == [0, 3, 6, 9]
-    assert evenly_spaced(3, 8) == [0, 1, 2]
-    assert evenly_spaced(0, 5) == []
+def test_even_frame_indices():
+    assert even_frame_indices(100, 4) == [12, 37, 62, 87]  # segment middles, no first/last frame
+    assert even_frame_indices(3, 5) == [0, 1, 2]            # short video: all frames
+    assert even_frame_indices(7, 0) == list(range(7))       # 0 = all
+    assert even_frame_indices(0, 4) == []
+    for n, k in [(17, 16), (1000, 16), (16, 16), (31, 7)]:
+        idx = even_frame_indices(n, k)
+        assert len(idx) == k and len(set(idx)) == k and idx == sorted(idx) and 0 <= idx[0] and idx[-1] < n
+        gaps = np.diff(idx)
+        assert gaps.max() - gaps.min() <= 1  # evenly spread
 
 
 def test_every_num_resume_and_bad_video(tmp_path, capsys):
@@ -41,4 +47,4 @@ def test_every_num_resume_and_bad_video(tmp_path, capsys):
     r = main(["--videos", str(vids / "patient_1_L1.avi"), "--out_dir", str(out), "--sub", "Even",
               "--num", "3"])
     assert sorted(p.name for p in (out / "Even" / "img").glob("*.png")) == [
-        f"patient_1_L1_f{i:05d}.png" for i in (0, 4, 9)]
+        f"patient_1_L1_f{i:05d}.png" for i in (1, 5, 8)]          # segment middles

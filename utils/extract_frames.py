@@ -7,8 +7,9 @@
         --out_dir dataset/train --sub POCUS --num 8
 
 Every k-th frame (``--every k``, frames 0, k, 2k, ...) or N evenly spaced frames per video
-(``--num N``, first and last included). ``<idx>`` is the frame index in the video (zero-padded
-to 5 digits). Videos are read with OpenCV to the end (``CAP_PROP_FRAME_COUNT`` is unreliable
+(``--num N``: the middle frame of each of N equal segments, so ``--num 1`` takes the middle
+frame, and a video's first and last frames, often fades, are avoided). ``<idx>`` is the
+frame index in the video (zero-padded to 5 digits). Videos are read with OpenCV to the end (``CAP_PROP_FRAME_COUNT`` is unreliable
 for some containers); a video OpenCV cannot open or decode is reported and skipped.
 Resumable: writes are atomic and a video whose frames all exist is not decoded again
 (``.done_<video>`` marker next to the frames). This is the layout
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,11 +31,18 @@ from utils.io import atomic_write, atomic_write_png  # noqa: E402
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mpg", ".mpeg", ".mkv", ".gif", ".wmv", ".m4v")
 
 
-def evenly_spaced(n_frames: int, num: int) -> list[int]:
-    """``num`` distinct frame indices spread over 0..n_frames-1, ends included."""
-    if n_frames <= 0:
+def even_frame_indices(num_frames: int, k: int) -> list[int]:
+    """``k`` frame indices spread evenly over a video of ``num_frames`` frames.
+
+    The video is cut into ``k`` equal segments and the middle frame of each is taken,
+    so first and last frames (often fades or annotations) are avoided. A video shorter
+    than ``k`` gives all its frames. ``k <= 0`` also means all frames.
+    """
+    if num_frames <= 0:
         return []
-    return sorted(set(np.linspace(0, n_frames - 1, min(num, n_frames)).round().astype(int).tolist()))
+    if k <= 0 or num_frames <= k:
+        return list(range(num_frames))
+    return [int((i + 0.5) * num_frames / k) for i in range(k)]
 
 
 def read_frames(path: Path):
@@ -76,7 +83,7 @@ def extract_video(video: Path, img_dir: Path, every: int = 0, num: int = 0) -> i
         n = count_frames(video)  # a full decode pass: the container's frame count may lie
         if n == 0:
             raise ValueError(f"{video}: cannot be opened or has no decodable frames")
-        wanted = set(evenly_spaced(n, num))
+        wanted = set(even_frame_indices(n, num))
     written, seen = 0, 0
     for idx, frame in read_frames(video):
         seen += 1

@@ -48,6 +48,7 @@ from pathlib import Path, PurePath
 import cv2
 import numpy as np
 
+from utils.extract_frames import even_frame_indices
 from utils.io import DataError, atomic_pickle_dump, atomic_write, atomic_write_png, read_image
 
 #: label ids of the USCL pickles
@@ -77,20 +78,6 @@ def class_from_filename(path: str | PurePath) -> str:
         if name.startswith(prefix):
             return cls
     return "other"
-
-
-def even_frame_indices(num_frames: int, k: int) -> list[int]:
-    """``k`` frame indices spread evenly over a video of ``num_frames`` frames.
-
-    The video is cut into ``k`` equal segments and the middle frame of each is taken,
-    so first and last frames (often fades or annotations) are avoided. A video shorter
-    than ``k`` gives all its frames. ``k <= 0`` also means all frames.
-    """
-    if num_frames <= 0:
-        return []
-    if k <= 0 or num_frames <= k:
-        return list(range(num_frames))
-    return [int((i + 0.5) * num_frames / k) for i in range(k)]
 
 
 def assign_folds(sources: dict[str, tuple[str, int]], num_folds: int = NUM_FOLDS,
