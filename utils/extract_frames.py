@@ -9,8 +9,9 @@
 Every k-th frame (``--every k``, frames 0, k, 2k, ...) or N evenly spaced frames per video
 (``--num N``: the middle frame of each of N equal segments, so ``--num 1`` takes the middle
 frame, and a video's first and last frames, often fades, are avoided). ``<idx>`` is the
-frame index in the video (zero-padded to 5 digits). Videos are read with OpenCV to the end (``CAP_PROP_FRAME_COUNT`` is unreliable
-for some containers); a video OpenCV cannot open or decode is reported and skipped.
+frame index in the video (zero-padded to 5 digits). Videos are read with OpenCV to the end
+(``CAP_PROP_FRAME_COUNT`` is unreliable for some containers); a video OpenCV cannot open
+or decode is reported and skipped.
 Resumable: writes are atomic and a video whose frames all exist is not decoded again
 (``.done_<video>`` marker next to the frames). This is the layout
 ``SAM/infer_masks.py`` and ``utils/generate_masks_pkls.py`` read.
