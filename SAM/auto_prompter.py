@@ -8,9 +8,15 @@ Data flow for B images, grid g (the prompter's working grid, ≤ 32):
     image (B,3,S,S) --small CNN--> F (B, g², 256)
     SAM embedding (B,256,G,G) --avg-pool--> E (B, g², 256)
     tokens[prompt] (B, T, 256)
-    4 x AlignmentBlock:  E <- LN(E + CrossAttn(E -> F));  T <- LN(T + CrossAttn(T -> E));
+    4 x AlignmentBlock:  E <- LN(E + CrossAttn(E -> F));  T <- LN(T + CrossAttn(T + P -> E));
                          T <- LN(T + MLP(T))
     -> sparse prompt embeddings (B, T, 256); the dense prompt is SAM's no-mask embedding.
+
+P, the task tokens themselves, is added to the token queries of every block, as SAM's
+decoder re-adds its prompt embeddings, and the tokens start at unit scale. Without both
+(``keep_identity=False``, the layout of checkpoints written before 2026-11-26) the tokens
+start at std 0.02 against LayerNorm-scaled updates of norm ~16: different anatomies end up
+with the same prompt, and on USGRA the nerve and vessel prompts returned identical masks.
 """
 from __future__ import annotations
 
@@ -32,10 +38,11 @@ class AlignmentBlock(nn.Module):
                                  nn.Linear(int(dim * mlp_ratio), dim))
         self.norm_mlp = nn.LayerNorm(dim)
 
-    def forward(self, emb: torch.Tensor, cnn: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor):
-        # emb, cnn: B x g² x D (pos: 1 x g² x D); tok: B x T x D
+    def forward(self, emb: torch.Tensor, cnn: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor,
+                tok_pe: torch.Tensor | float = 0.0):
+        # emb, cnn: B x g² x D (pos: 1 x g² x D); tok: B x T x D; tok_pe: the task tokens again
         emb = self.norm_img(emb + self.img_to_cnn(emb + pos, cnn + pos, cnn, need_weights=False)[0])
-        tok = self.norm_tok(tok + self.tok_to_img(tok, emb + pos, emb, need_weights=False)[0])
+        tok = self.norm_tok(tok + self.tok_to_img(tok + tok_pe, emb + pos, emb, need_weights=False)[0])
         tok = self.norm_mlp(tok + self.mlp(tok))
         return emb, tok
 
@@ -44,12 +51,14 @@ class AutoPrompter(nn.Module):
     """(images, SAM embeddings, prompt index) -> sparse prompt embeddings (B, T, dim)."""
 
     def __init__(self, num_prompts: int, num_tokens: int = 2, dim: int = 256, grid: int = 32,
-                 depth: int = 4, num_heads: int = 8, cnn_width: int = 32):
+                 depth: int = 4, num_heads: int = 8, cnn_width: int = 32, keep_identity: bool = True):
         super().__init__()
         self.config = dict(num_prompts=num_prompts, num_tokens=num_tokens, dim=dim, grid=grid,
-                           depth=depth, num_heads=num_heads, cnn_width=cnn_width)
+                           depth=depth, num_heads=num_heads, cnn_width=cnn_width,
+                           keep_identity=keep_identity)
         self.grid = grid
-        self.tokens = nn.Parameter(torch.randn(num_prompts, num_tokens, dim) * 0.02)
+        self.keep_identity = keep_identity
+        self.tokens = nn.Parameter(torch.randn(num_prompts, num_tokens, dim) * (1.0 if keep_identity else 0.02))
         w = cnn_width
         self.cnn = nn.Sequential(
             nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
@@ -73,8 +82,9 @@ class AutoPrompter(nn.Module):
         if multi:
             B, K, T, D = tok.shape
             tok = tok.reshape(B, K * T, D)
+        tok_pe = tok if self.keep_identity else 0.0
         for blk in self.blocks:
-            emb, tok = blk(emb, cnn, tok, self.pos)
+            emb, tok = blk(emb, cnn, tok, self.pos, tok_pe)
         return tok.reshape(B, K, T, D) if multi else tok
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from SAM.auto_prompter import AutoPrompter, prompter_grid
-from SAM.checkpoint import load_checkpoint, save_checkpoint
+from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, save_checkpoint
 from SAM.config import ConfigError, add_task_args, get_task, task_config_from_args
 from SAM.engine import make_loader, prompt_balance_weights
 from SAM.samus_data import augment_pair, central_point, mask_box
@@ -149,6 +149,29 @@ def test_auto_prompter_class_conditioned(tiny):
     # the prompter pools a finer embedding grid down to its own (LiteMedSAM: 64 -> 32)
     assert AutoPrompter(2, grid=4)(x, emb, torch.tensor([0, 1])).shape == (2, 2, 256)
     assert prompter_grid(64) == 32 and prompter_grid(64, 16) == 16 and prompter_grid(8, 16) == 8
+
+
+def test_auto_prompter_keeps_anatomies_apart(tiny, tmp_path):
+    """Two anatomies' prompts for the same image must differ by more than rounding: with
+    tokens at std 0.02 and no re-injection (the old layout) they start out nearly parallel,
+    and a trained USGRA model gave the nerve and the vessel identical masks."""
+    torch.manual_seed(0)
+    x, emb = torch.rand(2, 3, 64, 64), torch.randn(2, 256, 8, 8)
+    idx = torch.tensor([[1, 2], [1, 2]])
+
+    def cosine(p):
+        with torch.no_grad():
+            out = p.eval()(x, emb, idx)
+        return F.cosine_similarity(out[:, 0], out[:, 1], dim=-1)
+
+    assert cosine(AutoPrompter(3, grid=8)).abs().max() < 0.5
+    old = AutoPrompter(3, grid=8, keep_identity=False)
+    assert cosine(old).min() > 0.8
+    # a checkpoint written before the option existed loads with the old layout
+    save_checkpoint(tmp_path / "old.pt", "asam_stage2", tiny, ["A/1", "B/1", "B/2"], old)
+    ck = load_checkpoint(tmp_path / "old.pt", ("asam_stage2",))
+    del ck["prompter_args"]["keep_identity"]
+    assert prompter_from_checkpoint(ck).keep_identity is False
 
 
 def test_balanced_sampling_draws_every_anatomy_equally():
