@@ -13,8 +13,10 @@ path; each is skipped when its output exists, so an interrupted study is re-run 
   b masks        utils/superpixel_masks.py     Felzenszwalb superpixels (DetCon's mask source)
                  SAM/infer_masks.py            A-SAM masks (--asam_ckpt), or --asam_masks DIR
   c pickles      utils/generate_masks_pkls.py  one pair list per mask source
-  d pre-train    pretrain_aclus.py             one compute budget for every run: same frames,
-                                               img_size, batch, epochs, seed, config
+  d pre-train    pretrain_aclus.py             one compute budget for every run: same
+                                               img_size, batch, number of steps, seed, config
+                                               (a mask source that leaves frames out gets
+                                               more epochs over its fewer frames)
   e evaluate     utils.pocus_folds (once) + evaluation_aclus.py --protocol linear,
                                                random init and every pre-trained encoder
   f report       results.md / results.json, figures/ (loss curves per term, confusion
@@ -122,6 +124,25 @@ def pretrain_overrides(run: Run, data_dir: Path, run_dir: Path, *, img_size: int
     for k, v in items.items():
         out += ["-o", f"{k}={v}"]
     return out
+
+
+def equal_step_epochs(n_images: int, n_reference: int, batch_size: int, epochs: int,
+                      warmup_epochs: int) -> tuple[int, int]:
+    """(epochs, warm-up epochs) that give a run over ``n_images`` frames about as many steps
+    as ``epochs`` over ``n_reference`` frames; steps per epoch = frames // batch (the
+    pre-training loader drops the last partial batch).
+
+    A-SAM finds no anatomy on some frames, and ``generate_masks_pkls.py`` leaves those out;
+    without this, the A-SAM runs would take fewer steps than the others. The warm-up is
+    scaled by the same factor.
+    """
+    own, ref = n_images // batch_size, n_reference // batch_size
+    if own <= 0:
+        raise StudyError(f"{n_images} pre-training frames do not fill one batch of {batch_size}")
+    if ref <= own:
+        return epochs, warmup_epochs
+    factor = ref / own
+    return math.floor(epochs * factor + 0.5), math.floor(warmup_epochs * factor + 0.5)
 
 
 def fmt_pm(mean: float | None, std: float | None, digits: int = 3) -> str:
@@ -372,8 +393,15 @@ def build_masks(a, st: Stages, out: Path, frames: Path, py: str) -> set[str]:
     return available
 
 
-def pretrain_record(run: Run, out: Path, st: Stages) -> dict | None:
+def pretrain_frames(out: Path, run: Run, num_examples: int = 0) -> int:
+    """How many frames ``run`` pre-trains on: its pair list, cut to ``num_examples``."""
     from utils.io import safe_pickle_load
+
+    n = len(safe_pickle_load(out / "pretrain_data" / run.pairs_source / "train_tf_img_to_gt.pkl"))
+    return min(n, num_examples) if num_examples > 0 else n
+
+
+def pretrain_record(run: Run, out: Path, st: Stages, num_examples: int = 0) -> dict | None:
     from utils.plots import read_log
 
     rec = st.records.get(f"pretrain_{run.name}")
@@ -381,9 +409,8 @@ def pretrain_record(run: Run, out: Path, st: Stages) -> dict | None:
         return None
     run_dir = out / "runs" / run.name
     summary = log_summary(read_log(run_dir / "log.jsonl")) if (run_dir / "log.jsonl").is_file() else {}
-    pairs = safe_pickle_load(out / "pretrain_data" / run.pairs_source / "train_tf_img_to_gt.pkl")
     return {"wall_s": rec["wall_s"], "train_s": summary.get("train_s"), "steps": summary.get("logged_steps_max"),
-            "epochs": summary.get("epochs_done"), "images": len(pairs)}
+            "epochs": summary.get("epochs_done"), "images": pretrain_frames(out, run, num_examples)}
 
 
 def make_figures(out: Path, runs: list[Run], rows: list[dict], frames: Path, sources: set[str], n: int) -> list[str]:
@@ -442,14 +469,16 @@ def write_report(a: argparse.Namespace, out: Path, st: Stages, names: list[str],
             continue
         runs.append(run)
         evaluation = load_eval(name)
-        rows.append(result_row(name, run.method, run.mask_source, pretrain_record(run, out, st), evaluation,
-                               None if evaluation else "not finished yet"))
+        rows.append(result_row(name, run.method, run.mask_source, pretrain_record(run, out, st, a.num_examples),
+                               evaluation, None if evaluation else "not finished yet"))
     figures = make_figures(out, runs, rows, frames, sources, a.overlay_n)
     table = markdown_table(rows)
     mask_stats = {s: label_stats([read_label(p) for p in sorted((out / "masks" / s / SUB / "label").glob("*.png"))
                                   if (frames / SUB / "img" / p.name).is_file()]) for s in sorted(sources)}
     budget = (f"Pre-training budget (every run): {a.img_size} px views, batch {a.batch_size}, "
-              f"{a.epochs} epochs ({a.warmup_epochs} warm-up), seed {a.seed}, config {a.base_config} + overrides, "
+              f"{a.epochs} epochs ({a.warmup_epochs} warm-up) over the largest frame set; a run with fewer "
+              f"frames (A-SAM leaves out frames without anatomy) gets more epochs, so that every run takes "
+              f"about the same number of steps; seed {a.seed}, config {a.base_config} + overrides, "
               f"{a.threads} CPU threads. Evaluation: POCUS 5-fold (convex, {a.pocus_frames_per_video} frames per "
               f"video, folds split by video), linear probe on frozen features, selection '{a.eval_selection}', "
               f"{a.img_size} px. Pre-training time = sum of the epoch times in log.jsonl (a resumed run counts "
@@ -555,13 +584,16 @@ def study(a: argparse.Namespace) -> int:
             st.run(f"eval_{name}", cmd, [out / "eval" / name / f"eval_{tag}.json"])
 
         evaluate("random", None)
-        # d + e: pre-train each run under the same budget, then probe it
+        # d + e: pre-train each run under the same budget (same number of steps), then probe it
+        frames_of = {run.name: pretrain_frames(out, run, a.num_examples) for run in runs}
         for run in runs:
             run_dir = out / "runs" / run.name
+            epochs, warmup = equal_step_epochs(frames_of[run.name], max(frames_of.values()), a.batch_size,
+                                               a.epochs, a.warmup_epochs)
             cmd = [py, "pretrain_aclus.py", "--cfg", str(REPO / a.base_config), "--device", "cpu",
                    *pretrain_overrides(run, out / "pretrain_data" / run.pairs_source, run_dir,
-                                       img_size=a.img_size, batch_size=a.batch_size, epochs=a.epochs,
-                                       warmup_epochs=a.warmup_epochs, seed=a.seed, workers=a.workers,
+                                       img_size=a.img_size, batch_size=a.batch_size, epochs=epochs,
+                                       warmup_epochs=warmup, seed=a.seed, workers=a.workers,
                                        crop_scale=tuple(a.crop_scale), log_step=a.log_step,
                                        num_examples=a.num_examples)]
             resumed = (run_dir / "latest.pth").is_file() and f"pretrain_{run.name}" not in st.records

@@ -32,6 +32,18 @@ def test_same_budget_for_every_run(tmp_path):
     assert a["data.resize_size"] == "112" and a["optimizer.total_epochs"] == "3" and a["seed"] == "0"
 
 
+def test_equal_step_epochs():
+    # the study's case: 362 frames give 45 steps per epoch at batch 8, 4 epochs = 180 steps;
+    # A-SAM left 289 frames (36 steps per epoch), so 5 epochs = 180 steps
+    assert srd.equal_step_epochs(289, 362, 8, 4, 1) == (5, 1)
+    assert srd.equal_step_epochs(362, 362, 8, 4, 1) == (4, 1)
+    assert srd.equal_step_epochs(365, 362, 8, 4, 1) == (4, 1)    # the largest set never shrinks
+    assert srd.equal_step_epochs(100, 400, 10, 3, 1) == (12, 4)  # 120 steps, 10 per epoch
+    assert srd.equal_step_epochs(289, 362, 16, 4, 1) == (5, 1)   # 88 steps wanted, 90 is closest
+    with pytest.raises(srd.StudyError, match="one batch"):
+        srd.equal_step_epochs(7, 362, 8, 4, 1)
+
+
 def test_table_and_helpers():
     ev = {"summary": {"accuracy_mean": 0.8, "accuracy_std": 0.05, "macro_f1_mean": 0.7, "macro_f1_std": 0.1,
                       "pooled_accuracy": 0.81}, "wall_time_s": 3.0}
