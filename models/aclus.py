@@ -1,44 +1,71 @@
 """ACLUS: anatomy-level contrastive learning + anatomy context prediction.
 
-One module holds the whole method (online and target networks, mask pooling,
-losses); ``pretrain_aclus.py`` is a plain training loop around it.
+One module holds the whole method (online and target networks, region sampling,
+mask pooling, losses); ``pretrain_aclus.py`` is a plain training loop around it.
+Which parts run is declared by the method (:mod:`models.methods`):
 
-* ``aclus``  = DetCon-B InfoNCE on 4 scales + context prediction on the crops' overlap
-* ``detcon`` = the same without the context term
-* ``byol``   = one whole-image mask per view and BYOL's regression loss
+* ``aclus``    = DetCon-B InfoNCE on 4 scales + context prediction on the crops' overlap
+* ``detcon``   = the same without the context term
+* ``byol``     = classic BYOL: global-average-pooled C5 of a plain ResNet-18
+* ``byol_fpn`` = BYOL's loss on one whole-image region at the 4 scales
 
-Per step: the online network sees view 1, view 2 (and the damaged overlap view),
-batched into one forward pass; the target network sees the same views (the
-clean overlap view) without gradient. ``update_target`` is called once per
-optimizer step by the training loop.
+Per step: the online and the target networks see view 1 and view 2 batched into
+one pass. For ``aclus`` they also see the overlap of the two crops, damaged
+(online) and clean (target), in a second pass with BatchNorm in inference mode,
+so that damaged images never enter the batch statistics (nor the running
+statistics of the exported encoder) and each image's context term depends on
+that image alone. ``update_target`` is called once per optimizer step by the
+training loop.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 from models.backbone import C5_DIM, FPN_DIM, SCALES, MLP, MultiScaleEncoder
-from models.losses import detcon_infonce, id_areas, label_grids, mask_pool, regression_loss, sample_mask_ids
+from models.losses import (byol_loss, context_loss, detcon_infonce, id_areas, label_grids, mask_pool,
+                           region_present, sample_region_ids)
+from models.methods import get_method
+
+
+@contextmanager
+def batchnorm_inference(*modules: nn.Module):
+    """BatchNorm layers of ``modules`` use (and do not update) their running statistics."""
+    bns = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [bn.training for bn in bns]
+    for bn in bns:
+        bn.train(False)
+    try:
+        yield
+    finally:
+        for bn, mode in zip(bns, modes):
+            bn.train(mode)
 
 
 class ACLUS(nn.Module):
     def __init__(self, method: str = "aclus", pretrained: bool = False, proj_hidden: int = 1024,
                  proj_dim: int = 256, pred_hidden: int = 4096, num_rois: int = 16,
-                 temperature: float = 0.1, sample_by_area: bool = False, context_weight: float = 1.0):
+                 temperature: float = 0.1, sample_by_area: bool = False, include_background: bool = True,
+                 context_weight: float = 1.0, context_loss: str = "cosine"):
         super().__init__()
-        if method not in ("aclus", "detcon", "byol"):
-            raise ValueError(f"unknown method {method!r}")
+        self.spec = get_method(method)
         self.method = method
-        self.num_rois = 1 if method == "byol" else num_rois
+        self.num_rois = 1 if self.spec.whole_image else num_rois
         self.temperature = temperature
         self.sample_by_area = sample_by_area
+        # a whole-image region is id 0: it must stay eligible
+        self.include_background = include_background or self.spec.whole_image
         self.context_weight = context_weight
+        self.context_loss = context_loss
+        regions = self.spec.pooling == "regions"
 
-        self.encoder = MultiScaleEncoder(pretrained)
+        self.encoder = MultiScaleEncoder(pretrained, fpn=regions)
         self.projector_c5 = MLP(C5_DIM, proj_hidden, proj_dim)
-        self.projector_fpn = MLP(FPN_DIM, proj_hidden, proj_dim)  # shared by P4, P3, P2
+        # shared by P4, P3, P2; not built for the global method (DDP needs every parameter used)
+        self.projector_fpn = MLP(FPN_DIM, proj_hidden, proj_dim) if regions else None
         self.predictor = MLP(proj_dim, pred_hidden, proj_dim)
 
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -50,9 +77,10 @@ class ACLUS(nn.Module):
     # ------------------------------------------------------------------ EMA
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) module pairs; the target is the EMA of the online one."""
-        return [(self.encoder, self.target_encoder),
-                (self.projector_c5, self.target_projector_c5),
-                (self.projector_fpn, self.target_projector_fpn)]
+        pairs = [(self.encoder, self.target_encoder), (self.projector_c5, self.target_projector_c5)]
+        if self.projector_fpn is not None:
+            pairs.append((self.projector_fpn, self.target_projector_fpn))
+        return pairs
 
     def target_parameters(self):
         for _, target in self.momentum_pairs():
@@ -69,7 +97,7 @@ class ACLUS(nn.Module):
                 bt.copy_(bo)
         torch._foreach_lerp_(target_p, online_p, 1.0 - momentum)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ heads
     def _project(self, scale: str, pooled: torch.Tensor, target: bool) -> torch.Tensor:
         if scale == "c5":
             head = self.target_projector_c5 if target else self.projector_c5
@@ -77,6 +105,28 @@ class ACLUS(nn.Module):
             head = self.target_projector_fpn if target else self.projector_fpn
         return head(pooled)
 
+    def _heads(self, scale: str, pooled_on: torch.Tensor, pooled_tg: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online prediction and target projection of pooled features (..., C) -> (..., D)."""
+        pred = self.predictor(self._project(scale, pooled_on, target=False))
+        with torch.no_grad():
+            proj = self._project(scale, pooled_tg, target=True)
+        return pred, proj
+
+    # ------------------------------------------------------------------ regions
+    def region_masks(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Label maps of view 1, view 2 (and the overlap view): all zeros for whole-image methods."""
+        keys = ["mask1", "mask2"] + (["ctx_mask"] if self.spec.context else [])
+        masks = [batch[k] for k in keys]
+        return [torch.zeros_like(m) for m in masks] if self.spec.whole_image else masks
+
+    def sample_regions(self, mask1: torch.Tensor, mask2: torch.Tensor, num_ids: int,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids drawn once per image among those present in both views: (B, K) ids and weights."""
+        return sample_region_ids(id_areas(mask1, num_ids), id_areas(mask2, num_ids), self.num_rois,
+                                 self.sample_by_area, self.include_background, generator)
+
+    # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the training loss of one batch.
@@ -87,62 +137,78 @@ class ACLUS(nn.Module):
                 also ``ctx_damaged``, ``ctx_clean``: (B, 3, S, S) the overlap of the two
                 crops, damaged / clean; ``ctx_mask``: (B, S, S); ``ctx_valid``: (B,) bool,
                 False where the crops do not overlap.
-            generator: random generator for the mask-id draws.
+            generator: random generator for the region draws.
 
         Returns:
             loss: scalar; stats: detached per-term, per-scale values for logging.
         """
-        use_ctx = self.method == "aclus"
-        b = batch["view1"].shape[0]
-        views = [batch["view1"], batch["view2"]]
-        masks = [batch["mask1"], batch["mask2"]]
-        if use_ctx:
-            masks.append(batch["ctx_mask"])
-        if self.method == "byol":
-            masks = [torch.zeros_like(m) for m in masks]
-        labels = torch.cat(masks)                                           # V*B x S x S
+        if self.spec.pooling == "global":
+            return self._forward_global(batch)
+        return self._forward_regions(batch, generator)
 
-        online = self.encoder(torch.cat(views + ([batch["ctx_damaged"]] if use_ctx else [])))
+    def _forward_global(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        views = torch.cat([batch["view1"], batch["view2"]])                 # 2B x 3 x S x S
+        pooled_on = self.encoder(views)["c5"].mean(dim=(2, 3))[:, None]     # 2B x 1 x 512
         with torch.no_grad():
-            target = self.target_encoder(torch.cat(views + ([batch["ctx_clean"]] if use_ctx else [])))
+            pooled_tg = self.target_encoder(views)["c5"].mean(dim=(2, 3))[:, None]
+        pred, proj = self._heads("c5", pooled_on, pooled_tg)                 # 2B x 1 x D
+        pred_a, pred_b = pred.chunk(2)
+        proj_a, proj_b = proj.chunk(2)
+        loss = byol_loss(pred_a, pred_b, proj_a, proj_b, torch.ones_like(pred_a[..., 0]))
+        return loss, {"regression/global": loss.detach(), "loss": loss.detach()}
 
+    def _forward_regions(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        spec = self.spec
+        b = batch["view1"].shape[0]
+        masks = self.region_masks(batch)
+        labels = torch.cat(masks)                                           # V*B x S x S
         num_ids = int(labels.max()) + 1
+        ids, roi_w = self.sample_regions(masks[0], masks[1], num_ids, generator)   # B x K
+        ids_views = ids.repeat(2, 1)                                        # 2B x K
+
+        views = torch.cat([batch["view1"], batch["view2"]])                 # 2B x 3 x S x S
+        online = self.encoder(views)
+        with torch.no_grad():
+            target = self.target_encoder(views)
+
         sizes = [tuple(online[s].shape[-2:]) for s in SCALES]
         order = sorted(range(len(SCALES)), key=lambda i: -sizes[i][0] * sizes[i][1])  # finest first
         grids_sorted = label_grids(labels, [sizes[i] for i in order], num_ids)
-        grids = {SCALES[i]: g for i, g in zip(order, grids_sorted)}
+        grids = {SCALES[i]: g for i, g in zip(order, grids_sorted)}         # V*B x h x w each
 
+        pair_name = "contrast" if spec.pair_loss == "infonce" else "regression"
         stats: dict[str, torch.Tensor] = {}
         total = online["c5"].new_zeros((), dtype=torch.float32)
         for s in SCALES:
-            g = grids[s].split(b)                                           # V x (B x h x w)
-            areas = [id_areas(gi, num_ids) for gi in g]
-            # ids present in both views, drawn once and used for both
-            ids, w = sample_mask_ids(areas[0] * areas[1], self.num_rois, self.sample_by_area, generator)
-            feats_on = online[s].split(b)
-            feats_tg = target[s].split(b)
-            pooled_on = torch.cat([mask_pool(feats_on[v], g[v], ids) for v in range(2)])  # 2B x K x C
-            pooled_tg = torch.cat([mask_pool(feats_tg[v], g[v], ids) for v in range(2)])
-            if use_ctx:
-                ids_c, w_c = sample_mask_ids(areas[2], self.num_rois, self.sample_by_area, generator)
-                w_c = w_c * batch["ctx_valid"][:, None].float()  # skip images without overlap
-                pooled_on = torch.cat([pooled_on, mask_pool(feats_on[2], g[2], ids_c)])
-                pooled_tg = torch.cat([pooled_tg, mask_pool(feats_tg[2], g[2], ids_c)])
-            pred = self.predictor(self._project(s, pooled_on, target=False)).split(b)   # V x (B x K x D)
-            with torch.no_grad():
-                proj_tg = self._project(s, pooled_tg, target=True).split(b)
-
-            if self.method == "byol":
-                loss_s = 0.5 * (regression_loss(pred[0], proj_tg[1], w) + regression_loss(pred[1], proj_tg[0], w))
+            g = grids[s][:2 * b]                                            # 2B x h x w
+            present = region_present(g, ids_views, num_ids)                 # 2B x K
+            w = roi_w * (present[:b] & present[b:])                         # B x K
+            pred, proj = self._heads(s, mask_pool(online[s], g, ids_views), mask_pool(target[s], g, ids_views))
+            pred_a, pred_b = pred.chunk(2)                                  # B x K x D each
+            proj_a, proj_b = proj.chunk(2)
+            if spec.pair_loss == "infonce":
+                loss_s = detcon_infonce(pred_a, pred_b, proj_a, proj_b, ids, w, self.temperature)
             else:
-                loss_s = 0.5 * (detcon_infonce(pred[0], proj_tg[1], ids, w, self.temperature)
-                                + detcon_infonce(pred[1], proj_tg[0], ids, w, self.temperature))
-            stats[f"{'regression' if self.method == 'byol' else 'contrast'}/{s}"] = loss_s.detach()
+                loss_s = byol_loss(pred_a, pred_b, proj_a, proj_b, w)
+            stats[f"{pair_name}/{s}"] = loss_s.detach()
+            stats[f"regions/{s}"] = (w > 0).float().mean().detach()  # share of draws kept at this scale
             total = total + loss_s
-            if use_ctx:
-                loss_c = regression_loss(pred[2], proj_tg[2], w_c)
-                stats[f"context/{s}"] = loss_c.detach()
-                total = total + self.context_weight * loss_c
+
+        if spec.context:
+            # damaged images stay out of every BatchNorm batch: BN runs on the running
+            # statistics of the clean views, in the online and the target branch alike
+            with batchnorm_inference(self):
+                online_c = self.encoder(batch["ctx_damaged"])
+                with torch.no_grad():
+                    target_c = self.target_encoder(batch["ctx_clean"])
+                for s in SCALES:
+                    g = grids[s][2 * b:]                                    # B x h x w
+                    w = roi_w * region_present(g, ids, num_ids) * batch["ctx_valid"][:, None]
+                    pred, proj = self._heads(s, mask_pool(online_c[s], g, ids), mask_pool(target_c[s], g, ids))
+                    loss_c = context_loss(pred, proj, w, self.context_loss)
+                    stats[f"context/{s}"] = loss_c.detach()
+                    total = total + self.context_weight * loss_c
         stats["loss"] = total.detach()
         return total, stats
 
@@ -155,10 +221,14 @@ def build_model(cfg: dict) -> ACLUS:
                          f"got {m['projection']['input_dim']}")
     if m["predictor"]["input_dim"] != m["projection"]["output_dim"]:
         raise ValueError("model.predictor.input_dim must equal model.projection.output_dim")
+    if m["predictor"]["output_dim"] != m["projection"]["output_dim"]:
+        raise ValueError("model.predictor.output_dim must equal model.projection.output_dim "
+                         "(the prediction is compared with the target projection)")
     return ACLUS(
         method=m["method"], pretrained=m["backbone"]["pretrained"],
         proj_hidden=m["projection"]["hidden_dim"], proj_dim=m["projection"]["output_dim"],
         pred_hidden=m["predictor"]["hidden_dim"], num_rois=loss["mask_rois"],
         temperature=loss["temperature"], sample_by_area=loss["sample_by"] == "area",
-        context_weight=loss["context_weight"],
+        include_background=loss["include_background"], context_weight=loss["context_weight"],
+        context_loss=loss["context_loss"],
     )

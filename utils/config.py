@@ -15,17 +15,18 @@ from typing import Any
 
 import yaml
 
+from models.methods import METHODS
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says where and why."""
 
 
-METHODS = ("aclus", "detcon", "byol")
-
 DEFAULTS: dict[str, Any] = {
     "model": {
         # aclus = DetCon-B + anatomy context prediction; detcon = no context term;
-        # byol = one whole-image mask and BYOL's regression loss (image level).
+        # byol = classic BYOL (pooled C5); byol_fpn = BYOL's loss on whole-image regions
+        # at the 4 scales (models/methods.py)
         "method": "aclus",
         "base_momentum": 0.99,
         "backbone": {"type": "resnet18", "pretrained": False},
@@ -61,7 +62,9 @@ DEFAULTS: dict[str, Any] = {
         "mask_rois": 16,                 # K mask ids sampled per image and scale
         "pool_size": 7,                  # legacy: each scale's grid comes from its feature map
         "sample_by": "uniform",          # uniform (upstream code) | area (paper text)
+        "include_background": True,      # label 0 (no anatomy) is one more region, as upstream
         "context_weight": 1.0,           # lambda_ctx
+        "context_loss": "cosine",        # cosine (2 - 2 cos) | mse (upstream nn.MSELoss)
     },
     "checkpoint": {
         "time_stamp": None,
@@ -76,12 +79,14 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _CHOICES = {
-    ("model", "method"): METHODS,
+    ("model", "method"): tuple(METHODS),
     ("model", "backbone", "type"): ("resnet18",),
     ("data", "mask_type"): ("gt", "whole"),
     ("optimizer", "type"): ("lars",),
     ("optimizer", "lr_type"): ("cosine",),
     ("loss", "sample_by"): ("uniform", "area"),
+    ("loss", "context_loss"): ("cosine", "mse"),
+    ("loss", "include_background"): (True, False),
     ("amp", "opt_level"): ("O0", "O1", "O2", "O3"),
     ("stage",): ("train",),
 }

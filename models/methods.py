@@ -1,0 +1,42 @@
+"""The pre-training methods, each described once as data.
+
+The data set, the model and the training script read a :class:`Method` instead of
+branching on its name, so a variant is one new entry in :data:`METHODS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    #: "regions": features mask-pooled at the 4 scales of ResNet-18 + FPN (C5, P4, P3, P2);
+    #: "global": global average pool of C5 only (plain ResNet-18, no FPN is built)
+    pooling: str
+    #: one region = the whole view; the anatomy masks are neither read nor needed
+    whole_image: bool
+    #: loss between the two views: "infonce" (DetCon-B) or "regression" (BYOL, 2 - 2 cos)
+    pair_loss: str
+    #: anatomy context prediction on the damaged overlap of the two crops (ACLUS)
+    context: bool
+    summary: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("aclus", "regions", False, "infonce", True,
+           "DetCon-B InfoNCE on anatomy masks at 4 scales + anatomy context prediction"),
+    Method("detcon", "regions", False, "infonce", False,
+           "DetCon-B InfoNCE on anatomy masks at 4 scales"),
+    Method("byol", "global", True, "regression", False,
+           "classic BYOL: global-average-pooled C5 of a plain ResNet-18"),
+    Method("byol_fpn", "regions", True, "regression", False,
+           "BYOL's loss on one whole-image region at the 4 scales of ResNet-18 + FPN"),
+)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}") from None

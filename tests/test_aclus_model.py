@@ -1,0 +1,146 @@
+"""ACLUS.forward as the method specifies it, on tiny tensors (CPU).
+
+Each test names the defect that would break it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from lightly.loss import NegativeCosineSimilarity
+
+from models.aclus import ACLUS
+from models.methods import METHODS
+
+S = 32  # view side: C5 is 1 x 1, P2 is 8 x 8
+
+
+def _model(method: str, **kw) -> ACLUS:
+    torch.manual_seed(0)
+    return ACLUS(method, proj_hidden=16, proj_dim=8, pred_hidden=16, num_rois=4, **kw)
+
+
+def _batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Views with 3 large regions (ids 0, 1, 2) in both views; id 3 only in view 1."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, S, S, dtype=torch.int64)
+    mask[:, :, S // 2:] = 1
+    mask[:, S // 2:, :S // 2] = 2
+    mask1 = mask.clone()
+    mask1[:, :4, :4] = 3
+    return {"view1": torch.randn(b, 3, S, S, generator=g), "view2": torch.randn(b, 3, S, S, generator=g),
+            "mask1": mask1, "mask2": mask.clone(),
+            "ctx_damaged": torch.randn(b, 3, S, S, generator=g), "ctx_clean": torch.randn(b, 3, S, S, generator=g),
+            "ctx_mask": mask.clone(), "ctx_valid": torch.ones(b, dtype=torch.bool)}
+
+
+def _loss_and_grads(model: ACLUS, batch: dict, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """On a copy of ``model``: a forward updates the BatchNorm running statistics,
+    which the context branch reads, so each comparison starts from the same state."""
+    model = copy.deepcopy(model)
+    loss, _ = model(batch, torch.Generator().manual_seed(seed))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_ids_are_drawn_only_from_those_present_in_both_views():
+    # bug caught: drawing from view 1's ids alone (id 3), or per scale
+    model = _model("detcon")
+    batch = _batch(b=64)
+    ids, w = model.sample_regions(batch["mask1"], batch["mask2"], 4, torch.Generator().manual_seed(0))
+    assert set(ids.unique().tolist()) == {0, 1, 2}
+    assert torch.all(w > 0)
+    model_nb = _model("detcon", include_background=False)
+    ids, _ = model_nb.sample_regions(batch["mask1"], batch["mask2"], 4, torch.Generator().manual_seed(0))
+    assert set(ids.unique().tolist()) == {1, 2}
+
+
+def test_image_without_overlap_adds_exactly_zero_to_loss_and_gradients():
+    # bugs caught: the context term computed on the placeholder overlap, or the
+    # placeholder entering the BatchNorm statistics of the other images
+    model = _model("aclus")
+    batch = _batch()
+    batch["ctx_valid"][1] = False
+    loss, grads = _loss_and_grads(model, batch)
+    other = {k: v.clone() for k, v in batch.items()}
+    other["ctx_damaged"][1] = 50.0 * torch.randn(3, S, S)
+    other["ctx_clean"][1] = -3.0
+    other["ctx_mask"][1] = 2
+    loss2, grads2 = _loss_and_grads(model, other)
+    assert torch.equal(loss, loss2)
+    assert grads.keys() == grads2.keys()
+    for n in grads:
+        assert torch.equal(grads[n], grads2[n]), n
+
+
+def test_context_term_is_skipped_not_zero_filled():
+    model = _model("aclus")
+    batch = _batch()
+    batch["ctx_valid"][:] = False
+    _, stats = model(batch, torch.Generator().manual_seed(0))
+    assert all(float(stats[f"context/{s}"]) == 0.0 for s in ("c5", "p4", "p3", "p2"))
+
+
+@pytest.mark.parametrize("method", ["aclus", "detcon", "byol", "byol_fpn"])
+def test_swapping_the_views_leaves_the_loss_unchanged(method):
+    # bug caught: negatives or positives taken from one direction only (not symmetrised)
+    model = _model(method)
+    batch = _batch()
+    swapped = dict(batch, view1=batch["view2"], view2=batch["view1"], mask1=batch["mask2"], mask2=batch["mask1"])
+    a, _ = _loss_and_grads(model, batch)
+    b, _ = _loss_and_grads(model, swapped)
+    assert math.isclose(float(a), float(b), rel_tol=1e-5)
+
+
+def test_positive_is_the_same_id_in_the_other_view():
+    # bug caught: positives chosen by position or image instead of by region id
+    model = _model("detcon")
+    batch = _batch()
+    a, _ = _loss_and_grads(model, batch)
+    permuted = dict(batch, mask2=batch["mask2"].clone())
+    permuted["mask2"][batch["mask2"] == 1] = 2
+    permuted["mask2"][batch["mask2"] == 2] = 1  # same regions, ids 1 and 2 exchanged in view 2
+    b, _ = _loss_and_grads(model, permuted)
+    assert abs(float(a) - float(b)) > 1e-3
+
+
+def test_damaged_overlap_stays_out_of_batchnorm_statistics():
+    # bug caught: the damaged view batched with the clean ones into the online encoder
+    model = _model("aclus")
+    reference = copy.deepcopy(model.encoder)
+    batch = _batch()
+    model.train()
+    model(batch, torch.Generator().manual_seed(0))
+    reference.train()
+    reference(torch.cat([batch["view1"], batch["view2"]]))
+    for (n, a), b in zip(model.encoder.named_buffers(), reference.buffers()):
+        assert torch.equal(a, b), n
+    assert all(m.training for m in model.modules())  # training mode restored
+
+
+def test_classic_byol_is_global_pooled_c5_without_fpn():
+    model = _model("byol")
+    assert model.encoder.fpn is None and model.projector_fpn is None
+    batch = _batch()
+    loss, stats = model(batch)
+    assert set(stats) == {"regression/global", "loss"}
+    # the same loss written with lightly's criterion on the model's own modules
+    views = torch.cat([batch["view1"], batch["view2"]])
+    p = model.predictor(model.projector_c5(model.encoder.resnet(views)))
+    with torch.no_grad():
+        z = model.target_projector_c5(model.target_encoder.resnet(views))
+    p0, p1, z0, z1 = (*p.chunk(2), *z.chunk(2))
+    ref = 0.5 * (NegativeCosineSimilarity()(p0, z1) + NegativeCosineSimilarity()(p1, z0))
+    assert math.isclose(float(loss), 2 + 2 * float(ref), rel_tol=1e-4)
+
+
+def test_every_online_parameter_gets_a_gradient():
+    # DDP stalls on a parameter that never gets a gradient
+    for method in METHODS:
+        model = _model(method)
+        _, grads = _loss_and_grads(model, _batch())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == set(grads), (method, trainable ^ set(grads))
