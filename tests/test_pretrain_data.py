@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.context_damage import bezier_intensity_remap, context_damage, inpaint_blocks, local_pixel_shuffle
+from utils.context_damage import (bezier_intensity_remap, context_damage, inpaint_blocks, local_pixel_shuffle,
+                                  outpaint_blocks)
 from utils.generate_masks_pkls import generate
 from utils.io import DataError, safe_pickle_load
 from utils.pretrain_data import (AnatomyPairDataset, EpochSampler, load_pairs, make_views, overlap_box,
@@ -70,7 +71,8 @@ def test_views_are_deterministic_per_seed():
 
 
 # ------------------------------------------------------------------ damage
-@pytest.mark.parametrize("fn", [bezier_intensity_remap, local_pixel_shuffle, inpaint_blocks, context_damage])
+@pytest.mark.parametrize("fn", [bezier_intensity_remap, local_pixel_shuffle, inpaint_blocks, outpaint_blocks,
+                                context_damage])
 def test_damage_keeps_shape_range_and_changes_image(fn):
     rng = np.random.default_rng(0)
     img = np.linspace(0, 1, 3 * 40 * 40, dtype=np.float32).reshape(3, 40, 40)
@@ -78,6 +80,41 @@ def test_damage_keeps_shape_range_and_changes_image(fn):
     assert out.shape == img.shape and out.dtype == img.dtype
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert not np.array_equal(out, img)
+
+
+def test_context_damage_follows_models_genesis_order():
+    # shuffle -> Bezier remap -> painting, each gated by one draw of the same generator
+    img = np.random.default_rng(0).random((3, 24, 24)).astype(np.float32)
+    out = context_damage(img, np.random.default_rng(9), p_shuffle=1.0, p_nonlinear=1.0, p_paint=1.0)
+    rng = np.random.default_rng(9)
+    rng.random()
+    ref = local_pixel_shuffle(img, rng)
+    rng.random()
+    ref = bezier_intensity_remap(ref, rng)
+    rng.random()
+    rng.random()  # in- or out-painting
+    ref = inpaint_blocks(ref, rng)
+    assert np.array_equal(out, np.clip(ref, 0, 1))
+
+
+def test_context_damage_probabilities():
+    # with a constant image: the remap changes the value, painting adds noise, shuffling nothing
+    img = np.full((1, 12, 12), 0.3, np.float32)
+    n, remapped, painted = 600, 0, 0
+    rng = np.random.default_rng(1)
+    for _ in range(n):
+        out = context_damage(img, rng)
+        values = np.unique(out)
+        remapped += not np.isclose(np.median(out), 0.3)
+        painted += len(values) > 2
+    assert abs(remapped / n - 0.9) < 0.05 and abs(painted / n - 0.9) < 0.05
+
+
+def test_outpainting_keeps_windows_of_the_image():
+    img = np.full((1, 28, 28), 0.5, np.float32)
+    out = outpaint_blocks(img, np.random.default_rng(3))
+    kept = np.isclose(out, 0.5).mean()
+    assert 0.15 < kept < 0.9  # at least one 3/7-4/7 window; noise elsewhere
 
 
 def test_local_pixel_shuffle_only_permutes_values():

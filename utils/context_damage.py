@@ -1,18 +1,38 @@
-"""Models-Genesis-style image damage for ACLUS's context prediction.
+"""Models-Genesis image damage for ACLUS's context prediction.
 
 The online network sees a damaged copy of the two crops' overlap and must
-predict the target's embedding of the clean copy, mask by mask. Every function
-takes a float image in [0, 1] of shape (C, H, W) and a ``numpy.random.Generator``,
-returns a new array of the same shape and range, and does no I/O.
+predict the target's embedding of the clean copy, region by region. The damage
+follows Models Genesis (Zhou et al., 2019/2021) in its order:
+
+1. local pixel shuffling (p = 0.8, METHOD.md): pixels are permuted inside many
+   small random blocks, so that local texture is lost but shapes stay;
+2. a non-linear intensity remap along a random cubic Bezier curve (p = 0.9,
+   METHOD.md), increasing or, half of the time, decreasing;
+3. painting (p = 0.9, Models Genesis's rate): in-painting (up to 5 blocks of 1/6-1/3
+   of each side replaced by uniform noise) or, with probability ``p_outpaint``,
+   out-painting (everything replaced by noise except up to 5 windows of 3/7-4/7 of
+   each side). METHOD.md names in-painting only, so ``p_outpaint`` is 0 by default;
+   Models Genesis uses 0.8.
+
+Every function takes a float image in [0, 1] of shape (C, H, W) and a
+``numpy.random.Generator``, returns a new array of the same shape, dtype and
+range, and does no I/O.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.special import comb
 
+P_SHUFFLE = 0.8
+P_NONLINEAR = 0.9
+P_PAINT = 0.9
+P_OUTPAINT = 0.0
+#: after the first block, each further painting block is added with this probability
+P_NEXT_BLOCK = 0.95
+
 
 def bezier_intensity_remap(img: np.ndarray, rng: np.random.Generator, points: int = 1000) -> np.ndarray:
-    """Monotone-ish non-linear intensity transform along a random cubic Bezier curve.
+    """Non-linear intensity transform along a random cubic Bezier curve.
 
     The curve runs from (0, 0) to (1, 1) through two random control points; half
     of the time it is reversed (intensities inverted), as in Models Genesis.
@@ -48,21 +68,45 @@ def local_pixel_shuffle(img: np.ndarray, rng: np.random.Generator, num_blocks: i
     return out
 
 
+def _random_window(rng: np.random.Generator, h: int, w: int, lo: float, hi: float) -> tuple[slice, slice]:
+    bh = int(rng.integers(max(1, int(h * lo)), max(2, int(h * hi)) + 1))
+    bw = int(rng.integers(max(1, int(w * lo)), max(2, int(w * hi)) + 1))
+    y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    return slice(y, y + bh), slice(x, x + bw)
+
+
+def _block_count(rng: np.random.Generator, max_blocks: int) -> int:
+    """1, then each further block with probability P_NEXT_BLOCK, at most ``max_blocks``."""
+    n = 1
+    while n < max_blocks and rng.random() < P_NEXT_BLOCK:
+        n += 1
+    return n
+
+
 def inpaint_blocks(img: np.ndarray, rng: np.random.Generator, max_blocks: int = 5) -> np.ndarray:
-    """Replace 1..max_blocks random rectangles (1/6 to 1/3 of each side) with uniform noise."""
+    """Replace up to ``max_blocks`` random rectangles (1/6 to 1/3 of each side) with uniform noise."""
     out = img.copy()
     c, h, w = img.shape
-    for _ in range(rng.integers(1, max_blocks + 1)):
-        bh = rng.integers(max(1, h // 6), max(2, h // 3) + 1)
-        bw = rng.integers(max(1, w // 6), max(2, w // 3) + 1)
-        y, x = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
-        out[:, y:y + bh, x:x + bw] = rng.random((c, bh, bw), dtype=np.float32).astype(img.dtype)
+    for _ in range(_block_count(rng, max_blocks)):
+        ys, xs = _random_window(rng, h, w, 1 / 6, 1 / 3)
+        out[:, ys, xs] = rng.random((c, ys.stop - ys.start, xs.stop - xs.start)).astype(img.dtype)
     return out
 
 
-def context_damage(img: np.ndarray, rng: np.random.Generator, p_nonlinear: float = 0.9,
-                   p_shuffle: float = 0.8, p_inpaint: float = 0.9) -> np.ndarray:
-    """Apply the three damages, each with its probability, in Models Genesis order.
+def outpaint_blocks(img: np.ndarray, rng: np.random.Generator, max_blocks: int = 5) -> np.ndarray:
+    """Uniform noise everywhere except up to ``max_blocks`` windows (3/7 to 4/7 of each side)."""
+    out = rng.random(img.shape).astype(img.dtype)
+    _, h, w = img.shape
+    for _ in range(_block_count(rng, max_blocks)):
+        ys, xs = _random_window(rng, h, w, 3 / 7, 4 / 7)
+        out[:, ys, xs] = img[:, ys, xs]
+    return out
+
+
+def context_damage(img: np.ndarray, rng: np.random.Generator, p_shuffle: float = P_SHUFFLE,
+                   p_nonlinear: float = P_NONLINEAR, p_paint: float = P_PAINT,
+                   p_outpaint: float = P_OUTPAINT) -> np.ndarray:
+    """Shuffle -> Bezier remap -> in-/out-painting, each with its probability (module docstring).
 
     Args:
         img: (C, H, W) float32 in [0, 1].
@@ -71,10 +115,10 @@ def context_damage(img: np.ndarray, rng: np.random.Generator, p_nonlinear: float
         (C, H, W) float32 in [0, 1].
     """
     out = img
-    if rng.random() < p_nonlinear:
-        out = bezier_intensity_remap(out, rng)
     if rng.random() < p_shuffle:
         out = local_pixel_shuffle(out, rng)
-    if rng.random() < p_inpaint:
-        out = inpaint_blocks(out, rng)
+    if rng.random() < p_nonlinear:
+        out = bezier_intensity_remap(out, rng)
+    if rng.random() < p_paint:
+        out = outpaint_blocks(out, rng) if rng.random() < p_outpaint else inpaint_blocks(out, rng)
     return np.clip(out, 0.0, 1.0)
