@@ -23,6 +23,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from timm.optim import Lars
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.aclus import ACLUS, build_model
+from models.methods import get_method
 from utils import distributed as du
 from utils.checkpoint import find_resume_checkpoint, save_checkpoint
 from utils.config import ConfigError, load_config, run_dir as config_run_dir
@@ -73,6 +75,49 @@ def lars_param_groups(model: torch.nn.Module, weight_decay: float, exclude_bias_
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule of BYOL / DetCon: lr = base_lr x global batch / 256."""
+    return base_lr * global_batch / 256
+
+
+def build_optimizer(cfg: dict, model: torch.nn.Module, global_batch: int, iters_per_epoch: int
+                    ) -> tuple[torch.optim.Optimizer, np.ndarray, np.ndarray]:
+    """LARS over the online parameters, with the per-step lr and target-momentum schedules.
+
+    Returns:
+        optimizer, lr (epochs * iters,) warm-up + cosine to 0, momentum (epochs * iters + 1,)
+        BYOL's cosine increase from ``base_momentum`` to 1.
+    """
+    opt = cfg["optimizer"]
+    epochs = int(opt["total_epochs"])
+    lr = warmup_cosine(scaled_lr(opt["base_lr"], global_batch), 0.0, epochs, iters_per_epoch, opt["warmup_epochs"])
+    momentum = byol_momentum(cfg["model"]["base_momentum"], epochs * iters_per_epoch)
+    optimizer = Lars(lars_param_groups(model, opt["weight_decay"], opt["exclude_bias_and_bn"]),
+                     lr=float(lr[0]), momentum=opt["momentum"], trust_coeff=1e-3)
+    return optimizer, lr, momentum
+
+
+def build_loader(cfg: dict, info: du.DistInfo) -> tuple[DataLoader, EpochSampler]:
+    """The pre-training pairs as the method needs them (context view, whole-image masks)."""
+    spec = get_method(cfg["model"]["method"])
+    data = cfg["data"]
+    pairs = load_pairs(data["image_dir"], data["subset"])
+    if data["num_examples"] and data["num_examples"] > 0:
+        pairs = pairs[: data["num_examples"]]
+    dataset = AnatomyPairDataset(
+        pairs, size=data["resize_size"], crop_scale=data["crop_scale"], with_context=spec.context,
+        whole_image_mask=spec.whole_image or data["mask_type"] == "whole", seed=int(cfg["seed"]))
+    sampler = EpochSampler(len(dataset), info.rank, info.world_size, seed=int(cfg["seed"]))
+    batch_size, workers = data["train_batch_size"], data["data_workers"]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=info.device.type == "cuda", drop_last=True,
+                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    if len(loader) == 0:
+        raise DataError(f"{len(dataset)} training pairs give no full batch of {batch_size} per process "
+                        f"on {info.world_size} process(es); lower data.train_batch_size")
+    return loader, sampler
+
+
 def mask_generator(seed: int, rank: int, epoch: int, device: torch.device) -> torch.Generator:
     """The mask-id draws of one epoch: seeded by (seed, rank, epoch), so resuming needs no state."""
     g = torch.Generator(device=device)
@@ -82,6 +127,31 @@ def mask_generator(seed: int, rank: int, epoch: int, device: torch.device) -> to
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(model: torch.nn.Module, core: ACLUS, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], lr: float, momentum: float,
+               generator: torch.Generator | None, amp: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """One optimizer step: forward (``model`` may be the DDP wrapper of ``core``), backward,
+    LARS update at ``lr``, then the target EMA at ``momentum``, once.
+
+    Returns:
+        the loss value and the detached per-term values. Raises FloatingPointError
+        (before any update) on a non-finite loss.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+        loss, stats = model(batch, generator)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"non-finite loss {loss_value}; terms: { {k: float(v) for k, v in stats.items()} }")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    core.update_target(momentum)  # once per optimizer step
+    return loss_value, stats
 
 
 class JsonLog:
@@ -114,23 +184,8 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
     method = cfg["model"]["method"]
 
     # ---- data
-    pairs = load_pairs(cfg["data"]["image_dir"], cfg["data"]["subset"])
-    if cfg["data"]["num_examples"] and cfg["data"]["num_examples"] > 0:
-        pairs = pairs[: cfg["data"]["num_examples"]]
-    dataset = AnatomyPairDataset(
-        pairs, size=cfg["data"]["resize_size"], crop_scale=cfg["data"]["crop_scale"],
-        with_context=method == "aclus",
-        whole_image_mask=method == "byol" or cfg["data"]["mask_type"] == "whole", seed=seed)
-    sampler = EpochSampler(len(dataset), info.rank, info.world_size, seed=seed)
-    batch_size = cfg["data"]["train_batch_size"]
-    workers = cfg["data"]["data_workers"]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=info.device.type == "cuda", drop_last=True,
-                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    loader, sampler = build_loader(cfg, info)
     iters = len(loader)
-    if iters == 0:
-        raise DataError(f"{len(dataset)} training pairs give no full batch of {batch_size} per process "
-                        f"on {info.world_size} process(es); lower data.train_batch_size")
 
     # ---- model
     model = build_model(cfg).to(info.device)
@@ -141,13 +196,9 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
         model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
 
     # ---- optimisation
-    opt_cfg = cfg["optimizer"]
-    epochs = int(opt_cfg["total_epochs"])
-    global_batch = batch_size * info.world_size
-    lr_sched = warmup_cosine(opt_cfg["base_lr"] * global_batch / 256, 0.0, epochs, iters, opt_cfg["warmup_epochs"])
-    mom_sched = byol_momentum(cfg["model"]["base_momentum"], epochs * iters)
-    optimizer = Lars(lars_param_groups(core, opt_cfg["weight_decay"], opt_cfg["exclude_bias_and_bn"]),
-                     lr=float(lr_sched[0]), momentum=opt_cfg["momentum"], trust_coeff=1e-3)
+    epochs = int(cfg["optimizer"]["total_epochs"])
+    global_batch = cfg["data"]["train_batch_size"] * info.world_size
+    optimizer, lr_sched, mom_sched = build_optimizer(cfg, core, global_batch, iters)
     amp = cfg["amp"]["opt_level"] != "O0" and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
@@ -177,7 +228,7 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(cfg["log"]["log_dir"] or str(run_dir / "tb"))
         log.info("%s: %d pairs, %d iters/epoch, global batch %d, %d process(es) on %s, amp=%s",
-                 method, len(dataset), iters, global_batch, info.world_size, info.device, amp)
+                 method, len(loader.dataset), iters, global_batch, info.world_size, info.device, amp)
     log_step = max(1, int(cfg["log"]["log_step"]))
 
     steps_done, stopped = 0, False
@@ -192,20 +243,11 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
         t_epoch, sums = time.time(), {}
         for it, batch in enumerate(bar):
             step = epoch * iters + it
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_sched[step])
-            batch = to_device(batch, info.device)
-            with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
-                loss, stats = model(batch, generator)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at epoch {epoch + 1}, step {it}; "
-                                         f"terms: { {k: float(v) for k, v in stats.items()} }")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            core.update_target(float(mom_sched[step]))  # once per optimizer step
+            try:
+                loss_value, stats = train_step(model, core, optimizer, scaler, to_device(batch, info.device),
+                                               float(lr_sched[step]), float(mom_sched[step]), generator, amp)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"epoch {epoch + 1}, step {it}: {e}") from None
             steps_done += 1
 
             for k, v in stats.items():

@@ -20,6 +20,12 @@ def warmup_cosine(base: float, final: float, epochs: int, iters_per_epoch: int,
 
 
 def byol_momentum(base_momentum: float, total_steps: int) -> np.ndarray:
-    """BYOL's target momentum m_k = 1 - (1 - m_0) (cos(pi k / K) + 1) / 2, k = 0..K-1."""
-    k = np.arange(total_steps)
+    """BYOL's target momentum m_k = 1 - (1 - m_0) (cos(pi k / K) + 1) / 2, k = 0..K.
+
+    The update after optimizer step k (0-based) uses m_k; m_K = 1 closes the curve.
+
+    Returns:
+        (K + 1,) float64 array.
+    """
+    k = np.arange(total_steps + 1)
     return 1.0 - (1.0 - base_momentum) * (np.cos(np.pi * k / max(total_steps, 1)) + 1.0) / 2.0
