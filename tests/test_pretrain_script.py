@@ -169,3 +169,20 @@ def test_two_process_gloo_run(tmp_path, synthetic_pretrain_dir, make_pretrain_co
     assert "global batch 8, 2 process(es)" in proc.stderr
     state = torch.load(run / "latest.pth", weights_only=True)
     assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
+
+
+def test_paper_config_differs_from_the_upstream_example_only_in_the_papers_values():
+    from utils.config import load_config
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    example, paper = flat(load_config(REPO / "configs/example.yaml")), flat(load_config(REPO / "configs/paper.yaml"))
+    differ = {k for k in example if example[k] != paper[k]}
+    assert differ == {"data.crop_scale", "data.train_batch_size", "loss.sample_by", "checkpoint.ckpt_path"}
+    assert (example["data.crop_scale"], paper["data.crop_scale"]) == ([0.08, 1.0], [0.2, 1.0])
+    assert (example["loss.sample_by"], paper["loss.sample_by"]) == ("uniform", "area")
+    assert 2 * paper["data.train_batch_size"] == 192 and 2 * example["data.train_batch_size"] == 64
