@@ -18,7 +18,6 @@ import torchvision
 
 import evaluation_aclus as ev
 from utils.classification_metrics import aggregate_folds, confusion_matrix, metrics_from_confusion, select_index
-from utils.io import DataError
 from utils.synthetic_us import make_pocus_folds, write_pocus_folds
 
 CLASSES = ("covid19", "pneumonia", "regular")
@@ -38,6 +37,19 @@ def syn_small(tmp_path_factory):
     """1 video x 3 classes x 5 folds x 2 frames = 30 images, 32 px: for the slower finetune runs."""
     root = tmp_path_factory.mktemp("syn_pocus_small")
     write_pocus_folds(root, videos_per_class_per_fold=1, frames_per_video=2, size=32, seed=0)
+    return root
+
+
+SUBTLE = 0.2
+
+
+@pytest.fixture(scope="module")
+def syn_subtle(tmp_path_factory):
+    """As syn_folds with faint findings (finding_strength 0.2): random features no longer
+    separate the classes well (0.65 linear-probe accuracy), a learned encoder still does."""
+    root = tmp_path_factory.mktemp("syn_pocus_subtle")
+    write_pocus_folds(root, videos_per_class_per_fold=2, frames_per_video=4, size=64, seed=0,
+                      finding_strength=SUBTLE)
     return root
 
 
@@ -230,7 +242,8 @@ def test_finetune_trains_head_and_only_layer4_1(syn_folds, monkeypatch):
 def _train_reference_encoder(path, size=32, epochs=8, batch=32, lr=2e-3):
     """A ResNet-18 that has learned the synthetic classes, trained on a DIFFERENT synthetic draw
     (seed 1) than the evaluation set (seed 0), saved as a plain torchvision state dict."""
-    X, y = make_pocus_folds(videos_per_class_per_fold=2, frames_per_video=4, size=64, seed=1)[0][:2]
+    X, y = make_pocus_folds(videos_per_class_per_fold=2, frames_per_video=4, size=64, seed=1,
+                            finding_strength=SUBTLE)[0][:2]
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3)
     tf = ev.make_transforms(size, train=True)
@@ -247,14 +260,18 @@ def _train_reference_encoder(path, size=32, epochs=8, batch=32, lr=2e-3):
     torch.save(model.state_dict(), path)
 
 
-def test_learned_encoder_scores_far_above_chance(syn_folds, tmp_path, capsys):
+def test_learned_encoder_beats_random_init_by_ten_points(syn_subtle, tmp_path, capsys):
+    # bugs caught: the checkpoint not loaded (or loaded into the wrong keys), the probe
+    # fitted on random features, a normalisation that differs from training
     ck = tmp_path / "learned_resnet18.pth"
     _train_reference_encoder(ck)
-    code, out = _run(["--data_path", syn_folds, "--ckpt_path", ck, "--protocol", "linear",
-                      "--out_dir", tmp_path, *FAST], capsys)
-    assert code == 0, out.err[-2000:]
-    r = json.loads((tmp_path / "eval_linear_last.json").read_text())
-    assert r["init"] == "checkpoint"
-    # chance is 1/3; the learned encoder must carry its knowledge through loading + probing
-    assert r["summary"]["accuracy_mean"] >= 0.8, r["summary"]
-    assert r["summary"]["pooled_accuracy"] >= 0.8
+    acc = {}
+    for name, extra in (("random", []), ("learned", ["--ckpt_path", ck])):
+        code, out = _run(["--data_path", syn_subtle, *extra, "--protocol", "linear",
+                          "--out_dir", tmp_path / name, *FAST], capsys)
+        assert code == 0, out.err[-2000:]
+        r = json.loads((tmp_path / name / "eval_linear_last.json").read_text())
+        assert r["init"] == ("checkpoint" if extra else "random")
+        acc[name] = r["summary"]["accuracy_mean"]
+    assert acc["random"] < 0.70, acc  # the set is hard enough for the comparison to mean something
+    assert acc["learned"] >= acc["random"] + 0.10, acc

@@ -158,7 +158,7 @@ def _band(dist: np.ndarray, half: float) -> np.ndarray:
 # the scan
 # --------------------------------------------------------------------------- #
 def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex",
-              scan_class: int = 2, frame: int = 0) -> tuple[np.ndarray, np.ndarray]:
+              scan_class: int = 2, frame: int = 0, finding_strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic lung ultrasound frame and its anatomy label map.
 
     Args:
@@ -169,6 +169,10 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         probe: ``"convex"`` (fan; outside it black and label 0) or ``"linear"`` (rectangle).
         scan_class: 0 covid19, 1 pneumonia, 2 regular (see :data:`CLASS_NAMES`).
         frame: time index (>= 0); frames of one seed form a breathing video.
+        finding_strength: 1 = the class findings as described above; towards 0 they
+            fade into a regular lung (pleura irregularity, A-line loss, B-line and
+            consolidation contrast scale with it), which makes the classes harder to
+            tell apart. The labels do not change.
 
     Returns:
         image: HxW uint8 grayscale.
@@ -180,6 +184,9 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         raise ValueError(f"scan_class must be 0 (covid19), 1 (pneumonia) or 2 (regular), got {scan_class!r}")
     if int(seed) < 0 or int(frame) < 0:
         raise ValueError(f"seed and frame must be >= 0, got seed={seed}, frame={frame}")
+    if not 0.0 <= finding_strength <= 1.0:
+        raise ValueError(f"finding_strength must be in [0, 1], got {finding_strength!r}")
+    fs = float(finding_strength)
     h, w = _hw(size)
     geo = np.random.default_rng([int(seed), PROBES.index(probe), 0x5CA9])   # scene geometry
     cls_rng = np.random.default_rng([int(seed), PROBES.index(probe), int(scan_class), 0xC1A5])
@@ -202,8 +209,8 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     pleura_d = p0 + p_wave(u) + d_shift                     # HxW
     irregular = scan_class == 0
     if irregular:                                           # covid: wavy, thickened pleura
-        pleura_d = pleura_d + _smooth_noise(cls_rng, 6, 0.25, 0.018)(u)
-    p_half = max(0.007, 1.3 * px) * (1.8 if irregular else 1.0)  # half thickness
+        pleura_d = pleura_d + fs * _smooth_noise(cls_rng, 6, 0.25, 0.018)(u)
+    p_half = max(0.007, 1.3 * px) * (1.0 + 0.8 * fs if irregular else 1.0)  # half thickness
     dist_pl = d - pleura_d
     pleura_mask = np.abs(dist_pl) <= p_half
     below = dist_pl > p_half                                # lung side
@@ -255,12 +262,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     # ---- lung (below the pleura) ----------------------------------------------------
     lung_echo = 0.06 + 0.05 * np.exp(-(dist_pl) / 0.15)    # faint haze, strongest near pleura
     a_lines = np.zeros((h, w), np.float32)
-    if scan_class == 2:
-        a_amp = 0.75
-    elif scan_class == 1:
-        a_amp = 0.35
-    else:
-        a_amp = 0.06
+    a_amp = fs * {2: 0.75, 1: 0.35, 0: 0.06}[scan_class] + (1.0 - fs) * 0.75
     for k in range(2, 8):                                   # A-lines at multiples of the pleura depth
         dk = k * pleura_d
         a_lines += a_amp * 0.72 ** (k - 2) * _band(d - dk, p_half * 1.1)
@@ -268,7 +270,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         n_b = int(cls_rng.integers(2, 6))
         b_u = cls_rng.choice(free_u, n_b) + u_slide
         b_w = cls_rng.uniform(0.035, 0.08, n_b)
-        b_a = cls_rng.uniform(0.6, 0.9, n_b)
+        b_a = fs * cls_rng.uniform(0.6, 0.9, n_b)
         bl = np.zeros((h, w), np.float32)
         for bu, bw, ba in zip(b_u, b_w, b_a):
             bl = np.maximum(bl, ba * _band(u - bu, bw))
@@ -299,8 +301,9 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
             seg = _band(du, max(0.012, 1.5 / w * 2)) * _band(np.maximum(np.abs(d - ad) - alen, 0), 0.008)
             consol_echo = consol_echo + 0.75 * seg
         consol_echo += 0.35 * _band(d - lower, 0.012)      # bright ragged lower border
+        consol_echo = fs * consol_echo + (1.0 - fs) * lung_echo
         # no reverberation (A-lines) below the airless region
-        a_lines *= 1.0 - np.clip((cw + 0.05 - np.abs(u - cu)) / 0.1, 0.0, 1.0)
+        a_lines *= 1.0 - fs * np.clip((cw + 0.05 - np.abs(u - cu)) / 0.1, 0.0, 1.0)
     lung_echo = lung_echo + a_lines
 
     # ---- assemble echogenicity and labels (later assignments win) ------------------
@@ -312,6 +315,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     if irregular:                                           # fragmented pleura: gaps and dim pieces
         frag = _smooth_noise(cls_rng, 8, 0.12, 1.0)(u)
         pl_bright = np.where(frag > -0.25, 0.9, 0.25) * (0.8 + 0.2 * np.cos(9 * u))
+        pl_bright = fs * pl_bright + (1.0 - fs) * 0.95
     echo = echo + pl_bright * _band(dist_pl, p_half) * (~below | pleura_mask)
     if scan_class == 1:
         label[consol_mask] = _CONSOL
@@ -377,8 +381,9 @@ def pocus_fold_video_ids(videos_per_class_per_fold: int = 2, frames_per_video: i
 
 
 def make_pocus_folds(videos_per_class_per_fold: int = 2, frames_per_video: int = 4, size: int = 64,
-                     seed: int = 0, n_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """The USCL 5-fold tuples in memory.
+                     seed: int = 0, n_folds: int = 5, finding_strength: float = 1.0
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The USCL 5-fold tuples in memory (``finding_strength``: see :func:`make_scan`).
 
     Returns:
         Per fold ``(X_train, y_train, X_test, y_test)``: X is Nx3xHxW uint8 (gray replicated),
@@ -390,7 +395,8 @@ def make_pocus_folds(videos_per_class_per_fold: int = 2, frames_per_video: int =
     ys: list[list[int]] = [[] for _ in range(n_folds)]
     for v in plan:
         for f in range(frames_per_video):
-            img, _ = make_scan(v["seed"], size, v["probe"], v["scan_class"], frame=f)
+            img, _ = make_scan(v["seed"], size, v["probe"], v["scan_class"], frame=f,
+                               finding_strength=finding_strength)
             xs[v["fold"]].append(np.repeat(img[None], 3, axis=0))   # 3xHxW
             ys[v["fold"]].append(v["scan_class"])
     X = [np.stack(x).astype(np.uint8) for x in xs]
@@ -489,7 +495,7 @@ def write_samus_layout(root, n_images: int = 40, size: int | tuple[int, int] = 1
 
 
 def write_pocus_folds(root, videos_per_class_per_fold: int = 2, frames_per_video: int = 4,
-                      size: int = 64, seed: int = 0) -> list[Path]:
+                      size: int = 64, seed: int = 0, finding_strength: float = 1.0) -> list[Path]:
     """Write ``root/covid_data{1..5}.pkl`` in the USCL format (see :func:`make_pocus_folds`).
 
     Pickled with protocol 4 (as the USCL files) through the atomic writer of utils.io;
@@ -498,7 +504,9 @@ def write_pocus_folds(root, videos_per_class_per_fold: int = 2, frames_per_video
     """
     root = Path(root)
     paths = []
-    for k, fold in enumerate(make_pocus_folds(videos_per_class_per_fold, frames_per_video, size, seed)):
+    folds = make_pocus_folds(videos_per_class_per_fold, frames_per_video, size, seed,
+                             finding_strength=finding_strength)
+    for k, fold in enumerate(folds):
         p = root / f"covid_data{k + 1}.pkl"
         atomic_write(p, lambda f, o=fold: pickle.dump(o, f, protocol=4))
         paths.append(p)
