@@ -116,18 +116,11 @@ def _asam_step(stage: str, setting: str, batch: int, device: torch.device) -> Ca
 
 
 def _pretrain_step(setting: str, batch: int, device: torch.device) -> Callable[[], None]:
-    from benchmarks.bench_pretrain_step import step_inputs, train_step
+    from benchmarks.bench_pretrain_step import make_step
     from utils.config import load_config
 
     cfg = load_config(CONFIGS[setting])
-    method, size = cfg["model"]["method"], int(cfg["data"]["resize_size"])
-    model, opt, data, gen = step_inputs(method, batch, size, device, cfg)
-    amp = cfg["amp"]["opt_level"] != "O0" and device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            train_step(model, opt, data, gen)
-    return step
+    return make_step(cfg["model"]["method"], batch, int(cfg["data"]["resize_size"]), device, cfg)
 
 
 def _evaluation_step(setting: str, batch: int, device: torch.device) -> Callable[[], None]:
