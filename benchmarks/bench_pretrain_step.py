@@ -158,6 +158,22 @@ def time_loader(batch: int, size: int, workers: int, batches: int, crop_scale=(0
         return n / (time.perf_counter() - t)
 
 
+def render(res: dict) -> str:
+    """Markdown table of a results JSON written by ``--json``."""
+    med = {k: v["median_s"] for k, v in res["methods"].items()}
+    ref = med.get(REFERENCE)
+    lines = [f"Step time, batch {res['batch']}, {res['size']} px, {res['device']} "
+             f"({res['cpu']}, {res['torch_threads']} torch threads, load {res['load_avg_1min_at_start']}), "
+             f"torch {res['torch']}; median of {res['steps']} steps after {res['warmup']} warm-up.", "",
+             "| method | median step (s) | images/s | × lightly's BYOL | arithmetic floor |",
+             "|---|---|---|---|---|"]
+    for m, v in res["methods"].items():
+        ratio = f"{v['median_s'] / ref:.2f}" if ref else "–"
+        floor = f"{FLOOR[m]:.2f}" if m in FLOOR else "1 (reference)"
+        lines.append(f"| {m} | {v['median_s']:.3f} | {v['img_per_s']:.1f} | {ratio} | {floor} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -170,7 +186,14 @@ def main(argv=None) -> int:
     p.add_argument("--loader", action="store_true", help="also time the data loader")
     p.add_argument("--workers", type=int, default=2, help="loader workers for --loader")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--render", default=None, metavar="JSON", help="print the markdown table of a results file")
     a = p.parse_args(argv)
+    if a.render:
+        try:
+            print(render(json.loads(Path(a.render).read_text())), end="")
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"{a.render}: cannot render ({type(e).__name__}: {e})")
+        return 0
     device = torch.device(a.device)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - {REFERENCE, *METHODS})
