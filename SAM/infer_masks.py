@@ -10,9 +10,10 @@ anatomies the checkpoint knows; the mapping goes to ``<out_dir>/asam_classes.jso
 the layout ``utils/generate_masks_pkls.py`` reads.
 
 * batched: one encoder and one prompter pass per batch; one decoder pass for every
-  (image, anatomy) of the batch (:func:`decode_low_res`, the SAM decoder's arithmetic
-  re-associated so that the 4096 image tokens are never projected, and the mask upscaled
-  only inside the letterboxed content); label maps are written by a background thread;
+  (image, anatomy) of the batch (:func:`SAM.fast_decoder.predict_index_maps`: the SAM
+  decoder's arithmetic re-associated so that the 4096 image tokens are never projected, and
+  the mask upscaled only inside the letterboxed content); label maps are written by a
+  background thread;
 * resumable: a label that exists is complete (writes are atomic) and is skipped;
 * sharded: under torchrun each process takes every WORLD_SIZE-th file from RANK on
   (no process group is needed); a plain run is rank 0 of 1;
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -38,15 +38,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from segment_anything.modeling.common import LayerNorm2d  # noqa: E402
-from segment_anything.modeling.transformer import TwoWayTransformer  # noqa: E402
-from torch import Tensor  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.engine import pick_device  # noqa: E402
+from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
@@ -77,162 +74,6 @@ class ImageFiles(Dataset):
 
 def _collate(items):
     return items  # variable-size originals and error strings: keep a plain list
-
-
-# --------------------------------------------------------------------------- #
-# fast mask decoding
-# --------------------------------------------------------------------------- #
-# SAM's two-way transformer lets ~7 tokens and the g x g image tokens (4096 for LiteMedSAM)
-# attend to each other. Projecting the image tokens (C -> C/2, four times per layer) and
-# re-laying them out dominates its cost; with few tokens the same scores and outputs come
-# from projecting the tokens into image space instead:
-#   tokens -> image:  (q Wq_h + bq_h)(Wk_h x + bk_h) = (Wk_h^T q_h) . x + const per query row
-#                     (softmax ignores the constant);  softmax . (Wv_h x + bv_h) = Wv_h (softmax . x) + bv_h
-#   image -> tokens:  (Wq_h x + bq_h) . k_h = x . (Wq_h^T k_h) + bq_h . k_h;
-#                     sum_h A_h (v_h Wo_h^T) + bo, each head's weights summing to 1.
-# Mathematically identical; logits differ from the module's by float rounding (~1e-5).
-# The first layer reads each image once for all K anatomies (their query rows are stacked).
-
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(..., N, H*d) -> (..., H, N, d)."""
-    *lead, n, c = x.shape
-    return x.view(*lead, n, heads, c // heads).transpose(-3, -2)
-
-
-def _per_image_matmul(a: Tensor, m: Tensor) -> Tensor:
-    """a (B, K, R, X) @ m (B, Kx, X, Y) -> (B, K, R, Y), where Kx is 1 (one matrix per image,
-    shared by its K anatomies: their rows are stacked, the matrix is not copied) or K."""
-    B, K, R, X = a.shape
-    if m.shape[1] == 1:
-        return (a.reshape(B, K * R, X) @ m[:, 0]).view(B, K, R, -1)
-    return a @ m
-
-
-def _tokens_to_image(attn: nn.Module, q: Tensor, kp: Tensor, v: Tensor) -> Tensor:
-    """``attn(q, kp, v)`` of segment-anything's ``Attention`` for few queries q (B, K, N, C)
-    over image tokens kp, v (B, Kx, M, C) -> (B, K, N, C), image tokens never projected."""
-    H = attn.num_heads
-    d = attn.internal_dim // H
-    B, K, N, C = q.shape
-    qh = _split_heads(attn.q_proj(q), H)                                     # B K H N d
-    g = (qh @ attn.k_proj.weight.view(H, d, C)).mul_(1.0 / math.sqrt(d))     # B K H N C
-    s = torch.softmax(_per_image_matmul(g.reshape(B, K, H * N, C), kp.transpose(-1, -2)), dim=-1)
-    r = _per_image_matmul(s, v).view(B, K, H, N, C)
-    out = r @ attn.v_proj.weight.view(H, d, C).transpose(-1, -2) + attn.v_proj.bias.view(H, 1, d)
-    return attn.out_proj(out.transpose(-3, -2).reshape(B, K, N, H * d))
-
-
-def _image_to_tokens(attn: nn.Module, xp: Tensor, tk: Tensor, tv: Tensor, residual: Tensor) -> Tensor:
-    """``residual + attn(xp, tk, tv)`` for image queries xp (B, Kx, M, C) over tokens tk, tv
-    (B, K, N, C) -> (B, K, M, C), image tokens never projected."""
-    H = attn.num_heads
-    d = attn.internal_dim // H
-    B, K, N, C = tk.shape
-    M = xp.shape[2]
-    kh = _split_heads(attn.k_proj(tk), H).mul_(1.0 / math.sqrt(d))          # B K H N d
-    vh = _split_heads(attn.v_proj(tv), H)
-    m = (kh @ attn.q_proj.weight.view(H, d, C)).reshape(B, K, H * N, C)
-    const = (kh @ attn.q_proj.bias.view(H, d, 1)).reshape(B, K, H * N, 1)
-    scores = _per_image_matmul(m, xp.transpose(-1, -2)).add_(const)         # B K HN M
-    a = torch.softmax(scores.view(B, K, H, N, M), dim=3).view(B, K, H * N, M)
-    u = vh @ attn.out_proj.weight.view(C, H, d).permute(1, 2, 0) + attn.out_proj.bias / H
-    return (a.transpose(-1, -2) @ u.reshape(B, K, H * N, C)).add_(residual)
-
-
-def _two_way_block(layer: nn.Module, queries: Tensor, keys: Tensor, query_pe: Tensor,
-                   key_pe: Tensor) -> tuple[Tensor, Tensor]:
-    """segment-anything's ``TwoWayAttentionBlock.forward`` on (B, K, ...) queries and
-    (B, Kx, M, C) keys."""
-    B, K, N, C = queries.shape
-    flat = queries.reshape(B * K, N, C)
-    if layer.skip_first_layer_pe:
-        queries = layer.self_attn(q=flat, k=flat, v=flat).view(B, K, N, C)
-    else:
-        q = (queries + query_pe).reshape(B * K, N, C)
-        queries = queries + layer.self_attn(q=q, k=q, v=flat).view(B, K, N, C)
-    queries = layer.norm1(queries)
-    kp = keys + key_pe
-    queries = layer.norm2(queries + _tokens_to_image(layer.cross_attn_token_to_image,
-                                                     queries + query_pe, kp, keys))
-    queries = layer.norm3(queries + layer.mlp(queries))
-    keys = layer.norm4(_image_to_tokens(layer.cross_attn_image_to_token, kp, queries + query_pe,
-                                        queries, keys))
-    return queries, keys
-
-
-def fast_decoder_applies(seg: nn.Module) -> bool:
-    """True when the segmenter's mask decoder has SAM's structure (what decode_low_res
-    re-implements); otherwise the module itself is run."""
-    dec = getattr(seg, "mask_decoder", None)
-    up = getattr(dec, "output_upscaling", None)
-    return (isinstance(getattr(dec, "transformer", None), TwoWayTransformer)
-            and isinstance(up, nn.Sequential) and len(up) == 5
-            and isinstance(up[0], nn.ConvTranspose2d) and isinstance(up[1], LayerNorm2d)
-            and isinstance(up[3], nn.ConvTranspose2d)
-            and all(c.kernel_size == (2, 2) and c.stride == (2, 2) and c.padding == (0, 0)
-                    for c in (up[0], up[3])))
-
-
-def decode_low_res(seg: nn.Module, emb: Tensor, sparse: Tensor, rows: int, cols: int) -> Tensor:
-    """Single-mask low-res logits of K prompt sets per image: emb (B, 256, g, g), sparse
-    (B, K, T, 256) -> (B, K, 4 rows, 4 cols), the top-left part of
-    ``seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1))[:, 0]`` (the dense prompt is
-    SAM's no-mask embedding). Logit pixel (y, x) depends on decoder pixel (y // 4, x // 4)
-    only, so the upscaling runs on the first ``rows`` x ``cols`` decoder pixels alone."""
-    B, K, T, C = sparse.shape
-    g = emb.shape[-1]
-    if not fast_decoder_applies(seg):
-        L = seg.low_res
-        logits = seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1))[:, 0]
-        return logits.view(B, K, L, L)[:, :, :L * rows // g, :L * cols // g]
-    dec, pe_enc = seg.mask_decoder, seg.prompt_encoder
-    tr = dec.transformer
-    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-    tokens = torch.cat((out_tokens.expand(B, K, -1, -1), sparse), dim=2)       # B K N C
-    keys = (emb.permute(0, 2, 3, 1) + pe_enc.no_mask_embed.weight.view(1, 1, 1, C)).reshape(B, 1, g * g, C)
-    pe = pe_enc.get_dense_pe().permute(0, 2, 3, 1).reshape(1, 1, g * g, C)
-    queries = tokens
-    for layer in tr.layers:
-        queries, keys = _two_way_block(layer, queries, keys, tokens, pe)
-    queries = tr.norm_final_attn(queries + _tokens_to_image(tr.final_attn_token_to_image,
-                                                            queries + tokens, keys + pe, keys))
-    hyper = dec.output_hypernetworks_mlps[0](queries[:, :, 1])                # B K C/8
-    up = dec.output_upscaling
-    x = keys.expand(B, K, -1, -1).reshape(B * K, g, g, C)[:, :rows, :cols]
-    x = up[0](x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
-    x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), up[1].weight, up[1].bias, up[1].eps)
-    x = up[4](up[3](up[2](x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)      # BK x 4r x 4c x C/8
-    x = x.reshape(B, K, -1, x.shape[-1]) @ hyper.unsqueeze(-1)
-    return x.view(B, K, 4 * rows, 4 * cols)
-
-
-@torch.inference_mode()
-def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int],
-                       valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
-                       threshold: float = 0.5) -> list[np.ndarray]:
-    """images (B, 3, S, S) in [0, 1], letterboxed with content ``valid[b]`` -> B uint8 index
-    maps (H_b x W_b): 0 background, k where the k-th prompt is the most probable anatomy and
-    above ``threshold``."""
-    B, K = images.shape[0], len(prompt_ids)
-    emb = seg.embed(images)                                               # B x 256 x g x g
-    idx = torch.tensor(prompt_ids, device=images.device).expand(B, K)    # B x K
-    sparse = prompter(images, emb, idx)                                   # B x K x T x 256
-    L, g = seg.low_res, emb.shape[-1]
-    scale = L // g
-    content = [(max(1, round(h * L / seg.img_size)), max(1, round(w * L / seg.img_size))) for h, w in valid]
-    rows = math.ceil(max(h for h, _ in content) / scale)
-    cols = math.ceil(max(w for _, w in content) / scale)
-    logits = decode_low_res(seg, emb, sparse, rows, cols)                 # B x K x 4r x 4c
-    out = []
-    for b, size in enumerate(sizes):
-        vh, vw = content[b]  # as restore_logits crops the full L x L logits
-        full = nn.functional.interpolate(logits[b, None, :, :vh, :vw], size=tuple(size),
-                                         mode="bilinear", align_corners=False)[0]
-        # probabilities, not logits, are compared: sigmoid saturates (1.0 above ~17), and the
-        # first of tied anatomies wins, as it always has
-        best, arg = torch.sigmoid_(full).max(0)                           # H x W
-        out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
-    return out
 
 
 class BackgroundWriter:

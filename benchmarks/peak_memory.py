@@ -105,7 +105,7 @@ def _asam_step(stage: str, setting: str, batch: int, device: torch.device) -> Ca
             loss.backward()
             opt.step()
         return step
-    from SAM.infer_masks import predict_index_maps  # mask inference: all k anatomies per image
+    from SAM.fast_decoder import predict_index_maps  # mask inference: all k anatomies per image
     seg.eval()
     prompter.eval()
     valid = [(size, size)] * batch

@@ -1,4 +1,4 @@
-"""benchmarks/run_all.py in --quick mode, and the fast mask decoder of SAM/infer_masks.py."""
+"""benchmarks/run_all.py in --quick mode, and the fast mask decoder (SAM/fast_decoder.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import peak_memory, run_all
-from SAM import infer_masks
+from SAM import fast_decoder
 from SAM.auto_prompter import AutoPrompter, prompter_grid
 from SAM.samus_data import restore_logits
 from SAM.segmenter import build_segmenter
@@ -53,15 +53,15 @@ def test_fast_decoder_matches_the_module():
     """decode_low_res == seg.decode per (image, anatomy), also when cropped to the content."""
     torch.manual_seed(0)
     seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
-    assert infer_masks.fast_decoder_applies(seg)
+    assert fast_decoder.fast_decoder_applies(seg)
     B, K, T = 3, 4, 2
     emb = torch.randn(B, 256, seg.grid, seg.grid)
     sparse = torch.randn(B, K, T, 256)
     ref = seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1))[:, 0]
     ref = ref.view(B, K, seg.low_res, seg.low_res)
-    full = infer_masks.decode_low_res(seg, emb, sparse, seg.grid, seg.grid)
+    full = fast_decoder.decode_low_res(seg, emb, sparse, seg.grid, seg.grid)
     torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
-    crop = infer_masks.decode_low_res(seg, emb, sparse, 5, 8)             # 20 x 32 logits
+    crop = fast_decoder.decode_low_res(seg, emb, sparse, 5, 8)            # 20 x 32 logits
     torch.testing.assert_close(crop, ref[..., :20, :32], atol=1e-4, rtol=1e-4)
 
 
@@ -75,7 +75,7 @@ def test_index_maps_match_the_reference_up_to_ties():
     images = torch.rand(2, 3, 64, 64)
     images[1, :, 40:] = 0                                                  # letterboxed
     valid, sizes = [(64, 64), (40, 64)], [(100, 90), (50, 80)]
-    maps = infer_masks.predict_index_maps(seg, prompter, images, [0, 1, 2], valid, sizes, threshold=0.3)
+    maps = fast_decoder.predict_index_maps(seg, prompter, images, [0, 1, 2], valid, sizes, threshold=0.3)
     emb = seg.embed(images)
     sparse = prompter(images, emb, torch.arange(3).expand(2, 3))
     logits = seg.decode(emb.repeat_interleave(3, 0), sparse.flatten(0, 1))[:, 0].view(2, 3, 32, 32)
