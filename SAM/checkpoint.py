@@ -7,14 +7,12 @@ Loading the wrong kind (e.g. a stage-2 file where stage 1 is expected) is a Data
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 from typing import Any
 
-import torch
 
 from SAM.auto_prompter import AutoPrompter
 from SAM.segmenter import PromptableSegmenter, build_segmenter
+from utils.checkpoint import safe_torch_load
 from utils.io import DataError, atomic_torch_save
 
 KINDS = ("asam_stage1", "asam_stage2")
@@ -35,17 +33,7 @@ def save_checkpoint(path: str | os.PathLike, kind: str, segmenter: PromptableSeg
 
 def load_checkpoint(path: str | os.PathLike, kinds: tuple[str, ...]) -> dict:
     """Read an A-SAM checkpoint whose kind is one of ``kinds``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's own text suggests weights_only=False: not for us
-        raise DataError(f"{path}: not a checkpoint, or one holding more than tensors and plain "
-                        "containers (loaded with weights_only=True)") from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    ck = safe_torch_load(path, "A-SAM checkpoint")
     kind = ck.get("kind") if isinstance(ck, dict) else None
     if kind not in kinds:
         found = f"a '{kind}' checkpoint" if kind else "not an A-SAM checkpoint (no 'kind' field)"

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from SAM.samus_data import SAMUSDataset
 from SAM.segmenter import PromptableSegmenter
+from utils.checkpoint import safe_torch_load
 from utils.io import atomic_torch_save
 
 
@@ -44,7 +45,7 @@ class EmbeddingCache:
     def fill(self, ds: SAMUSDataset) -> None:
         """Encode every image of ``ds`` not cached yet (deduplicated over class lines)."""
         if self.cache_dir is not None and not self.store and self._file(ds).is_file():
-            self.store.update(torch.load(self._file(ds), map_location="cpu", weights_only=True))
+            self.store.update(safe_torch_load(self._file(ds), "embedding cache"))
         todo = sorted({l.image_key: l for l in ds.lines if l.image_key not in self.store}.items())
         if not todo:
             return

@@ -14,7 +14,6 @@ encoder is inside. Images enter as float RGB in [0, 1], (B, 3, S, S).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from SAM.asam_encoder import ASAMImageEncoder
+from utils.checkpoint import safe_torch_load
 from utils.io import DataError
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
@@ -145,13 +145,7 @@ class PromptableSegmenter(nn.Module):
 # --------------------------------------------------------------------------- #
 def load_state_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """torch.load a weights file safely; a missing or unreadable file is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt or non-weights file
-        raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+    state = safe_torch_load(path, what)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

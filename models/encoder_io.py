@@ -14,15 +14,19 @@ Anything else raises :class:`utils.io.DataError` saying what was found.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torchvision
 
+from utils.checkpoint import safe_torch_load
 from utils.io import DataError
 
 #: prefix of the online ResNet-18 inside the ACLUS model's state dict
 ONLINE_RESNET_PREFIX = "encoder.resnet."
+#: input normalisation of every encoder here: the paper's evaluation protocol (Normalize(0.5, 0.25)),
+#: used by pre-training too, so that an exported encoder sees the same statistics in both
+NORM_MEAN = (0.5, 0.5, 0.5)
+NORM_STD = (0.25, 0.25, 0.25)
 PRETRAIN_KIND = "aclus_pretrain"
 
 
@@ -73,15 +77,7 @@ def extract_resnet18_state(obj, source: str = "<object>") -> dict[str, torch.Ten
 
 def load_resnet18_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read ``path`` safely and return a ResNet-18 state dict without ``fc``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, ...
-        raise DataError(f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return extract_resnet18_state(obj, str(path))
+    return extract_resnet18_state(safe_torch_load(path, "checkpoint"), str(path))
 
 
 def build_resnet18(num_classes: int = 1000, state: dict[str, torch.Tensor] | None = None) -> torchvision.models.ResNet:

@@ -90,7 +90,7 @@ def test_missing_or_wrong_weights_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="--sam_ckpt"):
         build_segmenter("vit_b", 256)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(DataError, match="not a readable"):
+    with pytest.raises(DataError, match="unreadable SAM checkpoint, truncated or corrupt"):
         build_segmenter("vit_tiny", 64, weights=tmp_path / "junk.pth")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(DataError, match="not a segment-anything"):

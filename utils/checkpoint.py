@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,39 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, keep_numbered: bool) -
     return latest
 
 
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure a one-line DataError.
+
+    A file that needs code execution to load (pickled objects beyond tensors and plain
+    containers) is refused on purpose and said so; torch's own message would advise
+    ``weights_only=False``, which runs whatever the file holds.
+
+    Args:
+        what: what the file should be, for the messages ("checkpoint", "SAM weights file").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text:  # the file names a class or function to run
+            raise DataError(f"{path}: refused: this {what} needs code execution to load (it pickles "
+                            "objects beyond tensors and plain containers); only weights-only files are "
+                            "read") from None
+        # torch's first line advises weights_only=False; say only what went wrong
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() if text else []
+        raise DataError(f"{path}: unreadable {what}, truncated or corrupt "
+                        f"(not a weights file: {detail[0] if detail else 'UnpicklingError'})") from None
+    except Exception as e:  # truncated zip, not a torch file at all, ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: unreadable {what}, truncated or corrupt ({type(e).__name__}: {first})") from None
+
+
 def read_checkpoint(path: Path, kind: str) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` and check that it is of ``kind``."""
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}: {first})") from None
+    state = safe_torch_load(path, "checkpoint")
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind", "a dict without 'kind'") if isinstance(state, dict) else type(state).__name__
         raise DataError(f"{path}: expected a '{kind}' checkpoint, found {found!r}")
