@@ -37,7 +37,6 @@ import copy
 import csv
 import hashlib
 import json
-import random
 import re
 import sys
 import time
@@ -51,15 +50,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from models.encoder_io import build_resnet18, load_resnet18_state
+from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18_state
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
+from utils.distributed import seed_everything
 from utils.io import DataError, atomic_write, read_image, safe_pickle_load
 from utils.plots import plot_confusion
 
 CLASSES = ("covid19", "pneumonia", "regular")
 NUM_FOLDS = 5
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the paper's normalisation
 LINEAR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
@@ -216,7 +215,7 @@ def make_transforms(img_size: int, train: bool):
                 v2.RandomHorizontalFlip()]
     else:
         ops += [v2.CenterCrop(img_size)]  # no-op for square inputs; makes non-square ones square
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(NORM_MEAN, NORM_STD)]
     return v2.Compose(ops)
 
 
@@ -233,12 +232,6 @@ def carve_validation(y: np.ndarray, groups: np.ndarray | None, fraction: float, 
 # --------------------------------------------------------------------------- #
 # models
 # --------------------------------------------------------------------------- #
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
     model.eval()

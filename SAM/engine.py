@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from SAM.samus_data import SAMUSDataset, collate, restore_logits
 from SAM.seg_metrics import MetricTable, format_summary
+from utils.distributed import seed_everything, to_device
 from utils.io import DataError
 
 
@@ -30,12 +30,6 @@ def pick_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def start_run(args, kind: str):
@@ -89,11 +83,6 @@ def amp_enabled(amp: bool, device: torch.device) -> bool:
 def autocast(amp: bool):
     """fp16 autocast when ``amp`` (already checked by :func:`amp_enabled`), else nothing."""
     return torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext()
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 @torch.no_grad()

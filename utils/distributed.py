@@ -13,8 +13,10 @@ module degrade to no-ops in a single process, so callers never branch on it.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -104,3 +106,19 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- #
+# devices and seeds (the one copy every stage uses)
+# --------------------------------------------------------------------------- #
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch dict to ``device`` (other values pass through)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
