@@ -8,21 +8,22 @@ import sys
 import pytest
 
 import study_real_data as srd
+from study import StudyError, plan, report
 
 
 def test_parse_and_plan_runs():
-    assert srd.parse_run("byol") == srd.Run("byol", "byol", None, "superpixel")
-    assert srd.parse_run("aclus_asam").mask_source == "asam"
+    assert plan.parse_run("byol") == plan.Run("byol", "byol", None, "superpixel")
+    assert plan.parse_run("aclus_asam").mask_source == "asam"
     with pytest.raises(ValueError, match="unknown run 'detcon_sam'"):
-        srd.parse_run("detcon_sam")
-    runs, missing = srd.plan_runs(["byol", "detcon_superpixel", "aclus_asam"], {"superpixel"})
+        plan.parse_run("detcon_sam")
+    runs, missing = plan.plan_runs(["byol", "detcon_superpixel", "aclus_asam"], {"superpixel"})
     assert [r.name for r in runs] == ["byol", "detcon_superpixel"]
     assert list(missing) == ["aclus_asam"] and "A-SAM" in missing["aclus_asam"]
 
 
 def test_same_budget_for_every_run(tmp_path):
     def overrides(name):
-        o = srd.pretrain_overrides(srd.parse_run(name), tmp_path / "d", tmp_path / name, img_size=112,
+        o = plan.pretrain_overrides(plan.parse_run(name), tmp_path / "d", tmp_path / name, img_size=112,
                                    batch_size=8, epochs=3, warmup_epochs=1, seed=0, workers=1,
                                    crop_scale=(0.2, 1.0), log_step=5)
         return dict(x.split("=", 1) for x in o[1::2])
@@ -35,32 +36,32 @@ def test_same_budget_for_every_run(tmp_path):
 def test_equal_step_epochs():
     # the study's case: 362 frames give 45 steps per epoch at batch 8, 4 epochs = 180 steps;
     # A-SAM left 289 frames (36 steps per epoch), so 5 epochs = 180 steps
-    assert srd.equal_step_epochs(289, 362, 8, 4, 1) == (5, 1)
-    assert srd.equal_step_epochs(362, 362, 8, 4, 1) == (4, 1)
-    assert srd.equal_step_epochs(365, 362, 8, 4, 1) == (4, 1)    # the largest set never shrinks
-    assert srd.equal_step_epochs(100, 400, 10, 3, 1) == (12, 4)  # 120 steps, 10 per epoch
-    assert srd.equal_step_epochs(289, 362, 16, 4, 1) == (5, 1)   # 88 steps wanted, 90 is closest
-    with pytest.raises(srd.StudyError, match="one batch"):
-        srd.equal_step_epochs(7, 362, 8, 4, 1)
+    assert plan.equal_step_epochs(289, 362, 8, 4, 1) == (5, 1)
+    assert plan.equal_step_epochs(362, 362, 8, 4, 1) == (4, 1)
+    assert plan.equal_step_epochs(365, 362, 8, 4, 1) == (4, 1)    # the largest set never shrinks
+    assert plan.equal_step_epochs(100, 400, 10, 3, 1) == (12, 4)  # 120 steps, 10 per epoch
+    assert plan.equal_step_epochs(289, 362, 16, 4, 1) == (5, 1)   # 88 steps wanted, 90 is closest
+    with pytest.raises(StudyError, match="one batch"):
+        plan.equal_step_epochs(7, 362, 8, 4, 1)
 
 
 def test_table_and_helpers():
     ev = {"summary": {"accuracy_mean": 0.8, "accuracy_std": 0.05, "macro_f1_mean": 0.7, "macro_f1_std": 0.1,
                       "pooled_accuracy": 0.81}, "wall_time_s": 3.0}
-    rows = [srd.result_row("byol", "byol", None, {"images": 10, "steps": 4, "wall_s": 200.0}, ev),
-            srd.result_row("aclus_asam", "aclus", "asam", None, None, "no A-SAM masks")]
-    md = srd.markdown_table(rows)
+    rows = [report.result_row("byol", "byol", None, {"images": 10, "steps": 4, "wall_s": 200.0}, ev),
+            report.result_row("aclus_asam", "aclus", "asam", None, None, "no A-SAM masks")]
+    md = report.markdown_table(rows)
     assert "| byol | byol | - (whole image) | 10 | 4 | 3.3 min | 0.800 ± 0.050 | 0.700 ± 0.100 | 0.810 |" in md
     assert "missing: no A-SAM masks" in md
     recs = [{"kind": "step", "step": 0}, {"kind": "step", "step": 7}, {"kind": "epoch", "epoch": 1, "seconds": 2.5},
             {"kind": "epoch", "epoch": 2, "seconds": 1.5}]
-    assert srd.log_summary(recs) == {"logged_steps_max": 8, "epochs_done": 2, "train_s": 4.0}
-    assert srd.pick_evenly(list(range(10)), 3) == [0, 3, 6] and srd.pick_evenly([1], 4) == [1]
+    assert report.log_summary(recs) == {"logged_steps_max": 8, "epochs_done": 2, "train_s": 4.0}
+    assert report.pick_evenly(list(range(10)), 3) == [0, 3, 6] and report.pick_evenly([1], 4) == [1]
     import numpy as np
-    st = srd.label_stats([np.array([[0, 1], [2, 2]]), np.array([[3, 3], [3, 3]])])
+    st = report.label_stats([np.array([[0, 1], [2, 2]]), np.array([[3, 3], [3, 3]])])
     assert st == {"images": 2, "regions_mean": 1.5, "regions_min": 1, "regions_max": 2,
                   "background_fraction_mean": 0.125}
-    assert "| A-SAM | 2 | 1.5 (1-2) | 0.125 |" in srd.mask_stats_markdown({"asam": st})
+    assert "| A-SAM | 2 | 1.5 (1-2) | 0.125 |" in report.mask_stats_markdown({"asam": st})
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):

