@@ -13,10 +13,11 @@ Data flow for B images, grid g (the prompter's working grid, ≤ 32):
     -> sparse prompt embeddings (B, T, 256); the dense prompt is SAM's no-mask embedding.
 
 P, the task tokens themselves, is added to the token queries of every block, as SAM's
-decoder re-adds its prompt embeddings, and the tokens start at unit scale. Without both
-(``keep_identity=False``, the layout of checkpoints written before 2026-11-26) the tokens
-start at std 0.02 against LayerNorm-scaled updates of norm ~16: different anatomies end up
-with the same prompt, and on USGRA the nerve and vessel prompts returned identical masks.
+decoder re-adds its prompt embeddings, and the tokens start at unit scale: each block's
+update is LayerNorm-scaled (norm ~16), so small tokens that are not re-added lose their
+identity and different anatomies get the same prompt. ``keep_identity=False`` is the older
+layout (std-0.02 tokens, no re-adding), kept so that checkpoints written with it load as
+they were trained (docs/RESULTS.md: "Auto-prompter: anatomies kept apart").
 """
 from __future__ import annotations
 

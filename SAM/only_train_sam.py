@@ -1,4 +1,7 @@
-"""Stage 1: fine-tune A-SAM's new parts with click prompts (METHOD.md §1).
+"""Stage 1 of the pipeline: fine-tune A-SAM's new parts with click prompts (METHOD.md §1).
+
+(The script keeps the name it has in the method's design; it trains the adapted SAM only,
+no auto-prompter: that is stage 2, ``SAM/train_auto_prompter.py``.)
 
 Trains the CNN branch, position embedding, adapters and global-block relative positions;
 SAM's ViT weights, prompt encoder and mask decoder stay frozen. Prompts: one random

@@ -7,8 +7,8 @@ change them, so a cached run trains without augmentation (--cache_embeddings fal
 it at the cost of an encoder pass per sample and epoch).
 
 --encoder_lr > 0 departs from METHOD.md §1 on purpose: the image encoder fine-tunes too, at
-its own learning rate (no cache then; augmentation stays on). On HC18 + USGRA this lifted
-the prompt-free USGRA Dice from 0.33 to 0.48 (docs/RESULTS.md).
+its own learning rate (no cache then; augmentation stays on); what it changes on HC18 +
+USGRA is measured in docs/RESULTS.md.
 
     python SAM/train_auto_prompter.py --task HC18_USGRA --data_root ../shared/data/seg \\
         --sam_ckpt runs/asam_stage1/best.pt --out_dir runs/asam_stage2
