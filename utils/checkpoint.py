@@ -65,7 +65,11 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
 
 def read_checkpoint(path: Path, kind: str) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` and check that it is of ``kind``."""
-    state = safe_torch_load(path, "checkpoint")
+    return check_kind(safe_torch_load(path, "checkpoint"), path, kind)
+
+
+def check_kind(state: Any, path: Path, kind: str) -> dict[str, Any]:
+    """``state`` if it is a checkpoint dict of ``kind``, else a DataError naming ``path``."""
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind", "a dict without 'kind'") if isinstance(state, dict) else type(state).__name__
         raise DataError(f"{path}: expected a '{kind}' checkpoint, found {found!r}")
@@ -77,22 +81,46 @@ def resume_candidates(run_dir: Path) -> list[Path]:
     return [p for p in [run_dir / "latest.pth", run_dir / "previous.pth", *numbered] if p.is_file()]
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path, kind: str) -> tuple[dict[str, Any] | None, Path | None]:
+def find_resume_checkpoint(resume: str, run_dir: Path, kind: str, move_aside: bool = True
+                           ) -> tuple[dict[str, Any] | None, Path | None]:
     """Resolve ``checkpoint.resume_path``.
 
-    * ``""``: start from scratch.
-    * ``"auto"``: the newest readable checkpoint of ``run_dir``; a corrupt one is
-      reported and the previous good one is used; none at all = start from scratch.
+    * ``""`` or ``"none"``: start from scratch (``none`` says so on purpose, e.g. over a run
+      folder whose checkpoints are all unreadable).
+    * ``"auto"``: the newest readable checkpoint of ``run_dir``, or scratch when it has none.
+      An unreadable one (truncated, corrupt, or refused as unsafe) is reported and, with
+      ``move_aside`` (the main process), renamed ``<name>.corrupt`` so that the next
+      rotation cannot turn it into ``previous.pth`` over the good fallback; the next older
+      one is used. If checkpoints exist but none is readable, that is an error naming them.
     * a file: that checkpoint (an unreadable file is an error).
     """
-    if not resume:
+    if not resume or resume.lower() == "none":
         return None, None
     if resume != "auto":
         path = Path(resume)
         return read_checkpoint(path, kind), path
-    for path in resume_candidates(run_dir):
+    candidates = resume_candidates(run_dir)
+    problems = []
+    for path in candidates:
         try:
-            return read_checkpoint(path, kind), path
+            state = safe_torch_load(path, "checkpoint")
         except DataError as e:
+            problems.append(str(e))
+            if move_aside and path.is_file():
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                log.warning("%s; moved aside to %s, trying an older checkpoint", e, aside.name)
+            else:
+                log.warning("%s; trying an older checkpoint", e)
+            continue
+        try:
+            return check_kind(state, path, kind), path
+        except DataError as e:
+            problems.append(str(e))
             log.warning("cannot resume from %s; trying an older checkpoint", e)
+    if candidates:
+        raise DataError(f"{run_dir}: no checkpoint to resume from, all {len(candidates)} are unusable: "
+                        + "; ".join(problems)
+                        + ". Pass --resume none (checkpoint.resume_path: none) to start from epoch 0 "
+                          "on purpose, or use another checkpoint.ckpt_path")
     return None, None
