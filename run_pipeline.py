@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from utils import mask_layout as layout
 from utils.plots import plot_loss_curves
 
 REPO = Path(__file__).resolve().parent
 MARKER = ".run_pipeline"  # marks an output folder this script may wipe on a re-run
 SEG_DATASET = "SynLung-Anatomy"  # A-SAM learns rib, pleura, consolidation (SAMUS layout)
+EXACT_LABEL_DIR = "label_exact"  # the generator's labels, beside <Sub>/label, hidden from stages 3-5
 
 
 class StageFailed(RuntimeError):
@@ -121,8 +123,8 @@ def prepare_out(out: Path) -> None:
 def hide_exact_labels(train_dir: Path) -> int:
     """``<Sub>/label`` -> ``<Sub>/label_exact``: the corpus becomes unlabeled for stages 3-5."""
     moved = 0
-    for lab in sorted(train_dir.glob("*/label")):
-        lab.rename(lab.with_name("label_exact"))
+    for lab in sorted(train_dir.glob(f"*/{layout.LABEL_DIR}")):
+        lab.rename(lab.with_name(EXACT_LABEL_DIR))
         moved += 1
     return moved
 
@@ -141,8 +143,11 @@ def asam_dice(train_dir: Path, classes_json: Path) -> dict[str, float]:
     classes = json.loads(classes_json.read_text())  # {"1": "SynLung-Anatomy/1", ...}
     inter = {k: 0 for k in classes}
     total = {k: 0 for k in classes}
-    for pred_path in sorted(train_dir.glob("*/label/*.png")):
-        exact = read_label(pred_path.parent.parent / "label_exact" / pred_path.name)
+    for sub, rel, _ in layout.find_images(train_dir):
+        pred_path = layout.label_path(train_dir, sub, rel)
+        if not pred_path.is_file():
+            continue
+        exact = read_label(layout.label_path(train_dir, sub, rel, EXACT_LABEL_DIR))
         pred = read_label(pred_path)
         for k, key in classes.items():
             p, g = pred == int(k), exact == class_to_anatomy.get(key, -1)
@@ -171,6 +176,7 @@ def print_table(results: dict[str, dict]) -> None:
 # --------------------------------------------------------------------------- #
 def pipeline(out: Path, s: Settings, threads: int) -> int:
     data, runs, figs, py = out / "data", out / "runs", out / "figures", sys.executable
+    train = layout.split_dir(data, "train")  # the pre-training corpus: <Sub>/img (and label)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1")
     times: dict[str, tuple[float, float]] = {}
@@ -190,8 +196,8 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
     timed("0 synthetic data", "0 synthetic data (SAMUS segmentation pairs)", [
         py, "-m", "utils.synthetic_us", "--out", str(data), "--layouts", "samus",
         "--n", str(s.n_seg), "--size", str(s.size)])
-    print(f"moved the exact labels of {hide_exact_labels(data / 'train')} pre-training subsets to "
-          "label_exact/ (the corpus is unlabeled from here on)")
+    print(f"moved the exact labels of {hide_exact_labels(train)} pre-training subsets to "
+          f"{EXACT_LABEL_DIR}/ (the corpus is unlabeled from here on)")
 
     seg = ["--task", "SynLung", "--data_root", str(data / "samus"), "--datasets", SEG_DATASET,
            "--img_size", str(s.asam_size), "--batch_size", "8", "--workers", "0"]
@@ -204,10 +210,10 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
         "--epochs", str(s.asam2_epochs), "--out_dir", str(runs / "asam_stage2")])
     stage2 = need(runs / "asam_stage2" / "best.pt", "2 A-SAM stage 2")
     timed("3 A-SAM masks", "3 A-SAM masks of the pre-training scans", [
-        py, "SAM/infer_masks.py", "--ckpt", str(stage2), "--data_dir", str(data / "train"),
+        py, "SAM/infer_masks.py", "--ckpt", str(stage2), "--data_dir", str(train),
         "--workers", "0", "--batch_size", "16", "--threshold", str(s.mask_threshold),
         "--montage", str(figs / "asam_montage.png"), "--montage_n", "8"])
-    dice = asam_dice(data / "train", need(data / "train" / "asam_classes.json", "3 A-SAM masks"))
+    dice = asam_dice(train, need(train / "asam_classes.json", "3 A-SAM masks"))
     print("A-SAM masks vs the exact anatomy maps, Dice: "
           + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
 

@@ -6,8 +6,9 @@
 reads ``<data_dir>/<Sub>/img/**/<name>.<png|jpg|...>`` and writes
 ``<out_dir>/<Sub>/label/**/<name>.png`` (out_dir defaults to data_dir): uint8 index maps at
 each image's own size, 0 = background and k = the k-th prompt of ``--prompts`` (default: all
-anatomies the checkpoint knows; the mapping goes to ``<out_dir>/asam_classes.json``). This is
-the layout ``utils/generate_masks_pkls.py`` reads.
+anatomies the checkpoint knows; the mapping goes to ``<out_dir>/asam_classes.json``). The
+layout is ``utils/mask_layout.py``'s (:func:`~utils.mask_layout.label_jobs`), which
+``utils/generate_masks_pkls.py`` reads.
 
 * batched: one encoder and one prompter pass per batch; one decoder pass for every
   (image, anatomy) of the batch (:func:`SAM.fast_decoder.predict_index_maps`: the SAM
@@ -45,7 +46,8 @@ from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_
 from SAM.engine import pick_device  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
-from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.mask_layout import label_jobs  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
 
 

@@ -144,7 +144,8 @@ def time_loader(batch: int, size: int, workers: int, batches: int, crop_scale=(0
     from torch.utils.data import DataLoader
 
     from utils.generate_masks_pkls import generate
-    from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
+    from utils.mask_layout import load_pairs
+    from utils.pretrain_data import AnatomyPairDataset, EpochSampler
     from utils.synthetic_us import write_pretrain_layout
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -196,7 +196,7 @@ def test_dataset_skips_unreadable_image_with_a_warning(synthetic_pretrain_dir, t
 
 def test_mask_of_wrong_size_is_a_clear_error(synthetic_pretrain_dir, tmp_path):
     from utils.io import atomic_pickle_dump
-    from utils.pretrain_data import load_mask
+    from utils.mask_layout import load_mask
 
     bad = tmp_path / "m.pkl"
     atomic_pickle_dump(np.zeros((5, 5), np.uint8), bad)

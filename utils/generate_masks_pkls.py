@@ -3,13 +3,17 @@
 
     python utils/generate_masks_pkls.py --data_dir dataset
 
-reads ``dataset/train/<Sub>/img/<name>.<ext>`` with ``dataset/train/<Sub>/label/<name>.png``
-and writes
+reads every image ``dataset/train/<Sub>/img/<rel>`` (any depth below ``img/``) with its label
+``dataset/train/<Sub>/label/<rel>.png`` (extension replaced) and writes
 
-* ``dataset/masks/<Sub>_<name>_gt.pkl``: the H x W integer label map (0 = background,
-  1..K anatomies, ids preserved; 0/255 binary labels become 0/1);
-* ``dataset/train_tf_img_to_gt.pkl``: the list of ``[image_path, mask_pkl_path]``
-  pairs, paths relative to ``--data_dir``.
+* ``dataset/masks/<Sub>_<stem>_gt.pkl`` (an image directly in ``img/``) or
+  ``dataset/masks/<Sub>/<folders>/<stem>_gt.pkl`` (one in a sub-folder): the H x W integer
+  label map (0 = background, 1..K anatomies, ids preserved; 0/255 binary labels become 0/1);
+* ``dataset/train_tf_img_to_gt.pkl``: the list of ``[image_path, mask_pkl_path]`` pairs,
+  paths relative to ``--data_dir``.
+
+The layout, the names and the pickles' contents are ``utils/mask_layout.py``'s, shared with
+stage 3 (which writes the labels) and pre-training (which reads the pairs).
 
 Re-running skips masks that are already written and newer than their label.
 Every write is atomic. Images without a label, unreadable files, size mismatches
@@ -18,19 +22,18 @@ and empty (all-background) masks are reported by name, counted and left out.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.io import IMAGE_EXTS, DataError, atomic_pickle_dump, read_image, read_label  # noqa: E402
-
+from utils import mask_layout as layout  # noqa: E402
+from utils.io import DataError, read_image, read_label  # noqa: E402
 
 
 @dataclass
@@ -50,23 +53,14 @@ class Report:
         return "\n".join(lines)
 
 
-def find_items(split_dir: Path) -> list[tuple[str, Path, Path | None]]:
-    """``(subset, image_path, label_path or None)`` for every image under ``<split>/<Sub>/img``."""
+def find_items(data_dir: Path) -> list[tuple[str, PurePath, Path, Path | None]]:
+    """``(subset, path below img/, image path, label path or None)`` for every image of
+    :func:`utils.mask_layout.find_images` under ``data_dir`` (a ``<root>/<split>`` folder)."""
     items = []
-    for sub in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        img_dir, lab_dir = sub / "img", sub / "label"
-        if not img_dir.is_dir():
-            continue
-        labels = {p.stem: p for p in lab_dir.iterdir()} if lab_dir.is_dir() else {}
-        for img in sorted(img_dir.iterdir()):
-            if img.suffix.lower() in IMAGE_EXTS:
-                items.append((sub.name, img, labels.get(img.stem)))
+    for sub, rel, img in layout.find_images(data_dir):
+        lab = layout.label_path(data_dir, sub, rel)
+        items.append((sub, rel, img, lab if lab.is_file() else None))
     return items
-
-
-def mask_from_label(label: np.ndarray) -> np.ndarray:
-    """Store label maps compactly: uint8 when ids fit, int32 otherwise."""
-    return label.astype(np.uint8 if label.max(initial=0) < 256 else np.int32)
 
 
 def check_pair(image_shape: tuple[int, ...], label: np.ndarray, label_path: Path) -> None:
@@ -78,20 +72,20 @@ def check_pair(image_shape: tuple[int, ...], label: np.ndarray, label_path: Path
 
 def generate(data_dir: Path, split: str = "train", masks_dir: Path | None = None,
              pairs_path: Path | None = None) -> Report:
-    split_dir = data_dir / split
+    split_dir = layout.split_dir(data_dir, split)
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: folder not found; expected {split}/<Sub>/img and {split}/<Sub>/label")
-    masks_dir = masks_dir or data_dir / "masks"
-    pairs_path = pairs_path or data_dir / f"{split}_tf_img_to_gt.pkl"
+    masks_dir = masks_dir or layout.masks_dir(data_dir)
+    pairs_path = pairs_path or layout.pairs_file(data_dir, split)
     report, pairs = Report(), []
     items = find_items(split_dir)
     if not items:
         raise DataError(f"{split_dir}: no images found under <Sub>/img/")
-    for sub, img_path, lab_path in items:
+    for sub, rel, img_path, lab_path in items:
         if lab_path is None:
             report.add("images without a label", str(img_path))
             continue
-        out = masks_dir / f"{sub}_{img_path.stem}_gt.pkl"
+        out = layout.mask_path(masks_dir, sub, rel)
         if out.is_file() and out.stat().st_mtime >= lab_path.stat().st_mtime:
             report.kept += 1
         else:
@@ -103,12 +97,12 @@ def generate(data_dir: Path, split: str = "train", masks_dir: Path | None = None
                         "size mismatches" if "differs" in str(e) else "unreadable files")
                 report.add(kind, str(e))
                 continue
-            atomic_pickle_dump(mask_from_label(label), out)
+            layout.write_mask(label, out)
             report.written += 1
-        pairs.append([os.path.relpath(img_path, data_dir), os.path.relpath(out, data_dir)])
+        pairs.append((img_path, out))
     if not pairs:
         raise DataError(f"{split_dir}: no usable image/label pair\n{report.summary()}")
-    atomic_pickle_dump(pairs, pairs_path)
+    layout.write_pairs(pairs, data_dir, pairs_path)
     return report
 
 

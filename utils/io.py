@@ -163,17 +163,3 @@ def label_to_index_map(lab: np.ndarray) -> np.ndarray:
     if values.size <= 2 and values.max(initial=0) == 255:
         lab = (lab == 255).astype(np.int64)
     return lab
-
-
-def label_jobs(data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """(image, label) path pairs for every image under ``<data_dir>/<Sub>/img/**``, sorted;
-    the label of ``<Sub>/img/<rel>.<ext>`` is ``<out_dir>/<Sub>/label/<rel>.png`` (the layout
-    ``utils/generate_masks_pkls.py`` reads)."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    jobs = []
-    for img_dir in sorted(p for p in data_dir.glob("*/img") if p.is_dir()):
-        sub = img_dir.parent.name
-        for f in sorted(img_dir.rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-                jobs.append((f, out_dir / sub / "label" / f.relative_to(img_dir).with_suffix(".png")))
-    return jobs

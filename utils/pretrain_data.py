@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import cv2
@@ -21,8 +20,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, Sampler
 
+from utils import mask_layout
 from utils.context_damage import context_damage
-from utils.io import DataError, read_image, safe_pickle_load
+from utils.io import DataError, read_image
 
 log = logging.getLogger(__name__)
 
@@ -153,36 +153,8 @@ def make_views(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, si
 # --------------------------------------------------------------------------- #
 # dataset and sampler
 # --------------------------------------------------------------------------- #
-def pairs_file(image_dir: str | os.PathLike, subset: str) -> Path:
-    return Path(image_dir) / f"{subset or 'train'}_tf_img_to_gt.pkl"
-
-
-def load_pairs(image_dir: str | os.PathLike, subset: str = "train") -> list[tuple[Path, Path]]:
-    """Read the ``[image_path, mask_pkl_path]`` list; relative paths are relative to ``image_dir``."""
-    path = pairs_file(image_dir, subset)
-    if not path.is_file():
-        raise DataError(f"{path}: pair list not found; run utils/generate_masks_pkls.py first "
-                        "(or check data.image_dir / data.subset in the config)")
-    pairs = safe_pickle_load(path)
-    if not isinstance(pairs, (list, tuple)) or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
-        raise DataError(f"{path}: expected a list of [image_path, mask_pkl_path] string pairs")
-    if not pairs:
-        raise DataError(f"{path}: the pair list is empty")
-    root = Path(image_dir)
-    return [(root / a, root / b) for a, b in pairs]  # an absolute path stays as it is
-
-
-def load_mask(path: Path, image_shape: tuple[int, int]) -> np.ndarray:
-    mask = safe_pickle_load(path)
-    if not isinstance(mask, np.ndarray) or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise DataError(f"{path}: expected a 2-D integer label map, found "
-                        f"{type(mask).__name__} {getattr(mask, 'shape', '')} {getattr(mask, 'dtype', '')}")
-    if mask.shape != image_shape:
-        raise DataError(f"{path}: mask size {mask.shape} differs from its image's size {image_shape}")
-    if mask.min() < 0:
-        raise DataError(f"{path}: negative label ids")
-    return mask
+#: the pair list of a corpus (utils/mask_layout.py owns it); pretrain_aclus.py reads it through this name
+load_pairs = mask_layout.load_pairs
 
 
 class AnatomyPairDataset(Dataset):
@@ -212,7 +184,7 @@ class AnatomyPairDataset(Dataset):
         image = read_image(img_path, "rgb")
         if self.whole_image_mask:
             return image, np.zeros(image.shape[:2], np.int64)
-        return image, load_mask(mask_path, image.shape[:2])
+        return image, mask_layout.load_mask(mask_path, image.shape[:2])
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = key

@@ -7,7 +7,8 @@
 reads ``<data_dir>/<Sub>/img/**/<name>.<png|jpg|...>`` and writes
 ``<out_dir>/<Sub>/label/**/<name>.png`` (out_dir defaults to data_dir): uint8 index maps at
 each image's own size, every pixel in one segment, ids 1..K with K <= ``--max_segments``
-(<= 255). This is the layout ``utils/generate_masks_pkls.py`` and ``SAM/infer_masks.py`` use.
+(<= 255): the layout of ``utils/mask_layout.py`` (:func:`~utils.mask_layout.label_jobs`), which
+``SAM/infer_masks.py`` writes too and ``utils/generate_masks_pkls.py`` reads.
 
 The segmentation (:func:`superpixel_labels`) is a pure function: the image is converted to
 grey and shrunk so that its longer side is ``--work_size`` (speckle makes full-resolution
@@ -36,7 +37,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.io import DataError, atomic_write, atomic_write_png, label_jobs, read_image  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.mask_layout import label_jobs  # noqa: E402
 
 MAX_IDS = 255  # uint8 label PNGs
 
