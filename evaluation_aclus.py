@@ -9,12 +9,16 @@ Usage::
 Data (``--data_path``, alias ``--data_dir``): the USCL pickles ``covid_data1..5.pkl`` (each
 ``(X_train, y_train, X_test, y_test)``, NCHW uint8, labels covid19 0 / pneumonia 1 /
 regular 2; read with a restricted unpickler) or the image-folder layout
-``[images/]fold<k>/<class>/*.png`` written by ``python -m utils.pocus_folds``.
+``[images/]fold<k>/<class>/*.png`` (written by ``python -m utils.pocus_folds``, or your own
+data set). In the folder layout the classes are the class folders, sorted, or the names
+listed one per line in ``classes.txt`` beside ``fold1..5`` (any number of classes >= 2);
+images are resized to ``--img_size`` on load, so their sizes may differ. Every fold file is
+checked before the first fold trains.
 
 Protocols (METHOD.md §4):
 
 * ``finetune`` — the paper's: torchvision ResNet-18 initialised from the encoder, only
-  ``layer4.1`` and a new 3-way head trained; Adam lr 0.01, wd 1e-4, cosine schedule,
+  ``layer4.1`` and a new head (one output per class) trained; Adam lr 0.01, wd 1e-4, cosine schedule,
   30 epochs, batch 32, seed 1; Resize -> RandomResizedCrop(scale 0.8-1, ratio 0.8-1.25) +
   horizontal flip; Normalize(0.5, 0.25). Unlike upstream the head IS trained.
 * ``linear`` — frozen encoder, global-average-pooled 512-d features (same normalisation,
@@ -56,8 +60,8 @@ from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate
 from utils.distributed import seed_everything
 from utils.io import DataError, atomic_write, read_image, safe_pickle_load
 from utils.plots import plot_confusion
+from utils.pocus_folds import CLASSES as POCUS_CLASSES
 
-CLASSES = ("covid19", "pneumonia", "regular")
 NUM_FOLDS = 5
 LINEAR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
@@ -67,7 +71,7 @@ LINEAR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 # --------------------------------------------------------------------------- #
 @dataclass
 class Fold:
-    """One train/test split. ``X_*``: N x 3 x H x W uint8; ``y_*``: N int64 in 0..2."""
+    """One train/test split. ``X_*``: N x 3 x H x W uint8; ``y_*``: N int64 in 0..len(classes)-1."""
     index: int
     X_train: np.ndarray
     y_train: np.ndarray
@@ -75,6 +79,7 @@ class Fold:
     y_test: np.ndarray
     groups_train: np.ndarray | None  # source video of each training image, if known
     source: str
+    classes: tuple[str, ...] = POCUS_CLASSES
 
 
 def check_images(X, source: str, what: str) -> np.ndarray:
@@ -91,13 +96,13 @@ def check_images(X, source: str, what: str) -> np.ndarray:
     return np.repeat(X, 3, axis=1) if X.shape[1] == 1 else X
 
 
-def check_labels(y, n: int, source: str, what: str) -> np.ndarray:
+def check_labels(y, n: int, source: str, what: str, classes: tuple[str, ...] = POCUS_CLASSES) -> np.ndarray:
     y = np.asarray(y) if isinstance(y, (np.ndarray, list, tuple)) else None
     if y is None or y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.number):
         raise DataError(f"{source}: {what} must be a 1-D numeric array of length {n}")
-    if not np.all(np.isin(y, np.arange(len(CLASSES)))):
+    if not np.all(np.isin(y, np.arange(len(classes)))):
         raise DataError(f"{source}: {what} holds labels {sorted(set(np.unique(y).tolist()))[:6]}, "
-                        f"expected 0..{len(CLASSES) - 1} ({', '.join(CLASSES)})")
+                        f"expected 0..{len(classes) - 1} ({', '.join(classes)})")
     return y.astype(np.int64)
 
 
@@ -137,7 +142,9 @@ def _manifest_groups(root: Path, k: int, y_train: np.ndarray) -> np.ndarray | No
 
 
 def discover(data_path: Path) -> tuple[str, Path]:
-    """``('pickle' | 'folders', root)`` for a data folder, or a DataError saying what is there."""
+    """``('pickle' | 'folders', root)`` for a data folder, or a DataError saying what is there.
+
+    Use :func:`check_data` to validate every fold before any work."""
     if not data_path.exists():
         raise DataError(f"{data_path}: data path not found")
     if data_path.is_file():
@@ -157,25 +164,72 @@ def discover(data_path: Path) -> tuple[str, Path]:
                     "(fold1..5/<class>/*.png) found")
 
 
-def _read_fold_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images, labels and source ids of one ``fold<k>/<class>/*`` folder."""
+def folder_classes(root: Path) -> tuple[str, ...]:
+    """Class names of an image-folder layout: ``classes.txt`` (one per line, in label order)
+    or else the sorted names of the class folders found in ``fold1..5``."""
+    listed = root / "classes.txt"
+    if listed.is_file():
+        names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+        if len(set(names)) != len(names):
+            raise DataError(f"{listed}: a class is listed twice")
+    else:
+        names = tuple(sorted({d.name for k in range(1, NUM_FOLDS + 1) for d in (root / f"fold{k}").iterdir()
+                              if d.is_dir()}))
+    if len(names) < 2:
+        raise DataError(f"{root}: found {len(names)} class(es) {list(names)}; need at least 2 "
+                        "(fold<k>/<class>/*.png, or classes.txt)")
+    return names
+
+
+def _read_fold_folder(folder: Path, classes: tuple[str, ...], img_size: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (resized to ``img_size`` x ``img_size``), labels and source ids of one ``fold<k>/<class>/*``."""
+    import cv2
+
+    unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
+    if unknown:
+        raise DataError(f"{folder / unknown[0]}: class folder not in the class list {list(classes)}")
     imgs, labels, groups = [], [], []
-    for ci, cls in enumerate(CLASSES):
+    for ci, cls in enumerate(classes):
         for p in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
             if p.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
                 continue
             img = read_image(p, "rgb")
-            if imgs and img.shape != imgs[0].shape:
-                raise DataError(f"{p}: size {img.shape[:2]} differs from {imgs[0].shape[:2]} of the other images")
+            if img.shape[:2] != (img_size, img_size):
+                img = cv2.resize(img, (img_size, img_size), interpolation=cv2.INTER_AREA)
             imgs.append(img)
             labels.append(ci)
             groups.append(f"{cls}/{group_from_png_name(p.name)}")
     if not imgs:
-        raise DataError(f"{folder}: no images in {'/, '.join(CLASSES)}/")
+        raise DataError(f"{folder}: no images in {'/, '.join(classes)}/")
     return np.stack(imgs).transpose(0, 3, 1, 2).copy(), np.array(labels, dtype=np.int64), np.array(groups)
 
 
-def iter_folds(data_path: str | Path):
+def check_data(data_path: str | Path) -> tuple[str, ...]:
+    """Validate every fold of ``data_path`` before any training; returns the class names.
+
+    A bad ``covid_data4.pkl`` is found here, not after folds 1-3 have trained. In the
+    folder layout, a class without training images in some fold is an error.
+    """
+    kind, root = discover(Path(data_path))
+    if kind == "pickle":
+        for k in range(1, NUM_FOLDS + 1):
+            path = root / f"covid_data{k}.pkl"
+            check_uscl_tuple(safe_pickle_load(path), str(path))
+        return POCUS_CLASSES
+    classes = folder_classes(root)
+    present = [{d.name for d in (root / f"fold{k}").iterdir() if d.is_dir() and any(d.iterdir())}
+               for k in range(1, NUM_FOLDS + 1)]
+    for k in range(1, NUM_FOLDS + 1):
+        train = set().union(*(present[j - 1] for j in range(1, NUM_FOLDS + 1) if j != k))
+        lacking = [c for c in classes if c not in train]
+        if lacking:
+            raise DataError(f"{root}: fold {k}'s training part (the other folds) has no images of class "
+                            f"'{lacking[0]}'; every class needs images in at least two folds")
+    return classes
+
+
+def iter_folds(data_path: str | Path, img_size: int = 224):
     """Yield the 5 :class:`Fold` objects one at a time (each USCL pickle holds the full set)."""
     kind, root = discover(Path(data_path))
     if kind == "pickle":
@@ -184,14 +238,13 @@ def iter_folds(data_path: str | Path):
             Xtr, ytr, Xte, yte = check_uscl_tuple(safe_pickle_load(path), str(path))
             yield Fold(k, Xtr, ytr, Xte, yte, _manifest_groups(root, k, ytr), str(path))
         return
-    per_fold = [_read_fold_folder(root / f"fold{k}") for k in range(1, NUM_FOLDS + 1)]
-    if len({f[0].shape[1:] for f in per_fold}) > 1:
-        raise DataError(f"{root}: image sizes differ between folds")
+    classes = folder_classes(root)
+    per_fold = [_read_fold_folder(root / f"fold{k}", classes, img_size) for k in range(1, NUM_FOLDS + 1)]
     for k in range(1, NUM_FOLDS + 1):
         train = [f for j, f in enumerate(per_fold, start=1) if j != k]
         yield Fold(k, np.concatenate([f[0] for f in train]), np.concatenate([f[1] for f in train]),
                    per_fold[k - 1][0], per_fold[k - 1][1], np.concatenate([f[2] for f in train]),
-                   str(root / f"fold{k}"))
+                   str(root / f"fold{k}"), classes)
 
 
 class ArrayDataset(Dataset):
@@ -241,7 +294,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.nd
 def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device) -> dict:
     """Paper protocol on one fold; returns test predictions of the selected epoch and the curve."""
     seed_everything(args.seed)  # same seed per fold: a fold's result does not depend on the others
-    model = build_resnet18(len(CLASSES), state).to(device)
+    model = build_resnet18(len(fold.classes), state).to(device)
     # only the last residual block and the new head learn (the upstream code froze the head too)
     trainable = [p for n, p in model.named_parameters() if n.startswith(("layer4.1.", "fc."))]
     for n, p in model.named_parameters():
@@ -309,7 +362,7 @@ class FeatureCache:
 
     def __init__(self, state: dict | None, args, device: torch.device):
         seed_everything(args.seed)  # random-init baseline: the same encoder for every fold
-        model = build_resnet18(len(CLASSES), state)
+        model = build_resnet18(len(POCUS_CLASSES), state)  # the head is dropped: any size
         model.fc = nn.Identity()  # -> global-average-pooled 512-d features
         self.model = model.to(device).eval()
         self.args, self.device, self.cache = args, device, {}
@@ -372,19 +425,19 @@ def evaluate(args) -> dict:
     device = torch.device(args.device)
     # read the weights first: a wrong checkpoint fails before any data is loaded
     state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
-    discover(Path(args.data_path))  # a missing or empty data folder fails before any work
+    classes = check_data(args.data_path)  # every fold file checked before any work
     features = FeatureCache(state, args, device) if args.protocol == "linear" else None
 
     folds, confusions = [], []
-    for fold in tqdm(iter_folds(args.data_path), total=NUM_FOLDS, desc=f"{args.protocol} 5-fold"):
+    for fold in tqdm(iter_folds(args.data_path, args.img_size), total=NUM_FOLDS, desc=f"{args.protocol} 5-fold"):
         if fold.groups_train is None and args.selection == "val":
             print(f"note: {fold.source}: source videos unknown, validation split is by frame "
                   "(frames of one video may sit in train and val)", file=sys.stderr)
         out = (run_linear_fold(fold, features, args) if args.protocol == "linear"
                else run_finetune_fold(fold, state, args, device))
-        cm = confusion_matrix(fold.y_test, out.pop("pred"), len(CLASSES))
+        cm = confusion_matrix(fold.y_test, out.pop("pred"), len(classes))
         confusions.append(cm)
-        m = metrics_from_confusion(cm, CLASSES)
+        m = metrics_from_confusion(cm, classes)
         folds.append({"fold": fold.index, "source": fold.source, "n_train": int(len(fold.y_train)),
                       "n_test": int(len(fold.y_test)), **m, "confusion_matrix": cm.tolist(), **out})
         tqdm.write(f"fold {fold.index}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
@@ -394,12 +447,12 @@ def evaluate(args) -> dict:
 
     optimistic = args.selection == "paper"
     tag = f"{args.protocol}_{args.selection}"
-    summary = aggregate_folds(confusions, CLASSES)
+    summary = aggregate_folds(confusions, classes)
     result = {
         "protocol": args.protocol, "selection": args.selection, "optimistic": optimistic,
         "selection_note": SELECTION_NOTES[args.selection],
         "ckpt_path": args.ckpt_path or None, "init": "checkpoint" if args.ckpt_path else "random",
-        "data_path": str(args.data_path), "classes": list(CLASSES),
+        "data_path": str(args.data_path), "classes": list(classes),
         "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "ckpt_path", "out_dir")},
         "summary": summary, "folds": folds, "wall_time_s": round(time.time() - t0, 2),
     }
@@ -411,7 +464,7 @@ def evaluate(args) -> dict:
              f"pooled acc {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
     if optimistic:
         title = "OPTIMISTIC (paper protocol: epoch chosen on test fold)\n" + title
-    plot_confusion(np.array(summary["confusion_matrix_sum"]), CLASSES, png_path, title)
+    plot_confusion(np.array(summary["confusion_matrix_sum"]), classes, png_path, title)
 
     label = " [OPTIMISTIC: paper protocol, selected on the test fold]" if optimistic else ""
     print(f"{args.protocol} / selection={args.selection}{label}")
@@ -426,10 +479,12 @@ def evaluate(args) -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a ResNet-18 encoder on POCUS (5-fold, covid19/"
-                                "pneumonia/regular).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "pneumonia/regular) or any 5-fold image-folder layout (classes from its "
+                                "folders or classes.txt).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_path", "--data_dir", dest="data_path", required=True,
                    help="folder with covid_data1..5.pkl (USCL format) or [images/]fold1..5/<class>/*.png "
-                        "(python -m utils.pocus_folds writes both)")
+                        "(python -m utils.pocus_folds writes both; classes = the class folders, sorted, "
+                        "or classes.txt)")
     p.add_argument("--ckpt_path", default=None,
                    help="pretrain_aclus.py checkpoint, exported encoder, or torchvision resnet18 state dict; "
                         "omit for the random-init baseline")

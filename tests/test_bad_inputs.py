@@ -77,3 +77,58 @@ def test_pickle_is_still_refused_for_the_mask_files(tmp_path):
     p.write_bytes(pickle.dumps(CodeInPickle()))
     with pytest.raises(DataError):
         safe_pickle_load(p)
+
+
+# --------------------------------------------------------------------------- #
+# evaluation
+# --------------------------------------------------------------------------- #
+def _folder_layout(root, classes_per_fold, sizes=((40, 48),), seed=0):
+    """fold1..5/<class>/*.png with random images, one per (size, class, fold)."""
+    import numpy as np
+
+    from utils.io import atomic_write_png
+
+    rng = np.random.default_rng(seed)
+    for k, classes in enumerate(classes_per_fold, start=1):
+        for ci, c in enumerate(classes):
+            for i, (h, w) in enumerate(sizes):
+                img = rng.integers(0, 60, (h, w), dtype=np.uint8) + 40 * (ci + 1)
+                atomic_write_png(img, root / f"fold{k}" / c / f"v{k}{ci}{i}__f0.png")
+    return root
+
+
+FAST = ["--protocol", "linear", "--img_size", "32", "--workers", "0", "--batch_size", "8"]
+
+
+def test_bad_fold_file_is_found_before_any_fold_trains(tmp_path, capsys):
+    from utils.synthetic_us import write_pocus_folds
+
+    write_pocus_folds(tmp_path, videos_per_class_per_fold=1, frames_per_video=1, size=32, seed=0)
+    (tmp_path / "covid_data4.pkl").write_bytes(b"not a pickle")
+    assert evaluation_aclus.main(["--data_path", str(tmp_path), *FAST, "--out_dir", str(tmp_path / "o")]) == 2
+    out = capsys.readouterr()
+    assert "covid_data4.pkl" in out.err and "fold 1:" not in out.out + out.err
+
+
+def test_classes_come_from_the_folder_layout(tmp_path, capsys):
+    import json
+
+    names = ("benign", "malignant")                       # a user's own two-class data set
+    root = _folder_layout(tmp_path / "data", [names] * 5, sizes=((40, 48), (52, 36)))  # sizes differ
+    assert evaluation_aclus.main(["--data_path", str(root), *FAST, "--out_dir", str(tmp_path / "o")]) == 0
+    r = json.loads((tmp_path / "o" / "eval_linear_last.json").read_text())
+    assert r["classes"] == list(names) and len(r["summary"]["confusion_matrix_sum"]) == 2
+    assert set(r["summary"]["pooled_per_class"]) == set(names)
+    assert "malignant" in capsys.readouterr().out
+    # classes.txt fixes the label order (and may name a class the folders spell the same)
+    (root / "classes.txt").write_text("malignant\nbenign\n")
+    assert evaluation_aclus.main(["--data_path", str(root), *FAST, "--out_dir", str(tmp_path / "o2")]) == 0
+    assert json.loads((tmp_path / "o2" / "eval_linear_last.json").read_text())["classes"] == ["malignant", "benign"]
+
+
+def test_class_missing_from_a_folds_training_part_is_an_error(tmp_path, capsys):
+    folds = [("a", "b", "c")] + [("a", "b")] * 4            # class c only in fold 1
+    root = _folder_layout(tmp_path / "data", folds)
+    assert evaluation_aclus.main(["--data_path", str(root), *FAST, "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "fold 1's training part" in err and "'c'" in err and "Traceback" not in err

@@ -155,7 +155,7 @@ def test_build_fake_checkout(fake_checkout, tmp_path, capsys):
 def test_evaluation_reads_image_folders_with_video_groups(fake_checkout, tmp_path):
     out = tmp_path / "folds"
     build(fake_checkout, out, frames_per_video=3, size=32, probe="convex", seed=0, verbose=False)
-    from_png = list(ev.iter_folds(out / "images"))
+    from_png = list(ev.iter_folds(out / "images", img_size=32))  # the folder layout is resized on load
     from_pkl = list(ev.iter_folds(out))
     assert len(from_png) == len(from_pkl) == 5
     for a, b in zip(from_png, from_pkl):
