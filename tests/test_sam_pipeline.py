@@ -141,4 +141,4 @@ def test_infer_masks_missing_checkpoint_is_one_line(repo_root, tmp_path):
                           str(tmp_path)], cwd=repo_root, capture_output=True, text=True, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1, out.stderr
-    assert lines[0] == f"infer_masks.py: error: {bad}: checkpoint not found"
+    assert lines[0] == f"infer_masks.py: error: {bad}: A-SAM checkpoint not found"
