@@ -160,6 +160,44 @@ def image_to_tensor(img: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int
     return torch.from_numpy(boxed).permute(2, 0, 1).float().div_(255.0), valid
 
 
+def subset_lines(lines: list[SplitLine], n: int, seed: int = 0) -> list[SplitLine]:
+    """At most ``n`` lines per dataset, drawn evenly at random (seeded) across the whole split
+    and kept in file order: a class-sorted split file still gives every class its share
+    (the first N lines of such a file would be one class)."""
+    rng = np.random.default_rng(seed)
+    keep: set[int] = set()
+    for dataset in sorted({line.dataset for line in lines}):
+        idx = [i for i, line in enumerate(lines) if line.dataset == dataset]
+        keep.update(idx if len(idx) <= n else rng.choice(idx, n, replace=False).tolist())
+    return [line for i, line in enumerate(lines) if i in keep]
+
+
+def check_files(root: Path, lines: list[SplitLine], split_file: str, skip_missing: bool = False
+                ) -> list[SplitLine]:
+    """Every image and label a split names must exist, checked before any work.
+
+    Returns ``lines`` (without those whose files are missing when ``skip_missing``, with a
+    note of how many); otherwise a DataError lists the missing files by name.
+    """
+    missing, keep = [], []
+    for line in lines:
+        paths = [root / line.dataset / "img" / f"{line.name}.png", root / line.dataset / "label" / f"{line.name}.png"]
+        absent = [str(p) for p in paths if not p.is_file()]
+        missing += absent
+        if not absent:
+            keep.append(line)
+    if not missing:
+        return lines
+    missing = sorted(set(missing))
+    if not skip_missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"{split_file}: {len(missing)} file(s) named in the split do not exist: {shown} "
+                        "(fix the split, or pass --skip_missing true to leave those lines out)")
+    print(f"note: {split_file}: left out {len(lines) - len(keep)} line(s) whose image or label is missing "
+          f"({len(missing)} file(s))")
+    return keep
+
+
 class SAMUSDataset(Dataset):
     """Split lines -> dicts of tensors at ``img_size`` (S) and ``low_res`` (L):
 
@@ -172,17 +210,13 @@ class SAMUSDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str, img_size: int, low_res: int,
                  keys: list[str], datasets: tuple[str, ...] = (), augment: bool = False,
-                 return_orig: bool = False, max_items: int = 0):
+                 return_orig: bool = False, max_items: int = 0, subset_seed: int = 0,
+                 skip_missing: bool = False):
         self.root = Path(root)
         self.lines = read_split(root, split, datasets)
-        if max_items > 0:  # first N lines of each dataset, so a quick run still sees all of them
-            seen: dict[str, int] = {}
-            keep = []
-            for line in self.lines:
-                seen[line.dataset] = seen.get(line.dataset, 0) + 1
-                if seen[line.dataset] <= max_items:
-                    keep.append(line)
-            self.lines = keep
+        if max_items > 0:
+            self.lines = subset_lines(self.lines, max_items, subset_seed)
+        self.lines = check_files(self.root, self.lines, f"{root}/MainPatient/{split}.txt", skip_missing)
         self.img_size, self.low_res = img_size, low_res
         self.key_index = {k: i for i, k in enumerate(keys)}
         unknown = {l.prompt_key for l in self.lines} - set(self.key_index)

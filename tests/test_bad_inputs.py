@@ -132,3 +132,38 @@ def test_class_missing_from_a_folds_training_part_is_an_error(tmp_path, capsys):
     assert evaluation_aclus.main(["--data_path", str(root), *FAST, "--out_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "fold 1's training part" in err and "'c'" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- #
+# A-SAM data (SAMUS layout)
+# --------------------------------------------------------------------------- #
+def test_missing_files_of_a_split_are_listed_up_front(tmp_path):
+    from SAM.samus_data import SAMUSDataset, read_split
+    from utils.io import DataError
+    from utils.synthetic_us import write_samus_layout
+
+    root = write_samus_layout(tmp_path / "seg", n_images=6, size=32, seed=0)
+    lines = read_split(root, "train")
+    gone = [root / lines[0].dataset / "img" / f"{lines[0].name}.png",
+            root / lines[-1].dataset / "label" / f"{lines[-1].name}.png"]
+    for p in gone:
+        p.unlink()
+    keys = sorted({l.prompt_key for l in lines})
+    with pytest.raises(DataError) as e:
+        SAMUSDataset(root, "train", 64, 16, keys)
+    assert "train.txt: 2 file(s) named in the split do not exist" in str(e.value)
+    assert all(str(p) in str(e.value) for p in gone) and "--skip_missing" in str(e.value)
+    ds = SAMUSDataset(root, "train", 64, 16, keys, skip_missing=True)
+    named = {(l.dataset, l.name) for l in ds.lines}
+    assert (lines[0].dataset, lines[0].name) not in named and (lines[-1].dataset, lines[-1].name) not in named
+    assert all((root / l.dataset / "img" / f"{l.name}.png").is_file() for l in ds.lines)
+
+
+def test_max_items_draws_across_a_class_sorted_split():
+    from SAM.samus_data import SplitLine, subset_lines
+
+    lines = [SplitLine(c, "D", f"n{c}_{i}") for c in (1, 2, 3) for i in range(20)]   # sorted by class
+    sub = subset_lines(lines, 9, seed=0)
+    assert len(sub) == 9 and {l.class_id for l in sub} == {1, 2, 3}                    # not 9 x class 1
+    assert sub == [l for l in lines if l in sub]                                       # file order kept
+    assert subset_lines(lines, 9, seed=0) == sub and subset_lines(lines, 9, seed=1) != sub

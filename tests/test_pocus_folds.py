@@ -136,6 +136,9 @@ def test_build_fake_checkout(fake_checkout, tmp_path, capsys):
     err = capsys.readouterr().err
     assert report["unreadable"] == ["pocus_videos/convex/Cov_broken.mp4"] and "Cov_broken.mp4" in err
     assert report["skipped"] == {"uncertain": 1, "viral": 1}
+    # the left-out files are named on the console too, not only in build_report.json
+    for cls, rels in report["skipped_files"].items():
+        assert f"class '{cls}'" in err and all(r in err for r in rels)
     assert report["num_images"] == 18 * 3 + 3 and report["per_class"] == {"covid19": 19, "pneumonia": 19, "regular": 19}
     rows = _check_fold_set(out, report)
     assert {r["license"] for r in rows if r["type"] == "video"} == {"CC BY 4.0"}

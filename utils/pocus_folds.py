@@ -286,6 +286,9 @@ def build(src: str | Path, out: str | Path, frames_per_video: int = 16, size: in
         except (DataError, cv2.error) as e:  # a broken file is reported, never a crash
             unreadable.append(s.rel)
             print(f"warning: skipping unreadable {s.rel}: {e}", file=sys.stderr)
+    for cls, rels in sorted(skipped.items()):  # named here, not only in build_report.json
+        print(f"note: left out {len(rels)} file(s) of class '{cls}' (not one of {', '.join(CLASSES)}): "
+              + ", ".join(rels), file=sys.stderr)
     if not frames:
         raise DataError(f"{data_dir}: no readable covid19/pneumonia/regular frames")
 
