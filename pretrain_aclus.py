@@ -35,7 +35,7 @@ from models.aclus import ACLUS, build_model
 from models.methods import get_method
 from utils import distributed as du
 from utils.checkpoint import find_resume_checkpoint, save_checkpoint
-from utils.config import ConfigError, load_config, run_dir as config_run_dir
+from utils.config import ConfigError, PretrainConfig, load_config, run_dir as config_run_dir
 from utils.io import DataError, atomic_torch_save, atomic_write
 from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
 from utils.schedules import byol_momentum, warmup_cosine
@@ -80,7 +80,7 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def build_optimizer(cfg: dict, model: torch.nn.Module, global_batch: int, iters_per_epoch: int
+def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module, global_batch: int, iters_per_epoch: int
                     ) -> tuple[torch.optim.Optimizer, np.ndarray, np.ndarray]:
     """LARS over the online parameters, with the per-step lr and target-momentum schedules.
 
@@ -88,27 +88,27 @@ def build_optimizer(cfg: dict, model: torch.nn.Module, global_batch: int, iters_
         optimizer, lr (epochs * iters,) warm-up + cosine to 0, momentum (epochs * iters + 1,)
         BYOL's cosine increase from ``base_momentum`` to 1.
     """
-    opt = cfg["optimizer"]
-    epochs = int(opt["total_epochs"])
-    lr = warmup_cosine(scaled_lr(opt["base_lr"], global_batch), 0.0, epochs, iters_per_epoch, opt["warmup_epochs"])
-    momentum = byol_momentum(cfg["model"]["base_momentum"], epochs * iters_per_epoch)
-    optimizer = Lars(lars_param_groups(model, opt["weight_decay"], opt["exclude_bias_and_bn"]),
-                     lr=float(lr[0]), momentum=opt["momentum"], trust_coeff=1e-3)
+    opt = cfg.optimizer
+    epochs = opt.total_epochs
+    lr = warmup_cosine(scaled_lr(opt.base_lr, global_batch), 0.0, epochs, iters_per_epoch, opt.warmup_epochs)
+    momentum = byol_momentum(cfg.model.base_momentum, epochs * iters_per_epoch)
+    optimizer = Lars(lars_param_groups(model, opt.weight_decay, opt.exclude_bias_and_bn),
+                     lr=float(lr[0]), momentum=opt.momentum, trust_coeff=1e-3)
     return optimizer, lr, momentum
 
 
-def build_loader(cfg: dict, info: du.DistInfo) -> tuple[DataLoader, EpochSampler]:
+def build_loader(cfg: PretrainConfig, info: du.DistInfo) -> tuple[DataLoader, EpochSampler]:
     """The pre-training pairs as the method needs them (context view, whole-image masks)."""
-    spec = get_method(cfg["model"]["method"])
-    data = cfg["data"]
-    pairs = load_pairs(data["image_dir"], data["subset"])
-    if data["num_examples"] and data["num_examples"] > 0:
-        pairs = pairs[: data["num_examples"]]
+    spec = get_method(cfg.model.method)
+    data = cfg.data
+    pairs = load_pairs(data.image_dir, data.subset)
+    if data.num_examples > 0:
+        pairs = pairs[: data.num_examples]
     dataset = AnatomyPairDataset(
-        pairs, size=data["resize_size"], crop_scale=data["crop_scale"], with_context=spec.context,
-        whole_image_mask=spec.whole_image or data["mask_type"] == "whole", seed=int(cfg["seed"]))
-    sampler = EpochSampler(len(dataset), info.rank, info.world_size, seed=int(cfg["seed"]))
-    batch_size, workers = data["train_batch_size"], data["data_workers"]
+        pairs, size=data.resize_size, crop_scale=data.crop_scale, with_context=spec.context,
+        whole_image_mask=spec.whole_image or data.mask_type == "whole", seed=cfg.seed)
+    sampler = EpochSampler(len(dataset), info.rank, info.world_size, seed=cfg.seed)
+    batch_size, workers = data.train_batch_size, data.data_workers
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=info.device.type == "cuda", drop_last=True,
                         persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
@@ -173,15 +173,16 @@ class JsonLog:
 # --------------------------------------------------------------------------- #
 # training
 # --------------------------------------------------------------------------- #
-def train(cfg: dict, args: argparse.Namespace) -> Path:
+def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     info = du.init_distributed_mode(args.device)
     run_dir = config_run_dir(cfg)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
-    seed = int(cfg["seed"])
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
+    seed = cfg.seed
     torch.manual_seed(seed + info.rank)
-    method = cfg["model"]["method"]
+    method = cfg.model.method
 
     # ---- data
     loader, sampler = build_loader(cfg, info)
@@ -189,22 +190,22 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
 
     # ---- model
     model = build_model(cfg).to(info.device)
-    if info.distributed and info.device.type == "cuda" and cfg["amp"]["sync_bn"]:
+    if info.distributed and info.device.type == "cuda" and cfg.amp.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # gloo/CPU has no SyncBN
     core: ACLUS = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
 
     # ---- optimisation
-    epochs = int(cfg["optimizer"]["total_epochs"])
-    global_batch = cfg["data"]["train_batch_size"] * info.world_size
+    epochs = cfg.optimizer.total_epochs
+    global_batch = cfg.data.train_batch_size * info.world_size
     optimizer, lr_sched, mom_sched = build_optimizer(cfg, core, global_batch, iters)
-    amp = cfg["amp"]["opt_level"] != "O0" and info.device.type == "cuda"
+    amp = cfg.amp.opt_level != "O0" and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     # ---- resume
     start_epoch = 0
-    resume = args.resume if args.resume is not None else cfg["checkpoint"]["resume_path"]
+    resume = args.resume if args.resume is not None else cfg.checkpoint.resume_path
     state, path = find_resume_checkpoint(resume, run_dir, CKPT_KIND)
     if state is not None:
         if state["config"]["model"]["method"] != method:
@@ -226,10 +227,10 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
     jlog = JsonLog(run_dir / "log.jsonl" if info.is_main else None)
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(cfg["log"]["log_dir"] or str(run_dir / "tb"))
+        writer = SummaryWriter(cfg.log.log_dir or str(run_dir / "tb"))
         log.info("%s: %d pairs, %d iters/epoch, global batch %d, %d process(es) on %s, amp=%s",
                  method, len(loader.dataset), iters, global_batch, info.world_size, info.device, amp)
-    log_step = max(1, int(cfg["log"]["log_step"]))
+    log_step = cfg.log.log_step
 
     steps_done, stopped = 0, False
     for epoch in range(start_epoch, epochs):
@@ -275,8 +276,9 @@ def train(cfg: dict, args: argparse.Namespace) -> Path:
             done = epoch + 1
             state = {"kind": CKPT_KIND, "epoch": done, "global_step": done * iters, "arch": "resnet18",
                      "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}, "config": cfg}
-            numbered = done % max(1, int(cfg["checkpoint"]["save_epoch"])) == 0 or done == epochs
+                     "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                     "config": cfg.to_dict()}
+            numbered = done % cfg.checkpoint.save_epoch == 0 or done == epochs
             save_checkpoint(state, run_dir, keep_numbered=numbered)
             atomic_torch_save(core.encoder.resnet.state_dict(), run_dir / "encoder_resnet18.pth")
             jlog.write(kind="epoch", epoch=done, seconds=round(time.time() - t_epoch, 2), **means)

@@ -18,9 +18,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """Invalid task name or field value."""
+# one error type for every configuration (an invalid task name or field value here);
+# utils.config imports neither SAM nor torch, so this makes no import cycle
+from utils.config import ConfigError
 
 
 @dataclass

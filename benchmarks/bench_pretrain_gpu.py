@@ -17,17 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
 import pretrain_aclus  # noqa: E402
+from utils.config import load_config  # noqa: E402
+
+CONFIG = REPO / "configs" / "example.yaml"
 
 
 def timed_run(data: str, method: str, steps: int, run_dir: Path) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
-    rc = pretrain_aclus.main(["--cfg", "configs/example.yaml", "--device", "cuda", "--max_steps", str(steps),
+    rc = pretrain_aclus.main(["--cfg", str(CONFIG), "--device", "cuda", "--max_steps", str(steps),
                               "-o", f"data.image_dir={data}", "-o", f"model.method={method}",
                               "-o", f"checkpoint.ckpt_path={run_dir}", "-o", "checkpoint.resume_path=",
                               "-o", "optimizer.total_epochs=10"])
@@ -47,12 +51,15 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench_pretrain_gpu.py needs a CUDA GPU")
     short, long = args.steps
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": 32, "size": 224}
+    data = load_config(CONFIG).data
+    batch = data.train_batch_size
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": batch,
+                 "size": data.resize_size}
     for method in ("byol", "detcon", "aclus"):
         torch.cuda.reset_peak_memory_stats()
         t = {n: timed_run(args.data, method, n, Path(args.work_dir) / f"{method}_{n}") for n in (short, long)}
         step = (t[long] - t[short]) / (long - short)
-        res[method] = {"step_s": round(step, 4), "img_per_s": round(32 / step, 1),
+        res[method] = {"step_s": round(step, 4), "img_per_s": round(batch / step, 1),
                        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         print(method, res[method], flush=True)
     for m in ("detcon", "aclus"):

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.aclus import build_model  # noqa: E402
 from models.methods import METHODS, get_method  # noqa: E402
 from pretrain_aclus import build_optimizer, train_step  # noqa: E402
-from utils.config import DEFAULTS  # noqa: E402
+from utils.config import PretrainConfig  # noqa: E402
 from utils.pretrain_data import make_views  # noqa: E402
 from utils.synthetic_us import make_scan  # noqa: E402
 
@@ -59,17 +59,15 @@ def make_batch(batch: int, size: int, method: str) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def _config(method: str, cfg: dict | None) -> dict:
-    cfg = copy.deepcopy(cfg if cfg is not None else DEFAULTS)
-    cfg["model"]["method"] = method
-    return cfg
+def _config(method: str, cfg: PretrainConfig | None) -> PretrainConfig:
+    return (cfg if cfg is not None else PretrainConfig()).with_method(method)
 
 
-def make_step(method: str, batch: int, size: int, device: torch.device, cfg: dict | None = None
+def make_step(method: str, batch: int, size: int, device: torch.device, cfg: PretrainConfig | None = None
               ) -> Callable[[], None]:
     """One training step of ``method`` on a fixed batch, as the training loop runs it.
 
-    ``cfg``: a loaded config (utils.config) for the head sizes, optimizer and AMP;
+    ``cfg``: a loaded config (``utils.config.load_config``) for the head sizes, optimizer and AMP;
     default: the paper-size defaults. ``lightly_byol`` builds lightly's BYOL instead.
     """
     cfg = _config("byol" if method == REFERENCE else method, cfg)
@@ -77,27 +75,27 @@ def make_step(method: str, batch: int, size: int, device: torch.device, cfg: dic
         return _lightly_byol_step(batch, size, device, cfg)
     model = build_model(cfg).to(device).train()
     optimizer, _, _ = build_optimizer(cfg, model, batch, iters_per_epoch=1)
-    amp = cfg["amp"]["opt_level"] != "O0" and device.type == "cuda"
+    amp = cfg.amp.opt_level != "O0" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
     gen = torch.Generator(device=device).manual_seed(0)
     return lambda: train_step(model, model, optimizer, scaler, data, 0.1, 0.99, gen, amp)
 
 
-def _lightly_byol_step(batch: int, size: int, device: torch.device, cfg: dict) -> Callable[[], None]:
+def _lightly_byol_step(batch: int, size: int, device: torch.device, cfg: PretrainConfig) -> Callable[[], None]:
     import torchvision
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
 
-    m = cfg["model"]
+    m = cfg.model
     backbone = torchvision.models.resnet18()
     backbone.fc = torch.nn.Identity()
     online = torch.nn.ModuleDict({
         "backbone": backbone,
-        "projection": BYOLProjectionHead(512, m["projection"]["hidden_dim"], m["projection"]["output_dim"]),
-        "prediction": BYOLPredictionHead(m["projection"]["output_dim"], m["predictor"]["hidden_dim"],
-                                         m["predictor"]["output_dim"])}).to(device).train()
+        "projection": BYOLProjectionHead(512, m.projection.hidden_dim, m.projection.output_dim),
+        "prediction": BYOLPredictionHead(m.projection.output_dim, m.predictor.hidden_dim,
+                                         m.predictor.output_dim)}).to(device).train()
     target = torch.nn.ModuleDict({k: copy.deepcopy(online[k]) for k in ("backbone", "projection")})
     deactivate_requires_grad(target)
     optimizer, _, _ = build_optimizer(cfg, online, batch, iters_per_epoch=1)
@@ -121,7 +119,7 @@ def _lightly_byol_step(batch: int, size: int, device: torch.device, cfg: dict) -
 
 
 def time_method(method: str, batch: int, size: int, steps: int, warmup: int, device: torch.device,
-                cfg: dict | None = None) -> list[float]:
+                cfg: PretrainConfig | None = None) -> list[float]:
     """Seconds of each timed step (after ``warmup`` untimed ones) on one fixed batch."""
     torch.manual_seed(0)
     step = make_step(method, batch, size, device, cfg)

@@ -40,7 +40,7 @@ def configured_batch(stage: str, setting: str) -> int:
     """The batch size each stage runs with in that setting (its config / script default)."""
     if stage == "pretrain":
         from utils.config import load_config
-        return int(load_config(CONFIGS[setting])["data"]["train_batch_size"])
+        return load_config(CONFIGS[setting]).data.train_batch_size
     if stage == "evaluation":
         return 32                                   # evaluation_aclus.py --batch_size (paper: 32)
     if stage == "mask_inference":
@@ -120,7 +120,7 @@ def _pretrain_step(setting: str, batch: int, device: torch.device) -> Callable[[
     from utils.config import load_config
 
     cfg = load_config(CONFIGS[setting])
-    return make_step(cfg["model"]["method"], batch, int(cfg["data"]["resize_size"]), device, cfg)
+    return make_step(cfg.model.method, batch, cfg.data.resize_size, device, cfg)
 
 
 def _evaluation_step(setting: str, batch: int, device: torch.device) -> Callable[[], None]:

@@ -61,7 +61,7 @@ def bench_pretrain(cfg_path: Path, steps: int, warmup: int, device: torch.device
     from benchmarks.bench_pretrain_step import time_method
 
     cfg = load_config(cfg_path, overrides)
-    batch, size = int(cfg["data"]["train_batch_size"]), int(cfg["data"]["resize_size"])
+    batch, size = cfg.data.train_batch_size, cfg.data.resize_size
     res = {"config": str(cfg_path.relative_to(REPO)), "overrides": overrides or [], "batch": batch,
            "size": size, "steps": steps, "warmup": warmup, "device": str(device), "methods": {}}
     for method in METHODS:
@@ -80,9 +80,9 @@ def bench_loader(cfg_path: Path, batches: int, train_img_per_s: float,
     from benchmarks.bench_pretrain_step import time_loader
 
     cfg = load_config(cfg_path, overrides)
-    d = cfg["data"]
-    batch, size, workers = int(d["train_batch_size"]), int(d["resize_size"]), int(d["data_workers"])
-    ips = time_loader(batch, size, workers, batches, crop_scale=d["crop_scale"])
+    d = cfg.data
+    batch, size, workers = d.train_batch_size, d.resize_size, d.data_workers
+    ips = time_loader(batch, size, workers, batches, crop_scale=d.crop_scale)
     return {"batch": batch, "size": size, "workers": workers, "batches": batches,
             "loader_img_per_s": ips, "train_img_per_s": train_img_per_s,
             "loader_over_train": ips / train_img_per_s, "loader_is_bottleneck": ips < train_img_per_s}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,9 @@ from models.backbone import C5_DIM, FPN_DIM, SCALES, MLP, MultiScaleEncoder
 from models.losses import (byol_loss, context_loss, detcon_infonce, id_areas, label_grids, mask_pool,
                            region_present, sample_region_ids)
 from models.methods import get_method
+
+if TYPE_CHECKING:
+    from utils.config import PretrainConfig
 
 
 @contextmanager
@@ -213,22 +217,15 @@ class ACLUS(nn.Module):
         return total, stats
 
 
-def build_model(cfg: dict) -> ACLUS:
-    """Build the model from a validated config (see ``utils.config``)."""
-    m, loss = cfg["model"], cfg["loss"]
-    if m["projection"]["input_dim"] != FPN_DIM:
-        raise ValueError(f"model.projection.input_dim must be {FPN_DIM} (the FPN width); "
-                         f"got {m['projection']['input_dim']}")
-    if m["predictor"]["input_dim"] != m["projection"]["output_dim"]:
-        raise ValueError("model.predictor.input_dim must equal model.projection.output_dim")
-    if m["predictor"]["output_dim"] != m["projection"]["output_dim"]:
-        raise ValueError("model.predictor.output_dim must equal model.projection.output_dim "
-                         "(the prediction is compared with the target projection)")
+def build_model(cfg: PretrainConfig) -> ACLUS:
+    """Build the model of a loaded config; its head sizes were checked by ``utils.config``
+    (the projection takes the FPN width, the predictor maps the projection's size to itself)."""
+    m, loss = cfg.model, cfg.loss
     return ACLUS(
-        method=m["method"], pretrained=m["backbone"]["pretrained"],
-        proj_hidden=m["projection"]["hidden_dim"], proj_dim=m["projection"]["output_dim"],
-        pred_hidden=m["predictor"]["hidden_dim"], num_rois=loss["mask_rois"],
-        temperature=loss["temperature"], sample_by_area=loss["sample_by"] == "area",
-        include_background=loss["include_background"], context_weight=loss["context_weight"],
-        context_loss=loss["context_loss"],
+        method=m.method, pretrained=m.backbone.pretrained,
+        proj_hidden=m.projection.hidden_dim, proj_dim=m.projection.output_dim,
+        pred_hidden=m.predictor.hidden_dim, num_rois=loss.mask_rois,
+        temperature=loss.temperature, sample_by_area=loss.sample_by == "area",
+        include_background=loss.include_background, context_weight=loss.context_weight,
+        context_loss=loss.context_loss,
     )

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from models.aclus import ACLUS
 from pretrain_aclus import build_optimizer, lars_param_groups, scaled_lr
-from utils.config import DEFAULTS
+from utils.config import PretrainConfig
 from utils.schedules import byol_momentum, warmup_cosine
 
 
@@ -19,12 +19,8 @@ def _tiny(method: str = "detcon") -> ACLUS:
     return ACLUS(method, proj_hidden=8, proj_dim=8, pred_hidden=8, num_rois=2)
 
 
-def _cfg(**optimizer) -> dict:
-    import copy
-
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg["optimizer"].update(optimizer)
-    return cfg
+def _cfg(**optimizer) -> PretrainConfig:
+    return PretrainConfig().with_values({f"optimizer.{k}": v for k, v in optimizer.items()})
 
 
 def test_lars_groups_exclude_biases_and_norm_parameters():

@@ -180,7 +180,8 @@ def test_paper_config_differs_from_the_upstream_example_only_in_the_papers_value
             out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
         return out
 
-    example, paper = flat(load_config(REPO / "configs/example.yaml")), flat(load_config(REPO / "configs/paper.yaml"))
+    example = flat(load_config(REPO / "configs/example.yaml").to_dict())
+    paper = flat(load_config(REPO / "configs/paper.yaml").to_dict())
     differ = {k for k in example if example[k] != paper[k]}
     assert differ == {"data.crop_scale", "data.train_batch_size", "loss.sample_by", "checkpoint.ckpt_path"}
     assert (example["data.crop_scale"], paper["data.crop_scale"]) == ([0.08, 1.0], [0.2, 1.0])
