@@ -26,12 +26,13 @@ from utils.config import ConfigError
 @dataclass
 class TaskConfig:
     """Everything about *what data* a stage trains on and *how long*; model choices are
-    script arguments. Paths are relative to the working directory."""
+    script arguments. Paths are relative to the working directory. Each field is also a
+    command-line flag; its help text is :data:`FIELD_HELP`."""
 
     task: str
-    data_root: str = "dataset/seg"      # SAMUS layout root: <root>/<Dataset>/{img,label}, MainPatient/
-    datasets: tuple[str, ...] = ()      # sub-datasets to use; () = every dataset in class.json
-    img_size: int = 256                 # network input (square; images are resized to it)
+    data_root: str = "dataset/seg"
+    datasets: tuple[str, ...] = ()
+    img_size: int = 256
     batch_size: int = 8
     epochs: int = 100
     lr: float = 5e-4                    # Adam, METHOD.md §1
@@ -39,11 +40,35 @@ class TaskConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    augment: bool = True                # rotation ±30°, scale 1–1.3, contrast, gamma (p=0.5 each)
-    max_train: int = 0                  # >0: keep only the first N split lines per dataset (quick runs)
+    augment: bool = True
+    max_train: int = 0
     max_val: int = 0
     max_test: int = 0
+    skip_missing: bool = False
     seed: int = 0
+
+
+FIELD_HELP: dict[str, str] = {
+    "data_root": "SAMUS-layout root: <root>/<Dataset>/{img,label}/<name>.png, "
+                 "<root>/MainPatient/{train,val,test}.txt and class.json",
+    "datasets": "comma-separated sub-datasets of class.json to use (empty: all of them)",
+    "img_size": "network input side in pixels, a multiple of 8 (images are letterboxed to it)",
+    "batch_size": "images per optimizer step",
+    "epochs": "training epochs",
+    "lr": "Adam learning rate (METHOD.md: 5e-4)",
+    "workers": "DataLoader worker processes",
+    "train_split": "split file name in MainPatient/ used for training",
+    "val_split": "split file name used to choose the best checkpoint (validation Dice)",
+    "test_split": "split file name used by --eval_test",
+    "augment": "rotation ±30°, scale 1-1.3, contrast, gamma (p=0.5 each) on training images",
+    "max_train": "> 0: at most N training lines per dataset, drawn evenly at random (seeded by --seed) "
+                 "across the split, kept in file order (quick runs)",
+    "max_val": "as --max_train, for the validation split",
+    "max_test": "as --max_train, for the test split",
+    "skip_missing": "true: leave out split lines whose image or label file is missing (with a count) "
+                    "instead of stopping with their names",
+    "seed": "seed of weights, sampling and the --max_* subsets",
+}
 
 
 TASKS: dict[str, TaskConfig] = {
@@ -76,19 +101,21 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--task`` and one optional ``--<field>`` per :class:`TaskConfig` field."""
     g = parser.add_argument_group("task settings (defaults come from the task; any flag overrides)")
     g.add_argument("--task", required=True, choices=sorted(TASKS),
-                   help="per-dataset preset from SAM/config.py")
+                   help="per-dataset preset from SAM/config.py; SAMUS = any SAMUS-layout folder: "
+                        "give --data_root (and --datasets) of your own data")
     for f in dataclasses.fields(TaskConfig):
         if f.name == "task":
             continue
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        help_text = FIELD_HELP[f.name]
         if "tuple" in kind:
             g.add_argument(f"--{f.name}", type=lambda s: tuple(x for x in s.split(",") if x),
-                           default=None, help="comma-separated list")
+                           default=None, help=help_text)
         elif kind == "bool":
-            g.add_argument(f"--{f.name}", type=parse_bool, default=None, help="true/false")
+            g.add_argument(f"--{f.name}", type=parse_bool, default=None, help=f"{help_text} (true/false)")
         else:
             typ = {"int": int, "float": float, "str": str}[kind]
-            g.add_argument(f"--{f.name}", type=typ, default=None)
+            g.add_argument(f"--{f.name}", type=typ, default=None, help=help_text)
 
 
 def task_config_from_args(args: argparse.Namespace) -> TaskConfig:

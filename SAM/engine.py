@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from SAM.samus_data import SAMUSDataset, collate, restore_logits
 from SAM.seg_metrics import MetricTable, format_summary
 from utils.distributed import seed_everything, to_device
-from utils.io import DataError
+from utils.io import DataError, ensure_writable_dir
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -46,10 +47,23 @@ def start_run(args, kind: str):
 
     cfg = task_config_from_args(args)
     seed_everything(cfg.seed)
-    out_dir = Path(args.out_dir)
+    out_dir = ensure_writable_dir(args.out_dir, "--out_dir")
     last = out_dir / "last.pt"
     resume = load_checkpoint(last, (kind,)) if args.resume and last.is_file() else None
     return cfg, pick_device(args.device), out_dir, prompt_keys(cfg.data_root, cfg.datasets), resume
+
+
+def run_as_script(main: Callable[[], object], script: str) -> int:
+    """``main()`` of a stage script: bad input (a DataError or ConfigError) is one line on
+    stderr and exit status 2, never a traceback."""
+    from SAM.config import ConfigError
+
+    try:
+        main()
+    except (DataError, ConfigError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def prompt_balance_weights(prompt_keys: list[str]) -> torch.Tensor:

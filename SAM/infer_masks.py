@@ -43,10 +43,10 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from SAM.engine import pick_device  # noqa: E402
+from SAM.engine import pick_device, run_as_script  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
-from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
 from utils.mask_layout import label_jobs  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
 
@@ -181,6 +181,8 @@ def main(argv=None) -> dict:
                                          if torch.cuda.is_available() else "cpu"))
     data_dir = Path(args.data_dir)
     out_dir = Path(args.out_dir) if args.out_dir else data_dir
+    if args.out_dir or data_dir.is_dir():  # a missing --data_dir is reported below, not created
+        ensure_writable_dir(out_dir, "--out_dir" if args.out_dir else "--data_dir (the labels go there)")
     ck = load_checkpoint(args.ckpt, ("asam_stage2",))
     seg, prompter = segmenter_from_checkpoint(ck).to(device).eval(), prompter_from_checkpoint(ck).to(device).eval()
     keys = ck["prompt_keys"]
@@ -227,7 +229,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:  # bad input: one line naming the file, no traceback
-        sys.exit(f"infer_masks.py: error: {e}")
+    sys.exit(run_as_script(main, "infer_masks.py"))

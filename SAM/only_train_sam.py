@@ -28,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from SAM.checkpoint import save_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.config import add_task_args, parse_bool  # noqa: E402
-from SAM.engine import make_loader, start_run, train  # noqa: E402
+from SAM.engine import make_loader, run_as_script, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
@@ -66,10 +66,11 @@ def main(argv=None) -> dict:
     print(f"stage 1: {sum(p.numel() for p in params):,} trainable of "
           f"{sum(p.numel() for p in seg.parameters()):,} parameters")
 
+    subset = {"subset_seed": cfg.seed, "skip_missing": cfg.skip_missing}
     train_ds = SAMUSDataset(cfg.data_root, cfg.train_split, cfg.img_size, seg.low_res, keys,
-                            cfg.datasets, augment=cfg.augment, max_items=cfg.max_train)
+                            cfg.datasets, augment=cfg.augment, max_items=cfg.max_train, **subset)
     val_ds = SAMUSDataset(cfg.data_root, cfg.val_split, cfg.img_size, seg.low_res, keys,
-                          cfg.datasets, augment=False, return_orig=True, max_items=cfg.max_val)
+                          cfg.datasets, augment=False, return_orig=True, max_items=cfg.max_val, **subset)
     train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.workers, cfg.seed)
     val_loader = make_loader(val_ds, cfg.batch_size, False, cfg.workers)
 
@@ -90,4 +91,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_as_script(main, "only_train_sam.py"))

@@ -37,7 +37,7 @@ from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_chec
                             segmenter_from_checkpoint)
 from SAM.config import parse_bool, add_task_args  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
-from SAM.engine import evaluate, make_loader, start_run, train  # noqa: E402
+from SAM.engine import evaluate, make_loader, run_as_script, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
     cached = args.cache_embeddings
     mk = lambda split, aug, orig, n: SAMUSDataset(cfg.data_root, split, cfg.img_size, seg.low_res,  # noqa: E731
                                                   keys, cfg.datasets, augment=aug and not cached,
-                                                  return_orig=orig, max_items=n)
+                                                  return_orig=orig, max_items=n, subset_seed=cfg.seed,
+                                                  skip_missing=cfg.skip_missing)
     train_ds, val_ds = mk(cfg.train_split, cfg.augment, False, cfg.max_train), mk(cfg.val_split, False, True, cfg.max_val)
     cache = EmbeddingCache(seg, device, cfg.batch_size, args.cache_dir) if cached else None
 
@@ -181,4 +182,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_as_script(main, "train_auto_prompter.py"))

@@ -140,5 +140,5 @@ def test_infer_masks_missing_checkpoint_is_one_line(repo_root, tmp_path):
     out = subprocess.run([sys.executable, "SAM/infer_masks.py", "--ckpt", str(bad), "--data_dir",
                           str(tmp_path)], cwd=repo_root, capture_output=True, text=True, timeout=120)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0] == f"infer_masks.py: error: {bad}: A-SAM checkpoint not found"
