@@ -58,7 +58,7 @@ from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
-from utils.io import DataError, atomic_write, read_image, safe_pickle_load
+from utils.io import DataError, atomic_write, ensure_writable_dir, read_image, safe_pickle_load
 from utils.plots import plot_confusion
 from utils.pocus_folds import CLASSES as POCUS_CLASSES
 
@@ -423,6 +423,7 @@ def run_linear_fold(fold: Fold, features: FeatureCache, args) -> dict:
 def evaluate(args) -> dict:
     t0 = time.time()
     device = torch.device(args.device)
+    ensure_writable_dir(args.out_dir, "--out_dir")  # not after five folds of work
     # read the weights first: a wrong checkpoint fails before any data is loaded
     state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
     classes = check_data(args.data_path)  # every fold file checked before any work

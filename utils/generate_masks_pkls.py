@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import mask_layout as layout  # noqa: E402
-from utils.io import DataError, read_image, read_label  # noqa: E402
+from utils.io import DataError, ensure_writable_dir, read_image, read_label  # noqa: E402
 
 
 @dataclass
@@ -114,6 +114,12 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", default=None, help="default: <data_dir>/<split>_tf_img_to_gt.pkl")
     a = p.parse_args(argv)
     try:
+        if a.masks_dir:
+            ensure_writable_dir(a.masks_dir, "--masks_dir")
+        if a.pairs:
+            if Path(a.pairs).is_dir():
+                raise DataError(f"--pairs {a.pairs}: is a folder; name the pair-list file")
+            ensure_writable_dir(Path(a.pairs).parent, "--pairs (its folder)")
         report = generate(Path(a.data_dir), a.split, a.masks_dir and Path(a.masks_dir), a.pairs and Path(a.pairs))
     except DataError as e:
         print(f"generate_masks_pkls.py: error: {e}", file=sys.stderr)

@@ -27,6 +27,37 @@ class DataError(ValueError):
     """Bad input data: the message names the file and the problem."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: the process's umask, read once (os.umask can only be read by setting it)
+_UMASK = _current_umask()
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed and check that files can be written there, before any work.
+
+    Args:
+        what: the flag or key that named it (``--out_dir``, ``checkpoint.ckpt_path``), for the message.
+
+    Raises:
+        DataError: one line naming ``what`` and ``path`` (a file, or not writable).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
+    return path
+
+
 # --------------------------------------------------------------------------- #
 # atomic writes
 # --------------------------------------------------------------------------- #
@@ -40,6 +71,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared run folder needs the umask's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -49,7 +49,8 @@ import cv2
 import numpy as np
 
 from utils.extract_frames import even_frame_indices
-from utils.io import DataError, atomic_pickle_dump, atomic_write, atomic_write_png, read_image
+from utils.io import (DataError, atomic_pickle_dump, atomic_write, atomic_write_png, ensure_writable_dir,
+                      read_image)
 
 #: label ids of the USCL pickles
 CLASSES = ("covid19", "pneumonia", "regular")
@@ -370,6 +371,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
+        ensure_writable_dir(args.out, "--out")
         build(args.src, args.out, args.frames_per_video, args.size, args.probe, args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.io import DataError, atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
 from utils.mask_layout import label_jobs  # noqa: E402
 
 MAX_IDS = 255  # uint8 label PNGs
@@ -224,6 +224,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     data_dir = Path(a.data_dir)
     try:
+        if a.out_dir or data_dir.is_dir():  # a missing --data_dir is reported by run(), not created
+            ensure_writable_dir(Path(a.out_dir) if a.out_dir else data_dir, "--out_dir")
         r = run(data_dir, Path(a.out_dir) if a.out_dir else data_dir, params, a.limit)
     except DataError as e:
         print(f"superpixel_masks.py: error: {e}", file=sys.stderr)

@@ -43,7 +43,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from utils.io import atomic_write, atomic_write_png
+from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir
 
 ANATOMY_IDS: dict[str, int] = {
     "background": 0,
@@ -539,6 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown layout(s) {sorted(unknown)}; choose from pretrain, samus, pocus")
     out = Path(args.out)
+    try:
+        ensure_writable_dir(out, "--out")
+    except DataError as e:
+        ap.error(str(e))
     if "pretrain" in layouts:
         paths = write_pretrain_layout(out, args.n, args.size, args.seed)
         print(f"pretrain: {len(paths)} image/label pairs under {out / 'train'}")
