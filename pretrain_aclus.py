@@ -32,15 +32,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.aclus import ACLUS, build_model
+from models.encoder_io import PRETRAIN_KIND
 from models.methods import get_method
 from utils import distributed as du
 from utils.checkpoint import find_resume_checkpoint, save_checkpoint
 from utils.config import ConfigError, PretrainConfig, load_config, run_dir as config_run_dir
-from utils.io import DataError, atomic_torch_save, atomic_write
+from utils.distributed import to_device
+from utils.io import DataError, atomic_torch_save, atomic_write, ensure_writable_dir
 from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
 from utils.schedules import byol_momentum, warmup_cosine
 
-CKPT_KIND = "aclus_pretrain"
+CKPT_KIND = PRETRAIN_KIND  # the one tag, read by models/encoder_io.py too
 log = logging.getLogger("pretrain")
 
 
@@ -125,10 +127,6 @@ def mask_generator(seed: int, rank: int, epoch: int, device: torch.device) -> to
     return g
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def train_step(model: torch.nn.Module, core: ACLUS, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], lr: float, momentum: float,
                generator: torch.Generator | None, amp: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
@@ -154,10 +152,46 @@ def train_step(model: torch.nn.Module, core: ACLUS, optimizer: torch.optim.Optim
     return loss_value, stats
 
 
-class JsonLog:
-    """Append-only JSON-lines log next to the checkpoints (rank 0 only)."""
+def records_before(lines: list[str], step: int, epoch: int) -> list[str]:
+    """The lines of a ``log.jsonl`` that a run resumed at ``step`` (epoch ``epoch``) keeps:
+    step records before ``step`` and epoch records up to ``epoch``; the killed attempt's
+    later records are dropped so that curves get no duplicate points."""
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if (rec.get("kind") == "step" and rec.get("step", step) < step) or \
+                (rec.get("kind") == "epoch" and rec.get("epoch", epoch + 1) <= epoch):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
 
-    def __init__(self, path: Path | None):
+
+def write_run_config(run_dir: Path, cfg: PretrainConfig) -> Path:
+    """Write the resolved config as ``config.yaml``, or beside an existing different one
+    (``config.1.yaml``, ...): the config a finished run was made with is never replaced."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    path, n = run_dir / "config.yaml", 0
+    while path.is_file() and path.read_text() != text:
+        n += 1
+        path = run_dir / f"config.{n}.yaml"
+    if not path.is_file():
+        atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+class JsonLog:
+    """Append-only JSON-lines log next to the checkpoints (rank 0 only).
+
+    ``resume_step``/``resume_epoch``: the run continues from a checkpoint; records the
+    killed attempt wrote after it are dropped first (:func:`records_before`).
+    """
+
+    def __init__(self, path: Path | None, resume_step: int | None = None, resume_epoch: int = 0):
+        if path and resume_step is not None and path.is_file():
+            kept = records_before(path.read_text().splitlines(keepends=True), resume_step, resume_epoch)
+            atomic_write(path, lambda f: f.write("".join(kept).encode()))
         self.f = open(path, "a") if path else None
 
     def write(self, **record) -> None:
@@ -177,9 +211,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     info = du.init_distributed_mode(args.device)
     run_dir = config_run_dir(cfg)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
+        ensure_writable_dir(run_dir, "checkpoint.ckpt_path")  # before any data or model is built
     seed = cfg.seed
     torch.manual_seed(seed + info.rank)
     method = cfg.model.method
@@ -206,7 +238,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     # ---- resume
     start_epoch = 0
     resume = args.resume if args.resume is not None else cfg.checkpoint.resume_path
-    state, path = find_resume_checkpoint(resume, run_dir, CKPT_KIND)
+    state, path = find_resume_checkpoint(resume, run_dir, CKPT_KIND, move_aside=info.is_main)
     if state is not None:
         if state["config"]["model"]["method"] != method:
             raise DataError(f"{path}: checkpoint of method '{state['config']['model']['method']}', "
@@ -224,8 +256,10 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
 
     # ---- logging
     writer = None
-    jlog = JsonLog(run_dir / "log.jsonl" if info.is_main else None)
+    jlog = JsonLog(run_dir / "log.jsonl" if info.is_main else None,
+                   resume_step=start_epoch * iters if state is not None else None, resume_epoch=start_epoch)
     if info.is_main:
+        write_run_config(run_dir, cfg)  # only now: a start that fails above leaves the run's files as they were
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(cfg.log.log_dir or str(run_dir / "tb"))
         log.info("%s: %d pairs, %d iters/epoch, global batch %d, %d process(es) on %s, amp=%s",

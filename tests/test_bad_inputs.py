@@ -167,3 +167,113 @@ def test_max_items_draws_across_a_class_sorted_split():
     assert len(sub) == 9 and {l.class_id for l in sub} == {1, 2, 3}                    # not 9 x class 1
     assert sub == [l for l in lines if l in sub]                                       # file order kept
     assert subset_lines(lines, 9, seed=0) == sub and subset_lines(lines, 9, seed=1) != sub
+
+
+# --------------------------------------------------------------------------- #
+# pre-training run folder
+# --------------------------------------------------------------------------- #
+def test_resumed_log_has_no_repeated_steps(tmp_path, synthetic_pretrain_dir, make_pretrain_config):
+    import json
+
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, optimizer={"total_epochs": 2})
+    assert _pretrain(cfg, "--max_steps", "9") == 0          # killed in epoch 2 after 3 of its 6 steps
+    assert _pretrain(cfg, "--resume", "auto") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == list(range(12))                          # not 0..8 then 6..11
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_failing_start_keeps_the_runs_config_and_a_new_config_goes_beside(
+        tmp_path, synthetic_pretrain_dir, make_pretrain_config):
+    one = {"total_epochs": 1, "warmup_epochs": 0}
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, optimizer=one)
+    assert _pretrain(cfg) == 0
+    run = tmp_path / "run"
+    first = (run / "config.yaml").read_text()
+    bad = make_pretrain_config(tmp_path, tmp_path / "no_data_here", optimizer=one)
+    assert _pretrain(bad) == 2                               # fails before training starts
+    assert (run / "config.yaml").read_text() == first and not list(run.glob("config.*.yaml"))
+    other = make_pretrain_config(tmp_path, synthetic_pretrain_dir, optimizer={"total_epochs": 2, "warmup_epochs": 0})
+    assert _pretrain(other, "--resume", "auto") == 0        # continues with a longer schedule
+    assert (run / "config.yaml").read_text() == first
+    assert "total_epochs: 2" in (run / "config.1.yaml").read_text()
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_unwritable_run_folder_is_named_before_any_work(tmp_path, synthetic_pretrain_dir, make_pretrain_config,
+                                                        capsys, kind):
+    import os
+
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("a file")
+    else:
+        target.mkdir()
+        target.chmod(0o500)
+        if os.access(target, os.W_OK):  # root ignores permissions
+            pytest.skip("running as a user who can write anywhere")
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, checkpoint={"ckpt_path": str(target)})
+    assert _pretrain(cfg) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint.ckpt_path {target}" in err and "Traceback" not in err
+
+
+def test_checkpoints_and_masks_follow_the_umask(tmp_path):
+    import os
+
+    from utils.io import atomic_pickle_dump
+
+    old = os.umask(0o022)
+    try:
+        atomic_pickle_dump([1], tmp_path / "m.pkl")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "m.pkl").st_mode & 0o777) == oct(0o666 & ~0o022)
+
+
+# --------------------------------------------------------------------------- #
+# output locations are checked before any work, in every stage
+# --------------------------------------------------------------------------- #
+def test_evaluation_out_dir_that_is_a_file_fails_before_any_fold(tmp_path, capsys):
+    from utils.synthetic_us import write_pocus_folds
+
+    write_pocus_folds(tmp_path / "d", videos_per_class_per_fold=1, frames_per_video=1, size=32, seed=0)
+    (tmp_path / "out").write_text("a file")
+    code = evaluation_aclus.main(["--data_path", str(tmp_path / "d"), *FAST, "--out_dir", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 2 and f"--out_dir {tmp_path / 'out'}: is a file, not a folder" in out.err
+    assert "fold 1" not in out.out + out.err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["-m", "utils.pocus_folds", "--src", "{tmp}", "--out", "{file}"], "--out"),
+    (["-m", "utils.synthetic_us", "--out", "{file}", "--layouts", "pocus"], "--out"),
+    (["utils/generate_masks_pkls.py", "--data_dir", "{tmp}", "--masks_dir", "{file}"], "--masks_dir"),
+    (["utils/superpixel_masks.py", "--data_dir", "{tmp}", "--out_dir", "{file}"], "--out_dir"),
+    (["SAM/infer_masks.py", "--ckpt", "{tmp}/x.pt", "--data_dir", "{tmp}", "--out_dir", "{file}"], "--out_dir"),
+    (["SAM/train_auto_prompter.py", "--task", "SynLung", "--backbone", "lite", "--data_root", "{tmp}",
+      "--out_dir", "{file}"], "--out_dir"),
+], ids=["pocus_folds", "synthetic_us", "generate_masks_pkls", "superpixel_masks", "infer_masks", "stage2"])
+def test_stage_output_that_is_a_file_is_one_line(tmp_path, repo_root, argv, flag):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    cmd = [sys.executable, *(a.format(tmp=tmp_path, file=blocker) for a in argv)]
+    out = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{flag} {blocker}: is a file, not a folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_asam_task_flag_has_a_help_line():
+    import argparse
+
+    from SAM.config import add_task_args
+
+    p = argparse.ArgumentParser()
+    add_task_args(p)
+    flags = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 10 and all(a.help and a.help != "true/false" for a in flags), \
+        [a.dest for a in flags if not a.help]
