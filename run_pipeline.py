@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,15 +38,12 @@ import numpy as np
 
 from utils import mask_layout as layout
 from utils.plots import plot_loss_curves
+from utils.stage_runner import StageFailed, need, run_command
 
 REPO = Path(__file__).resolve().parent
 MARKER = ".run_pipeline"  # marks an output folder this script may wipe on a re-run
 SEG_DATASET = "SynLung-Anatomy"  # A-SAM learns rib, pleura, consolidation (SAMUS layout)
 EXACT_LABEL_DIR = "label_exact"  # the generator's labels, beside <Sub>/label, hidden from stages 3-5
-
-
-class StageFailed(RuntimeError):
-    pass
 
 
 @dataclass
@@ -81,30 +76,10 @@ class Settings:
 # --------------------------------------------------------------------------- #
 # running stages
 # --------------------------------------------------------------------------- #
-def child_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def run_stage(name: str, cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run one stage script; returns (wall seconds, CPU seconds of the stage's processes)."""
+    """Print the stage's name and command line, then run it (utils.stage_runner.run_command)."""
     print(f"\n=== {name}\n$ {shlex.join(cmd)}", flush=True)
-    t, cpu = time.time(), child_cpu_seconds()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env)
-    except OSError as e:
-        raise StageFailed(f"stage '{name}' could not start: {e}") from None
-    if proc.returncode != 0:
-        raise StageFailed(f"stage '{name}' failed with exit status {proc.returncode} "
-                          "(its error is printed above; the command line is above it)")
-    return time.time() - t, child_cpu_seconds() - cpu
-
-
-def need(path: Path, stage: str) -> Path:
-    """A file a stage should have written; its absence fails that stage by name."""
-    if not path.is_file():
-        raise StageFailed(f"stage '{stage}' finished but did not write {path}")
-    return path
+    return run_command(name, cmd, env)
 
 
 def prepare_out(out: Path) -> None:

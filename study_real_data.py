@@ -47,6 +47,7 @@ from study.plan import (DEFAULT_RUNS, MASK_SOURCES, SUB, equal_step_epochs, pars
                         plan_runs, pretrain_overrides)
 from study.provenance import git_state, package_versions  # noqa: E402
 from study.report import pretrain_frames, read_json, write_json, write_report  # noqa: E402
+from utils import mask_layout as layout  # noqa: E402
 from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
 
 
@@ -90,27 +91,27 @@ def build_masks(a, st: ResumableStages, out: Path, frames: Path, py: str) -> set
             st.run("masks_superpixel", [py, "utils/superpixel_masks.py", "--data_dir", str(frames),
                                         "--out_dir", str(labels), "--scale", str(a.sp_scale),
                                         "--min_area", str(a.sp_min_area), "--max_segments", str(a.sp_max_segments)],
-                   [labels / SUB / "label"])
+                   [labels / SUB / layout.LABEL_DIR])
         elif a.asam_masks:
-            src = Path(a.asam_masks).resolve() / SUB / "label"
+            src = Path(a.asam_masks).resolve() / SUB / layout.LABEL_DIR
             if not src.is_dir():
                 raise StudyError(f"{src}: --asam_masks must hold {SUB}/label/*.png")
-            link(src, labels / SUB / "label")
+            link(src, labels / SUB / layout.LABEL_DIR)
         elif a.asam_ckpt:
             cmd = [py, "SAM/infer_masks.py", "--ckpt", str(Path(a.asam_ckpt).resolve()), "--data_dir", str(frames),
                    "--out_dir", str(labels), "--batch_size", str(a.asam_batch), "--workers", str(a.workers),
                    "--montage", str(out / "figures" / "asam_montage.png"), "--device", "cpu"]
             if a.asam_prompts:
                 cmd += ["--prompts", a.asam_prompts]
-            st.run("masks_asam", cmd, [labels / SUB / "label"], note="A-SAM inference, slow on a CPU")
+            st.run("masks_asam", cmd, [labels / SUB / layout.LABEL_DIR], note="A-SAM inference, slow on a CPU")
         else:
             print("[note] A-SAM source requested but neither --asam_ckpt nor --asam_masks given: skipped", flush=True)
             continue
         data = out / "pretrain_data" / source
-        link(frames / SUB / "img", data / "train" / SUB / "img")
-        link(labels / SUB / "label", data / "train" / SUB / "label")
+        link(frames / SUB / layout.IMG_DIR, layout.split_dir(data) / SUB / layout.IMG_DIR)
+        link(labels / SUB / layout.LABEL_DIR, layout.split_dir(data) / SUB / layout.LABEL_DIR)
         st.run(f"pickles_{source}", [py, "utils/generate_masks_pkls.py", "--data_dir", str(data)],
-               [data / "train_tf_img_to_gt.pkl"])
+               [layout.pairs_file(data)])
         available.add(source)
     return available
 
@@ -128,7 +129,7 @@ def report_only(a: argparse.Namespace) -> int:
     b = argparse.Namespace(**{**settings["args"], "overlay_n": a.overlay_n})
     st = ResumableStages(out, dict(os.environ))
     names = [r for r in b.runs.split(",") if r]
-    sources = {s for s in MASK_SOURCES if (out / "pretrain_data" / s / "train_tf_img_to_gt.pkl").is_file()}
+    sources = {s for s in MASK_SOURCES if layout.pairs_file(out / "pretrain_data" / s).is_file()}
     _, missing = plan_runs(names, sources)
     write_report(b, out, st.records, names, sources, missing, settings, out / "frames")
     return 0
@@ -183,7 +184,7 @@ def study(a: argparse.Namespace) -> int:
             sources_arg = [str(v.resolve()) for v in videos]
         st.run("extract_frames", [py, "utils/extract_frames.py", "--videos", *sources_arg,
                                   "--out_dir", str(frames), "--sub", SUB, "--num", str(a.frames_per_video)],
-               [frames / SUB / "img"], note=f"{len(videos)} videos x {a.frames_per_video} frames")
+               [frames / SUB / layout.IMG_DIR], note=f"{len(videos)} videos x {a.frames_per_video} frames")
         # b, c: masks and pair lists
         sources = build_masks(a, st, out, frames, py)
         runs, missing = plan_runs(names, sources)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from study import StudyError
 from study.plan import SOURCE_LABELS, SUB, Run, parse_run
+from utils import mask_layout as layout
 
 
 def fmt_pm(mean: float | None, std: float | None, digits: int = 3) -> str:
@@ -102,9 +103,7 @@ def pick_evenly(items: list, n: int) -> list:
 
 def pretrain_frames(out: Path, run: Run, num_examples: int = 0) -> int:
     """How many frames ``run`` pre-trains on: its pair list, cut to ``num_examples``."""
-    from utils.io import safe_pickle_load
-
-    n = len(safe_pickle_load(out / "pretrain_data" / run.pairs_source / "train_tf_img_to_gt.pkl"))
+    n = len(layout.load_pairs(out / "pretrain_data" / run.pairs_source))
     return min(n, num_examples) if num_examples > 0 else n
 
 
@@ -161,10 +160,10 @@ def make_figures(out: Path, runs: list[Run], rows: list[dict], frames: Path, sou
         made.append(str(plot_results_bar([r["run"] for r in done], [r["accuracy_mean"] for r in done],
                                           [r["accuracy_std"] for r in done], fig_dir / "accuracy.png",
                                           ylabel="POCUS accuracy (5-fold linear probe)")))
-    imgs = pick_evenly(sorted((frames / SUB / "img").glob("*.png")), n)
+    picked = pick_evenly([e for e in layout.find_images(frames) if e.sub == SUB], n)
     for source in sorted(sources):
-        labs = [out / "masks" / source / SUB / "label" / p.name for p in imgs]
-        keep = [(p, q) for p, q in zip(imgs, labs) if q.is_file()]
+        keep = [(e.path, layout.label_path(out / "masks" / source, e.sub, e.rel)) for e in picked]
+        keep = [(p, q) for p, q in keep if q.is_file()]
         if keep:
             made.append(str(plot_mask_overlays(
                 [read_image(p) for p, _ in keep], [read_label(q) for _, q in keep],
@@ -197,8 +196,8 @@ def write_report(a: argparse.Namespace, out: Path, records: dict[str, dict], nam
                                evaluation, None if evaluation else "not finished yet"))
     figures = make_figures(out, runs, rows, frames, sources, a.overlay_n)
     table = markdown_table(rows)
-    mask_stats = {s: label_stats([read_label(p) for p in sorted((out / "masks" / s / SUB / "label").glob("*.png"))
-                                  if (frames / SUB / "img" / p.name).is_file()]) for s in sorted(sources)}
+    mask_stats = {s: label_stats([read_label(lab) for _, lab in layout.label_jobs(frames, out / "masks" / s)
+                                  if lab.is_file()]) for s in sorted(sources)}
     budget = (f"Pre-training budget (every run): {a.img_size} px views, batch {a.batch_size}, "
               f"{a.epochs} epochs ({a.warmup_epochs} warm-up) over the largest frame set; a run with fewer "
               f"frames (A-SAM leaves out frames without anatomy) gets more epochs, so that every run takes "
