@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from SAM.engine import pick_device, run_as_script  # noqa: E402
+from SAM.seg_training import pick_device, run_as_script  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402

@@ -28,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from SAM.checkpoint import save_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.config import add_task_args, parse_bool  # noqa: E402
-from SAM.engine import make_loader, run_as_script, start_run, train  # noqa: E402
+from SAM.seg_training import make_loader, run_as_script, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402

@@ -37,7 +37,7 @@ from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_chec
                             segmenter_from_checkpoint)
 from SAM.config import parse_bool, add_task_args  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
-from SAM.engine import evaluate, make_loader, run_as_script, start_run, train  # noqa: E402
+from SAM.seg_training import evaluate, make_loader, run_as_script, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
 from SAM.config import parse_bool  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
-from SAM.engine import evaluate, make_loader  # noqa: E402
+from SAM.seg_training import evaluate, make_loader  # noqa: E402
 from SAM.samus_data import SAMUSDataset, image_to_tensor, prompt_keys  # noqa: E402
 from SAM.seg_metrics import format_summary  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402

@@ -13,7 +13,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from SAM.auto_prompter import AutoPrompter, prompter_grid
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, save_checkpoint
 from SAM.config import ConfigError, add_task_args, get_task, task_config_from_args
-from SAM.engine import make_loader, prompt_balance_weights
+from SAM.seg_training import make_loader, prompt_balance_weights
 from SAM.samus_data import augment_pair, central_point, mask_box
 from SAM.seg_metrics import asam_loss, dice_iou, hd95
 from SAM.segmenter import build_segmenter
