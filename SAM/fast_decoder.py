@@ -117,18 +117,21 @@ def fast_decoder_applies(seg: nn.Module) -> bool:
                     for c in (up[0], up[3])))
 
 
-def decode_low_res(seg: nn.Module, emb: Tensor, sparse: Tensor, rows: int, cols: int) -> Tensor:
+def decode_low_res(seg: nn.Module, emb: Tensor, sparse: Tensor, rows: int, cols: int,
+                   with_iou: bool = False):
     """Single-mask low-res logits of K prompt sets per image: emb (B, 256, g, g), sparse
     (B, K, T, 256) -> (B, K, 4 rows, 4 cols), the top-left part of
     ``seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1))[:, 0]`` (the dense prompt is
     SAM's no-mask embedding). Logit pixel (y, x) depends on decoder pixel (y // 4, x // 4)
-    only, so the upscaling runs on the first ``rows`` x ``cols`` decoder pixels alone."""
+    only, so the upscaling runs on the first ``rows`` x ``cols`` decoder pixels alone.
+    With ``with_iou`` also SAM's predicted IoU of each mask, (B, K)."""
     B, K, T, C = sparse.shape
     g = emb.shape[-1]
     if not fast_decoder_applies(seg):
         L = seg.low_res
-        logits = seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1))[:, 0]
-        return logits.view(B, K, L, L)[:, :, :L * rows // g, :L * cols // g]
+        logits, iou = seg.decode(emb.repeat_interleave(K, 0), sparse.flatten(0, 1), with_iou=True)
+        logits = logits[:, 0].view(B, K, L, L)[:, :, :L * rows // g, :L * cols // g]
+        return (logits, iou[:, 0].view(B, K)) if with_iou else logits
     dec, pe_enc = seg.mask_decoder, seg.prompt_encoder
     tr = dec.transformer
     out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -147,16 +150,36 @@ def decode_low_res(seg: nn.Module, emb: Tensor, sparse: Tensor, rows: int, cols:
     x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), up[1].weight, up[1].bias, up[1].eps)
     x = up[4](up[3](up[2](x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)      # BK x 4r x 4c x C/8
     x = x.reshape(B, K, -1, x.shape[-1]) @ hyper.unsqueeze(-1)
-    return x.view(B, K, 4 * rows, 4 * cols)
+    logits = x.view(B, K, 4 * rows, 4 * cols)
+    if not with_iou:
+        return logits
+    return logits, dec.iou_prediction_head(queries[:, :, 0])[..., 0]         # B K: the single-mask output's IoU
+
+
+def stability_score(logits: Tensor, threshold: float = 0.0, offset: float = 1.0) -> Tensor:
+    """SAM's stability score: IoU of the masks thresholded at ``threshold + offset`` and
+    ``threshold - offset`` (the first lies inside the second), (..., H, W) -> (...); 0 for a
+    mask that is empty at the lower threshold."""
+    inner = (logits > threshold + offset).flatten(-2).sum(-1)
+    outer = (logits > threshold - offset).flatten(-2).sum(-1)
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.zeros_like(inner, dtype=torch.float32))
 
 
 @torch.inference_mode()
 def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int],
                        valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
-                       threshold: float = 0.5) -> list[np.ndarray]:
+                       threshold: float = 0.5, min_pred_iou: float | None = None,
+                       min_stability: float | None = None,
+                       return_scores: bool = False) -> list[np.ndarray] | tuple[list[np.ndarray], list[list[dict]]]:
     """images (B, 3, S, S) in [0, 1], letterboxed with content ``valid[b]`` -> B uint8 index
     maps (H_b x W_b): 0 background, k where the k-th prompt is the most probable anatomy and
-    above ``threshold``."""
+    above ``threshold``.
+
+    Quality filter (off when None): a prompt's mask whose predicted IoU (SAM's IoU head, not
+    bounded to [0, 1] in an untrained model) is below ``min_pred_iou`` or whose stability score (:func:`stability_score` at the ``threshold``
+    logit, offset 1, on the low-res logits inside the content) is below ``min_stability``
+    is left out of that image's map. With ``return_scores`` also one list per image of
+    ``{"pred_iou", "stability", "kept"}`` per prompt, in prompt order."""
     B, K = images.shape[0], len(prompt_ids)
     emb = seg.embed(images)                                               # B x 256 x g x g
     idx = torch.tensor(prompt_ids, device=images.device).expand(B, K)    # B x K
@@ -166,14 +189,24 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     content = [(max(1, round(h * L / seg.img_size)), max(1, round(w * L / seg.img_size))) for h, w in valid]
     rows = math.ceil(max(h for h, _ in content) / scale)
     cols = math.ceil(max(w for _, w in content) / scale)
-    logits = decode_low_res(seg, emb, sparse, rows, cols)                 # B x K x 4r x 4c
-    out = []
+    logits, pred_iou = decode_low_res(seg, emb, sparse, rows, cols, with_iou=True)  # B x K x 4r x 4c, B x K
+    logit_threshold = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else 0.0
+    out, scores = [], []
     for b, size in enumerate(sizes):
         vh, vw = content[b]  # as restore_logits crops the full L x L logits
+        stability = stability_score(logits[b, :, :vh, :vw], logit_threshold)        # K
+        kept = torch.ones_like(stability, dtype=torch.bool)                             # K
+        if min_pred_iou is not None:
+            kept &= pred_iou[b] >= min_pred_iou
+        if min_stability is not None:
+            kept &= stability >= min_stability
         full = nn.functional.interpolate(logits[b, None, :, :vh, :vw], size=tuple(size),
                                          mode="bilinear", align_corners=False)[0]
         # probabilities, not logits, are compared: sigmoid saturates (1.0 above ~17), and the
-        # first of tied anatomies wins, as it always has
-        best, arg = torch.sigmoid_(full).max(0)                           # H x W
+        # first of tied anatomies wins, as it always has; a filtered mask never wins
+        prob = torch.sigmoid_(full) * kept[:, None, None]
+        best, arg = prob.max(0)                                           # H x W
         out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
-    return out
+        scores.append([{"pred_iou": round(float(i), 4), "stability": round(float(s), 4), "kept": bool(k)}
+                       for i, s, k in zip(pred_iou[b], stability, kept)])
+    return (out, scores) if return_scores else out

@@ -18,6 +18,11 @@ layout is ``utils/mask_layout.py``'s (:func:`~utils.mask_layout.label_jobs`), wh
 * resumable: a label that exists is complete (writes are atomic) and is skipped;
 * sharded: under torchrun each process takes every WORLD_SIZE-th file from RANK on
   (no process group is needed); a plain run is rank 0 of 1;
+* quality filter: every mask's predicted IoU (SAM's IoU head) and stability score (agreement
+  of the mask at logits ±1 around the threshold) go to ``<label>.scores.json`` beside each
+  label map; ``--min_pred_iou`` / ``--min_stability`` (off by default; SAM's automatic mask
+  generator uses 0.88 / 0.95) leave a failing mask out of the map, and the run reports how
+  many masks each filter removed;
 * a bad image is reported (stderr and ``bad_images_rank<R>.txt``) and skipped;
 * rank 0 writes an overlay montage PNG of the first images it masks (``--montage``).
 """
@@ -127,8 +132,10 @@ def montage(tiles: list[np.ndarray], tile: int = 192, cols: int = 4) -> np.ndarr
 
 def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
               todo: list[tuple[Path, Path]], writer: BackgroundWriter, device: torch.device,
-              args: argparse.Namespace, rank: int, bad: list[str]) -> tuple[int, list[np.ndarray]]:
-    """Mask every batch of ``loader``; bad images go to ``bad``. -> (written, montage tiles)."""
+              args: argparse.Namespace, rank: int, bad: list[str],
+              removed: dict[str, int]) -> tuple[int, list[np.ndarray]]:
+    """Mask every batch of ``loader``; bad images go to ``bad``, filter counts to ``removed``.
+    -> (written, montage tiles)."""
     tiles, written = [], 0
     for items in tqdm(loader, desc=f"A-SAM masks (rank {rank})", dynamic_ncols=True):
         good = []
@@ -141,9 +148,18 @@ def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
         if not good:
             continue
         images = torch.stack([x for _, (x, _), _ in good]).to(device)
-        maps = predict_index_maps(seg, prompter, images, prompt_ids, [v for _, (_, v), _ in good],
-                                  [o.shape[:2] for _, _, o in good], args.threshold)
-        for (i, _, orig), lab in zip(good, maps):
+        maps, scores = predict_index_maps(seg, prompter, images, prompt_ids, [v for _, (_, v), _ in good],
+                                          [o.shape[:2] for _, _, o in good], args.threshold,
+                                          args.min_pred_iou, args.min_stability, return_scores=True)
+        for (i, _, orig), lab, per_prompt in zip(good, maps, scores):
+            for s in per_prompt:
+                removed["masks"] += 1
+                removed["pred_iou"] += args.min_pred_iou is not None and s["pred_iou"] < args.min_pred_iou
+                removed["stability"] += args.min_stability is not None and s["stability"] < args.min_stability
+                removed["either"] += not s["kept"]
+            record = {str(k + 1): s for k, s in enumerate(per_prompt)}  # keys as asam_classes.json
+            # before the label: the label is the completion mark a resumed run trusts
+            atomic_write(todo[i][1].with_suffix(".scores.json"), lambda f, r=record: f.write(json.dumps(r).encode()))
             writer.put(lab, todo[i][1])
             written += 1
             if rank == 0 and len(tiles) < args.montage_n:
@@ -167,6 +183,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image-reading processes (default: 1 on machines with <= 4 CPUs, else "
                         "min(4, CPUs / 4); 0 = read in the main process)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability for foreground")
+    p.add_argument("--min_pred_iou", type=float, default=None,
+                   help="leave out masks whose predicted IoU is below this (off by default; SAM's "
+                        "automatic mask generator: 0.88)")
+    p.add_argument("--min_stability", type=float, default=None,
+                   help="leave out masks whose stability score is below this (off by default; SAM's "
+                        "automatic mask generator: 0.95)")
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
     p.add_argument("--montage_n", type=int, default=16, help="images in the montage")
@@ -207,11 +229,12 @@ def main(argv=None) -> dict:
     loader = DataLoader(ImageFiles([j[0] for j in todo], seg.img_size), batch_size=args.batch_size,
                         num_workers=workers, collate_fn=_collate)
     bad: list[str] = []
+    removed = {"masks": 0, "pred_iou": 0, "stability": 0, "either": 0}
     writer = BackgroundWriter()
     t0 = time.perf_counter()
     try:
         written, tiles = _mask_all(loader, seg, prompter, prompt_ids, todo, writer, device, args,
-                                   rank, bad)
+                                   rank, bad, removed)
     finally:
         writer.close()
     seconds = time.perf_counter() - t0
@@ -224,8 +247,12 @@ def main(argv=None) -> dict:
     rate = written / seconds if seconds > 0 and written else 0.0
     print(f"rank {rank}: wrote {written} label maps in {seconds:.1f} s ({rate:.3f} images/s); "
           f"{len(bad)} bad images skipped")
+    if args.min_pred_iou is not None or args.min_stability is not None:
+        print(f"rank {rank}: quality filter removed {removed['either']} of {removed['masks']} masks "
+              f"(predicted IoU < {args.min_pred_iou}: {removed['pred_iou']}, "
+              f"stability < {args.min_stability}: {removed['stability']})")
     return {"written": written, "skipped_existing": len(mine) - len(todo), "bad": bad,
-            "seconds": seconds, "images_per_s": rate}
+            "seconds": seconds, "images_per_s": rate, "removed": removed}
 
 
 if __name__ == "__main__":

@@ -127,14 +127,15 @@ class PromptableSegmenter(nn.Module):
         return sparse
 
     def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor,
-               dense: torch.Tensor | None = None) -> torch.Tensor:
+               dense: torch.Tensor | None = None, with_iou: bool = False):
+        """-> low-res logits (B, 1, 4g, 4g); with ``with_iou`` also SAM's predicted IoU (B, 1)."""
         if dense is None:
             dense = self.no_mask_dense(sparse.shape[0])
-        masks, _ = self.mask_decoder(image_embeddings=embeddings,
-                                     image_pe=self.prompt_encoder.get_dense_pe(),
-                                     sparse_prompt_embeddings=sparse,
-                                     dense_prompt_embeddings=dense, multimask_output=False)
-        return masks  # B x 1 x 4g x 4g
+        masks, iou = self.mask_decoder(image_embeddings=embeddings,
+                                       image_pe=self.prompt_encoder.get_dense_pe(),
+                                       sparse_prompt_embeddings=sparse,
+                                       dense_prompt_embeddings=dense, multimask_output=False)
+        return (masks, iou) if with_iou else masks
 
     def forward(self, images: torch.Tensor, points=None, point_labels=None, boxes=None) -> torch.Tensor:
         return self.decode(self.embed(images), self.encode_prompts(points, point_labels, boxes))

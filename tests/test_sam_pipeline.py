@@ -119,6 +119,17 @@ def test_infer_masks_writes_resumes_shards_and_skips_bad(run, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     again = infer_masks.main(args)                   # resumable: nothing left but the bad file
     assert again["written"] == 0 and again["skipped_existing"] == 5
+    # the quality scores of every mask lie beside its label map
+    for p in labels:
+        scores = json.loads(p.with_suffix(".scores.json").read_text())
+        assert set(scores) == {"1", "2", "3", "4"}
+        assert all(0 <= s["stability"] <= 1 and s["kept"] for s in scores.values())
+    # a filter nothing passes removes every mask, counted, and the maps are empty
+    strict = infer_masks.main(["--ckpt", str(run["s2"] / "best.pt"), "--data_dir", str(data), "--workers", "0",
+                               "--out_dir", str(run["tmp"] / "strict"), "--min_stability", "1.01"])
+    assert strict["removed"]["stability"] == strict["removed"]["either"] == strict["removed"]["masks"] == 4 * 5
+    assert all(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).max() == 0
+               for p in (run["tmp"] / "strict" / "Video1" / "label").glob("*.png"))
     with pytest.raises(DataError, match="expected kind asam_stage2"):
         infer_masks.main(["--ckpt", str(run["s1"] / "best.pt"), "--data_dir", str(data)])
 
