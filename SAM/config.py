@@ -45,6 +45,7 @@ class TaskConfig:
     max_val: int = 0
     max_test: int = 0
     skip_missing: bool = False
+    negative_rate: float = 0.0
     seed: int = 0
 
 
@@ -67,6 +68,9 @@ FIELD_HELP: dict[str, str] = {
     "max_test": "as --max_train, for the test split",
     "skip_missing": "true: leave out split lines whose image or label file is missing (with a count) "
                     "instead of stopping with their names",
+    "negative_rate": "stage 2: add this many negatives per training line (an image shown with another "
+                     "data set's anatomy prompt, target empty), so that a prompt learns to stay silent "
+                     "where its anatomy is absent (0 = none)",
     "seed": "seed of weights, sampling and the --max_* subsets",
 }
 

@@ -26,13 +26,20 @@ from utils.io import DataError, read_image, read_label
 
 @dataclass(frozen=True)
 class SplitLine:
+    """One (image, anatomy) sample. ``prompt`` set = a negative: the image (of ``dataset``)
+    is shown with another data set's anatomy prompt, whose target is empty."""
     class_id: int
     dataset: str
     name: str
+    prompt: str | None = None
 
     @property
     def prompt_key(self) -> str:
-        return f"{self.dataset}/{self.class_id}"
+        return self.prompt or f"{self.dataset}/{self.class_id}"
+
+    @property
+    def negative(self) -> bool:
+        return self.prompt is not None
 
     @property
     def image_key(self) -> str:
@@ -149,8 +156,10 @@ def restore_logits(logits: torch.Tensor, valid: tuple[int, int], img_size: int,
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
-    """Tight xyxy box of the foreground (float32, 4)."""
+    """Tight xyxy box of the foreground (float32, 4); zeros for an empty mask."""
     ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return np.zeros(4, dtype=np.float32)
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
@@ -170,6 +179,22 @@ def subset_lines(lines: list[SplitLine], n: int, seed: int = 0) -> list[SplitLin
         idx = [i for i, line in enumerate(lines) if line.dataset == dataset]
         keep.update(idx if len(idx) <= n else rng.choice(idx, n, replace=False).tolist())
     return [line for i, line in enumerate(lines) if i in keep]
+
+
+def negative_lines(lines: list[SplitLine], keys: list[str], rate: float, seed: int = 0) -> list[SplitLine]:
+    """Negatives for prompt-free training: each image paired with prompts of the *other*
+    data sets (whose anatomy it does not carry), as many as ``rate`` x the lines given
+    (``rate`` >= 1 or a short supply: every such pair), drawn seeded.
+
+    Returns the extra lines (targets empty), in a stable order.
+    """
+    images = sorted({(l.dataset, l.name) for l in lines})
+    pairs = [(d, n, k) for d, n in images for k in keys if k.split("/")[0] != d]
+    want = min(len(pairs), round(rate * len(lines)))
+    if want <= 0:
+        return []
+    chosen = sorted(np.random.default_rng(seed).choice(len(pairs), want, replace=False).tolist())
+    return [SplitLine(0, pairs[i][0], pairs[i][1], prompt=pairs[i][2]) for i in chosen]
 
 
 def check_files(root: Path, lines: list[SplitLine], split_file: str, skip_missing: bool = False
@@ -211,12 +236,14 @@ class SAMUSDataset(Dataset):
     def __init__(self, root: str | Path, split: str, img_size: int, low_res: int,
                  keys: list[str], datasets: tuple[str, ...] = (), augment: bool = False,
                  return_orig: bool = False, max_items: int = 0, subset_seed: int = 0,
-                 skip_missing: bool = False):
+                 skip_missing: bool = False, negative_rate: float = 0.0):
         self.root = Path(root)
         self.lines = read_split(root, split, datasets)
         if max_items > 0:
             self.lines = subset_lines(self.lines, max_items, subset_seed)
         self.lines = check_files(self.root, self.lines, f"{root}/MainPatient/{split}.txt", skip_missing)
+        if negative_rate > 0:
+            self.lines += negative_lines(self.lines, keys, negative_rate, subset_seed)
         self.img_size, self.low_res = img_size, low_res
         self.key_index = {k: i for i, k in enumerate(keys)}
         unknown = {l.prompt_key for l in self.lines} - set(self.key_index)
@@ -243,29 +270,31 @@ class SAMUSDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         line = self.lines[i]
         img, lab = self.load_pair(line)
-        orig = (lab == line.class_id).astype(np.uint8)
-        if not orig.any():
-            raise DataError(f"{self.root / line.dataset / 'label' / line.name}.png: class "
-                            f"{line.class_id} listed in the split file but absent from the label")
+        # an empty target is a legitimate answer: "no such anatomy here" (a negative line,
+        # or a split line whose anatomy is absent from this image)
+        orig = np.zeros_like(lab, np.uint8) if line.negative else (lab == line.class_id).astype(np.uint8)
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
         mask = orig
         if self.augment:
             a_img, a_lab = augment_pair(img, lab, rng)
-            a_mask = (a_lab == line.class_id).astype(np.uint8)
-            if a_mask.sum() >= 4:  # the zoom can push a small anatomy out of view: keep original then
+            a_mask = np.zeros_like(a_lab, np.uint8) if line.negative else (a_lab == line.class_id).astype(np.uint8)
+            if a_mask.sum() >= 4 or not orig.any():  # the zoom can push a small anatomy out of view: keep original then
                 img, mask = a_img, a_mask
         S, L = self.img_size, self.low_res
         m_s, valid = letterbox(mask, S, nearest=True)
-        if not m_s.any():  # a sliver lost in resizing: keep its nearest pixel
+        if not m_s.any() and mask.any():  # a sliver lost in resizing: keep its nearest pixel
             ys, xs = np.nonzero(mask)
             m_s[int(ys[0] * valid[0] / mask.shape[0]), int(xs[0] * valid[1] / mask.shape[1])] = 1
-        pt = random_point(m_s, rng) if self.augment else central_point(m_s)
+        if m_s.any():
+            pt, pt_label = random_point(m_s, rng) if self.augment else central_point(m_s), 1
+        else:  # nothing to click: SAM's padding point (label -1) carries no prompt
+            pt, pt_label = (0.0, 0.0), -1
         item = {
             "image": self.image_tensor(img),
             "mask": torch.from_numpy(m_s).float(),
             "low_mask": torch.from_numpy(cv2.resize(m_s, (L, L), interpolation=cv2.INTER_NEAREST)).float(),
             "point": torch.tensor([pt], dtype=torch.float32),
-            "point_label": torch.ones(1, dtype=torch.int64),
+            "point_label": torch.tensor([pt_label], dtype=torch.int64),
             "box": torch.from_numpy(mask_box(m_s)),
             "prompt_idx": torch.tensor(self.key_index[line.prompt_key]),
             "index": torch.tensor(i),

@@ -52,33 +52,54 @@ def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 class MetricTable:
-    """Accumulate Dice / IoU / HD95 per prompt key ("<Dataset>/<class ID>")."""
+    """Accumulate Dice / IoU / HD95 per prompt key ("<Dataset>/<class ID>").
+
+    Convention for images without the anatomy (empty ground truth): they do not enter
+    Dice, IoU or HD95, which are means over the images that show the anatomy; they give
+    the false-positive rate instead, the share of them on which the prompt still marks
+    something. (The both-empty Dice of 1 of :func:`dice_iou` would otherwise reward a
+    prompt that never fires.)
+    """
 
     def __init__(self):
         self.rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        self.fired_on_empty: dict[str, list[bool]] = defaultdict(list)
 
     def add(self, key: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        if not gt.any():
+            self.fired_on_empty[key].append(bool(pred.any()))
+            return
         d, i = dice_iou(pred, gt)
         self.rows[key].append((d, i, hd95(pred, gt)))
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """{key: {dice, iou, hd95, n, hd95_undefined}} plus 'mean' over keys (macro)."""
+        """{key: {dice, iou, hd95, n, hd95_undefined, n_without, fp_rate}} plus 'mean' over keys
+        (macro); ``n_without`` images lacked the anatomy, ``fp_rate`` is None when there were none."""
+        nan = float("nan")
         out = {}
-        for key in sorted(self.rows):
-            a = np.array(self.rows[key], dtype=np.float64)
-            out[key] = {"dice": float(a[:, 0].mean()), "iou": float(a[:, 1].mean()),
-                        "hd95": float(np.nanmean(a[:, 2])) if np.isfinite(a[:, 2]).any() else float("nan"),
-                        "hd95_undefined": int(np.isnan(a[:, 2]).sum()), "n": len(a)}
+        for key in sorted(set(self.rows) | set(self.fired_on_empty)):
+            a = np.array(self.rows.get(key, []), dtype=np.float64).reshape(-1, 3)
+            fired = self.fired_on_empty.get(key, [])
+            out[key] = {"dice": float(a[:, 0].mean()) if len(a) else nan,
+                        "iou": float(a[:, 1].mean()) if len(a) else nan,
+                        "hd95": float(np.nanmean(a[:, 2])) if np.isfinite(a[:, 2]).any() else nan,
+                        "hd95_undefined": int(np.isnan(a[:, 2]).sum()), "n": len(a),
+                        "n_without": len(fired), "fp_rate": float(np.mean(fired)) if fired else None}
         if out:
             vals = {m: np.array([v[m] for v in out.values()]) for m in ("dice", "iou", "hd95")}
-            out["mean"] = {m: float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else float("nan")
+            out["mean"] = {m: float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else nan
                            for m, a in vals.items()}
             out["mean"]["n"] = sum(v["n"] for k, v in out.items() if k != "mean")
+            rates = [v["fp_rate"] for k, v in out.items() if k != "mean" and v["fp_rate"] is not None]
+            out["mean"]["n_without"] = sum(v["n_without"] for k, v in out.items() if k != "mean")
+            out["mean"]["fp_rate"] = float(np.mean(rates)) if rates else None
         return out
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'prompt':<28} {'n':>5} {'Dice':>7} {'IoU':>7} {'HD95':>7}"]
+    lines = [f"{'prompt':<28} {'n':>5} {'Dice':>7} {'IoU':>7} {'HD95':>7} {'without':>8} {'FP rate':>8}"]
     for key, v in summary.items():
-        lines.append(f"{key:<28} {v['n']:>5} {v['dice']:>7.4f} {v['iou']:>7.4f} {v['hd95']:>7.2f}")
+        fp = "-" if v.get("fp_rate") is None else f"{v['fp_rate']:.3f}"
+        lines.append(f"{key:<28} {v['n']:>5} {v['dice']:>7.4f} {v['iou']:>7.4f} {v['hd95']:>7.2f} "
+                     f"{v.get('n_without', 0):>8} {fp:>8}")
     return "\n".join(lines)

@@ -16,7 +16,9 @@ USGRA is measured in docs/RESULTS.md.
         --backbone lite --out_dir runs/asam_lite      # LiteMedSAM: no stage 1 needed
 
 Writes <out_dir>/best.pt and last.pt of kind 'asam_stage2'; with --eval_test also
-<out_dir>/test_metrics.json (prompt-free Dice / IoU / HD95 per dataset and class).
+<out_dir>/test_metrics.json (prompt-free Dice / IoU / HD95 per dataset and class over the images
+that show the anatomy, and the false-positive rate of each prompt on the test images of the
+other data sets, where its anatomy is absent). --negative_rate R trains with such negatives.
 """
 from __future__ import annotations
 
@@ -128,11 +130,11 @@ def main(argv=None) -> dict:
           f"{f' + image encoder at lr {args.encoder_lr:g}' if train_encoder else ''}); prompts: {keys}")
 
     cached = args.cache_embeddings
-    mk = lambda split, aug, orig, n: SAMUSDataset(cfg.data_root, split, cfg.img_size, seg.low_res,  # noqa: E731
-                                                  keys, cfg.datasets, augment=aug and not cached,
-                                                  return_orig=orig, max_items=n, subset_seed=cfg.seed,
-                                                  skip_missing=cfg.skip_missing)
-    train_ds, val_ds = mk(cfg.train_split, cfg.augment, False, cfg.max_train), mk(cfg.val_split, False, True, cfg.max_val)
+    mk = lambda split, aug, orig, n, neg=0.0: SAMUSDataset(  # noqa: E731
+        cfg.data_root, split, cfg.img_size, seg.low_res, keys, cfg.datasets, augment=aug and not cached,
+        return_orig=orig, max_items=n, subset_seed=cfg.seed, skip_missing=cfg.skip_missing, negative_rate=neg)
+    train_ds = mk(cfg.train_split, cfg.augment, False, cfg.max_train, cfg.negative_rate)
+    val_ds = mk(cfg.val_split, False, True, cfg.max_val)
     cache = EmbeddingCache(seg, device, cfg.batch_size, args.cache_dir) if cached else None
 
     def embeddings(b, ds):
@@ -170,7 +172,8 @@ def main(argv=None) -> dict:
         seg.load_state_dict(ck["model"])
         prompter.load_state_dict(ck["prompter"])
         set_train_mode(False)
-        test_ds = mk(cfg.test_split, False, True, cfg.max_test)
+        # every test image also meets every other data set's prompts: the false-positive rate
+        test_ds = mk(cfg.test_split, False, True, cfg.max_test, neg=float(len(keys)))
         if cache is not None:
             cache.fill(test_ds)
         summary = evaluate(lambda b: logits(b, test_ds), make_loader(test_ds, cfg.batch_size, False, cfg.workers),
