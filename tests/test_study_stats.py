@@ -1,0 +1,66 @@
+"""study/stats.py against hand-computed values and brute force."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from study.stats import (Difference, describe, markdown_table, paired_difference, rows_from_csv, rows_to_csv,
+                         summarize)
+
+
+def _rows(arm, values, protocol="linear", source="-"):
+    """values[(seed, fold)] -> rows."""
+    return [{"arm": arm, "mask_source": source, "seed": s, "protocol": protocol, "fold": f,
+             "accuracy": v, "macro_f1": v - 0.01} for (s, f), v in values.items()]
+
+
+def test_summary_is_mean_and_sample_sd_over_seeds_and_folds():
+    vals = {(0, 1): 0.7, (0, 2): 0.8, (1, 1): 0.9, (1, 2): 0.6}
+    s = summarize(_rows("a", vals), "a", "linear")
+    assert s["n"] == 4 and s["seeds"] == 2
+    assert s["mean"] == pytest.approx(0.75)
+    assert s["sd"] == pytest.approx(math.sqrt(((0.05 ** 2) * 2 + 0.15 ** 2 * 2) / 3))   # ddof = 1
+
+
+def test_a_constant_shift_is_found_with_a_tight_interval():
+    base = {(s, f): 0.6 + 0.05 * f + 0.01 * s for s in range(3) for f in range(1, 6)}
+    rows = _rows("random", base) + _rows("aclus", {k: v + 0.02 for k, v in base.items()})
+    d = paired_difference(rows, "aclus", "random", "linear")
+    assert d.n_pairs == 15 and d.mean == pytest.approx(0.02)
+    assert d.lo == pytest.approx(0.02) and d.hi == pytest.approx(0.02) and d.verdict == "higher"
+    # unpaired, the fold spread (0.2) would swamp a 0.02 shift: the pairing is what finds it
+    assert summarize(rows, "aclus", "linear")["sd"] > 0.05
+
+
+def test_noise_around_zero_is_not_distinguishable_and_pairs_follow_keys_not_order():
+    rng = np.random.default_rng(0)
+    base = {(s, f): float(rng.uniform(0.6, 0.9)) for s in range(3) for f in range(1, 6)}
+    noisy = {k: v + float(rng.normal(0, 0.03)) for k, v in base.items()}
+    rows = _rows("random", base) + _rows("byol", noisy)
+    d = paired_difference(rows, "byol", "random", "linear")
+    assert d.lo < 0 < d.hi and d.verdict == "not distinguishable"
+    shuffled = rows[:]
+    random.Random(1).shuffle(shuffled)
+    assert paired_difference(shuffled, "byol", "random", "linear") == d
+    # brute force: the mean difference of the matched keys
+    assert d.mean == pytest.approx(np.mean([noisy[k] - base[k] for k in base]))
+
+
+def test_only_common_pairs_count_and_duplicates_are_refused():
+    rows = _rows("a", {(0, 1): 0.5, (0, 2): 0.6, (1, 1): 0.9}) + _rows("b", {(0, 1): 0.4, (0, 2): 0.4})
+    d = paired_difference(rows, "a", "b", "linear")
+    assert d.n_pairs == 2 and d.mean == pytest.approx(0.15)
+    assert paired_difference(rows, "a", "c", "linear").verdict == "no pairs"
+    with pytest.raises(ValueError, match="appears twice"):
+        summarize(rows + _rows("a", {(0, 1): 0.1}), "a", "linear")
+
+
+def test_csv_round_trip_and_table():
+    rows = _rows("random", {(0, f): 0.6 for f in range(1, 6)}) + _rows("aclus", {(0, f): 0.7 for f in range(1, 6)})
+    assert rows_from_csv(rows_to_csv(rows)) == rows
+    md = markdown_table(rows, "linear", ["random", "aclus"], ["random"])
+    assert "| aclus | 5 (1 seeds) | 0.700 ± 0.000 | +0.100 [+0.100, +0.100] higher |" in md
+    assert describe(Difference("a", "b", 0.01, -0.02, 0.03, 10)) == "+0.010 [-0.020, +0.030] not distinguishable"
