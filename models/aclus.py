@@ -16,6 +16,11 @@ so that damaged images never enter the batch statistics (nor the running
 statistics of the exported encoder) and each image's context term depends on
 that image alone. ``update_target`` is called once per optimizer step by the
 training loop.
+
+No step reads a value back from the device: label ids are bounded by ``num_ids``
+(``data.max_mask_ids``; the loader numbers each image's ids 0..n-1 and refuses masks
+with more, :func:`utils.pretrain_data.relabel_mask`), so every shape is known on the host.
+On CUDA the encoders may run in channels-last memory format (:meth:`ACLUS.set_channels_last`).
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ class ACLUS(nn.Module):
     def __init__(self, method: str = "aclus", pretrained: bool = False, proj_hidden: int = 1024,
                  proj_dim: int = 256, pred_hidden: int = 4096, num_rois: int = 16,
                  temperature: float = 0.1, sample_by_area: bool = False, include_background: bool = True,
-                 context_weight: float = 1.0, context_loss: str = "cosine"):
+                 context_weight: float = 1.0, context_loss: str = "cosine", num_ids: int = 64):
         super().__init__()
         self.spec = get_method(method)
         self.method = method
@@ -64,6 +69,9 @@ class ACLUS(nn.Module):
         self.include_background = include_background or self.spec.whole_image
         self.context_weight = context_weight
         self.context_loss = context_loss
+        # the bound on label ids per image (whole-image methods: the one id 0)
+        self.num_ids = 1 if self.spec.whole_image else num_ids
+        self.memory_format = torch.contiguous_format
         regions = self.spec.pooling == "regions"
 
         self.encoder = MultiScaleEncoder(pretrained, fpn=regions)
@@ -93,13 +101,26 @@ class ACLUS(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """target <- m * target + (1 - m) * online; buffers (BN statistics) are copied."""
-        online_p, target_p = [], []
+        online_p, target_p, online_b, target_b = [], [], [], []
         for online, target in self.momentum_pairs():
             online_p += list(online.parameters())
             target_p += list(target.parameters())
-            for bo, bt in zip(online.buffers(), target.buffers()):
-                bt.copy_(bo)
+            online_b += list(online.buffers())
+            target_b += list(target.buffers())
+        torch._foreach_copy_(target_b, online_b)  # one multi-tensor launch instead of one per buffer
         torch._foreach_lerp_(target_p, online_p, 1.0 - momentum)
+
+    # ------------------------------------------------------------------ encoders
+    def set_channels_last(self, enabled: bool = True) -> ACLUS:
+        """Online and target encoders (and their inputs) in channels-last memory format:
+        NHWC convolutions on tensor cores, without the layout transposes that NCHW costs."""
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
+        for enc in (self.encoder, self.target_encoder):
+            enc.to(memory_format=self.memory_format)
+        return self
+
+    def _encode(self, encoder: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return encoder(x.contiguous(memory_format=self.memory_format))
 
     # ------------------------------------------------------------------ heads
     def _project(self, scale: str, pooled: torch.Tensor, target: bool) -> torch.Tensor:
@@ -152,9 +173,9 @@ class ACLUS(nn.Module):
 
     def _forward_global(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         views = torch.cat([batch["view1"], batch["view2"]])                 # 2B x 3 x S x S
-        pooled_on = self.encoder(views)["c5"].mean(dim=(2, 3))[:, None]     # 2B x 1 x 512
+        pooled_on = self._encode(self.encoder, views)["c5"].mean(dim=(2, 3))[:, None]     # 2B x 1 x 512
         with torch.no_grad():
-            pooled_tg = self.target_encoder(views)["c5"].mean(dim=(2, 3))[:, None]
+            pooled_tg = self._encode(self.target_encoder, views)["c5"].mean(dim=(2, 3))[:, None]
         pred, proj = self._heads("c5", pooled_on, pooled_tg)                 # 2B x 1 x D
         pred_a, pred_b = pred.chunk(2)
         proj_a, proj_b = proj.chunk(2)
@@ -167,19 +188,24 @@ class ACLUS(nn.Module):
         b = batch["view1"].shape[0]
         masks = self.region_masks(batch)
         labels = torch.cat(masks)                                           # V*B x S x S
-        num_ids = int(labels.max()) + 1
-        ids, roi_w = self.sample_regions(masks[0], masks[1], num_ids, generator)   # B x K
-        ids_views = ids.repeat(2, 1)                                        # 2B x K
+        num_ids = self.num_ids
+        # a device-side check (no synchronisation): the loader keeps ids below the bound
+        torch._assert_async((labels.max() < num_ids) & (labels.min() >= 0))
 
         views = torch.cat([batch["view1"], batch["view2"]])                 # 2B x 3 x S x S
-        online = self.encoder(views)
+        online = self._encode(self.encoder, views)
         with torch.no_grad():
-            target = self.target_encoder(views)
+            target = self._encode(self.target_encoder, views)
 
         sizes = [tuple(online[s].shape[-2:]) for s in SCALES]
         order = sorted(range(len(SCALES)), key=lambda i: -sizes[i][0] * sizes[i][1])  # finest first
-        grids_sorted = label_grids(labels, [sizes[i] for i in order], num_ids)
+        grids_sorted, areas = label_grids(labels, [sizes[i] for i in order], num_ids, return_areas=True)
         grids = {SCALES[i]: g for i, g in zip(order, grids_sorted)}         # V*B x h x w each
+        # ids drawn once per image among those of both views, from the pixel areas of the full
+        # maps (= id_areas of mask1 / mask2, which label_grids counted already)
+        ids, roi_w = sample_region_ids(areas[:b], areas[b:2 * b], self.num_rois, self.sample_by_area,
+                                       self.include_background, generator)  # B x K
+        ids_views = ids.repeat(2, 1)                                        # 2B x K
 
         pair_name = "contrast" if spec.pair_loss == "infonce" else "regression"
         stats: dict[str, torch.Tensor] = {}
@@ -203,9 +229,9 @@ class ACLUS(nn.Module):
             # damaged images stay out of every BatchNorm batch: BN runs on the running
             # statistics of the clean views, in the online and the target branch alike
             with batchnorm_inference(self):
-                online_c = self.encoder(batch["ctx_damaged"])
+                online_c = self._encode(self.encoder, batch["ctx_damaged"])
                 with torch.no_grad():
-                    target_c = self.target_encoder(batch["ctx_clean"])
+                    target_c = self._encode(self.target_encoder, batch["ctx_clean"])
                 for s in SCALES:
                     g = grids[s][2 * b:]                                    # B x h x w
                     w = roi_w * region_present(g, ids, num_ids) * batch["ctx_valid"][:, None]
@@ -227,5 +253,5 @@ def build_model(cfg: PretrainConfig) -> ACLUS:
         pred_hidden=m.predictor.hidden_dim, num_rois=loss.mask_rois,
         temperature=loss.temperature, sample_by_area=loss.sample_by == "area",
         include_background=loss.include_background, context_weight=loss.context_weight,
-        context_loss=loss.context_loss,
+        context_loss=loss.context_loss, num_ids=cfg.data.max_mask_ids,
     )

@@ -1,8 +1,9 @@
 """Region sampling, mask pooling and the losses of ACLUS / DetCon-B / BYOL.
 
 Shapes: ``B`` images per view on this process, ``K`` region ids sampled per image,
-``C`` feature channels, ``D`` embedding size, ``L`` label ids in the batch
-(0..L-1), ``h x w`` the grid of one feature scale.
+``C`` feature channels, ``D`` embedding size, ``L`` the bound on label ids (ids are
+0..L-1; a fixed number, so that no step reads the largest id back from the device),
+``h x w`` the grid of one feature scale.
 """
 from __future__ import annotations
 
@@ -15,28 +16,51 @@ from utils.distributed import all_gather_cat, is_dist
 # --------------------------------------------------------------------------- #
 # masks -> per-scale label grids -> sampled ids -> pooled features
 # --------------------------------------------------------------------------- #
-def label_grids(labels: torch.Tensor, sizes: list[tuple[int, int]], num_ids: int) -> list[torch.Tensor]:
+def label_grids(labels: torch.Tensor, sizes: list[tuple[int, int]], num_ids: int,
+                return_areas: bool = False):
     """Downsample integer label maps to each feature grid by majority area.
 
-    Each label is one-hot encoded, adaptive-average-pooled to the grid (the share
-    of every cell each id covers) and the largest share wins the cell.
+    The share of every cell of the finest grid that each id covers is counted, the
+    largest share wins the cell, and coarser grids are pooled from those shares
+    (``adaptive_avg_pool2d``; exact when the sizes divide each other). When the finest
+    grid divides the maps (``H % h0 == 0``, the case of ResNet's P2 at any side divisible
+    by 4) the counts are one ``scatter_add`` per pixel into (N, h0 * w0 * L), never an
+    (N, L, H, W) one-hot image: ``num_ids`` is a fixed bound (64 by default), and at 224 px
+    and batch 192 the one-hot of 576 maps would take 7 GB per 16 ids. Other sizes use the
+    one-hot. Ties go to the smaller id either way (``argmax`` takes the first maximum).
 
     Args:
         labels: (N, H, W) int64 label maps with values in [0, num_ids).
-        sizes: grid sizes ``(h, w)``, finest first; coarser grids are pooled from the
-            finest one's area shares (exact when the sizes divide each other).
+        sizes: grid sizes ``(h, w)``, finest first.
         num_ids: L, the number of label ids.
+        return_areas: also return each id's pixel area in each map.
 
     Returns:
-        one (N, h, w) int64 grid per size.
+        one (N, h, w) int64 grid per size; with ``return_areas`` also the (N, L) float
+        pixel areas (as :func:`id_areas` of ``labels``).
     """
-    one_hot = F.one_hot(labels, num_ids).permute(0, 3, 1, 2).float()  # N x L x H x W
-    share = F.adaptive_avg_pool2d(one_hot, sizes[0])                   # N x L x h0 x w0
+    n, height, width = labels.shape
+    h0, w0 = sizes[0]
+    if height % h0 == 0 and width % w0 == 0:
+        fy, fx = height // h0, width // w0
+        rows = torch.arange(height, device=labels.device) // fy
+        cols = torch.arange(width, device=labels.device) // fx
+        cell = (rows[:, None] * w0 + cols[None, :]) * num_ids                 # H x W
+        index = (cell[None] + labels).reshape(n, -1)                            # N x HW
+        counts = torch.zeros(n, h0 * w0 * num_ids, device=labels.device)
+        counts.scatter_add_(1, index, torch.ones((), device=labels.device).expand(index.shape))
+        counts = counts.view(n, h0, w0, num_ids).permute(0, 3, 1, 2)            # N x L x h0 x w0
+        share = counts / (fy * fx)
+        areas = counts.sum(dim=(2, 3)) if return_areas else None
+    else:
+        one_hot = F.one_hot(labels, num_ids).permute(0, 3, 1, 2).float()       # N x L x H x W
+        share = F.adaptive_avg_pool2d(one_hot, sizes[0])                        # N x L x h0 x w0
+        areas = one_hot.sum(dim=(2, 3)) if return_areas else None
     grids = []
     for size in sizes:
         s = share if tuple(share.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(share, size)
         grids.append(s.argmax(dim=1))
-    return grids
+    return (grids, areas) if return_areas else grids
 
 
 def id_areas(grid: torch.Tensor, num_ids: int) -> torch.Tensor:
@@ -73,9 +97,26 @@ def sample_region_ids(area_a: torch.Tensor, area_b: torch.Tensor, k: int, by_are
     probs = (area_a + area_b).float() * eligible if by_area else eligible.float()
     valid = eligible.any(dim=1)                                         # B
     probs = torch.where(valid[:, None], probs, torch.ones_like(probs))  # placeholder rows
-    ids = torch.multinomial(probs, k, replacement=True, generator=generator)      # B x K
+    ids = draw_categorical(probs, k, generator)                         # B x K
     counts = (ids[:, :, None] == ids[:, None, :]).sum(dim=-1).float()  # B x K
     return ids, valid[:, None].float() / counts
+
+
+def draw_categorical(weights: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` draws with replacement per row, in proportion to ``weights`` (B, L) >= 0 with a
+    positive sum per row -> (B, K) int64: ``torch.multinomial(weights, k, replacement=True)``'s
+    distribution, by the inverse of each row's cumulative sum.
+
+    Written out because ``torch.multinomial`` reads its input back to the host (a device
+    synchronisation) when it draws one sample, as for the whole-image methods; this never does.
+    """
+    cdf = weights.double().cumsum(dim=1)                                # B x L
+    total = cdf[:, -1:]
+    u = torch.rand(weights.shape[0], k, generator=generator, device=weights.device, dtype=torch.float64)
+    ids = torch.searchsorted(cdf, u * total, right=True)               # first id with cdf > u * total
+    # u * total can round up to the total: the last id of positive weight, never one of weight 0
+    last = weights.shape[1] - 1 - (weights > 0).flip(1).int().argmax(dim=1, keepdim=True)
+    return torch.minimum(ids, last)
 
 
 def region_present(grid: torch.Tensor, ids: torch.Tensor, num_ids: int) -> torch.Tensor:

@@ -128,9 +128,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AmpConfig:
+    """How the step computes (mixed precision, memory format, compilation)."""
     sync_bn: bool = True                      # SyncBatchNorm under multi-GPU DDP (CUDA only)
-    # O0 = fp32; O1, O2 and O3 all mean the same here: fp16 autocast + GradScaler on CUDA
+    # O0 = fp32; O1, O2 and O3 all mean the same here: autocast in amp.dtype
     opt_level: str = _key("O0", choices=("O0", "O1", "O2", "O3"))
+    # the autocast dtype when opt_level is not O0: auto = bf16 on a GPU with native bf16 (no
+    # GradScaler), else fp16 + GradScaler; the CPU runs fp32 unless bf16 is asked for here
+    dtype: str = _key("auto", choices=("auto", "bf16", "fp16"))
+    channels_last: bool = True                # CUDA: encoders and views in channels-last memory format
+    compile: bool = False                     # torch.compile the encoders (eager when it fails)
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,12 @@ class DataConfig:
     val_batch_size: int = _key(16, legacy="ignored")      # pre-training has no validation pass
     dual_views: bool = _key(True, legacy="fixed")         # the method needs two views
     num_examples: int = _key(0, ge=0)                     # >0: use only the first N pairs
+    # memory = decode every frame and mask once, before the first epoch, and keep them in RAM
+    # (shared with the loader workers); none = read the files for every sample
+    cache: str = _key("memory", choices=("memory", "none"))
+    # label ids per image, 0 included: the loader numbers each mask's ids 0..n-1 (in order, 0
+    # kept) and refuses a mask with more; the step's fixed bound (masks travel as uint8)
+    max_mask_ids: int = _key(64, gt=0, le=256)
 
 
 @dataclass(frozen=True)
