@@ -11,16 +11,24 @@ Writes to the run directory (``checkpoint.ckpt_path``): ``latest.pth`` every epo
 into ``torchvision.models.resnet18`` with every key but ``fc``), ``log.jsonl``,
 ``config.yaml`` and TensorBoard files under ``tb/``. ``--resume auto`` (or
 ``checkpoint.resume_path: auto``) continues a killed run from its last good checkpoint.
+
+Throughput (one GPU at paper scale): the frames are decoded once into RAM
+(``data.cache``); the loader workers only crop, flip and resize; the photometric
+augmentation and the Models-Genesis damage run batched on the device inside the step
+(:mod:`utils.gpu_augment`); autocast in bf16 where the GPU has it (``amp.dtype``);
+channels-last encoders (``amp.channels_last``), optionally compiled (``amp.compile``);
+LARS's multi-tensor (foreach) update on CUDA. No step reads a value back from the device:
+the loss and the per-term values are read at log steps only (:class:`NonFiniteWatch`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +44,9 @@ from models.encoder_io import PRETRAIN_KIND
 from models.methods import get_method
 from utils import distributed as du
 from utils.checkpoint import find_resume_checkpoint, save_checkpoint
-from utils.config import ConfigError, PretrainConfig, load_config, run_dir as config_run_dir
+from utils.config import AmpConfig, ConfigError, PretrainConfig, load_config, run_dir as config_run_dir
 from utils.distributed import to_device
+from utils.gpu_augment import augment_batch, is_crop_batch
 from utils.io import DataError, atomic_torch_save, atomic_write, ensure_writable_dir
 from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
 from utils.schedules import byol_momentum, warmup_cosine
@@ -94,13 +103,19 @@ def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module, global_batch: i
     epochs = opt.total_epochs
     lr = warmup_cosine(scaled_lr(opt.base_lr, global_batch), 0.0, epochs, iters_per_epoch, opt.warmup_epochs)
     momentum = byol_momentum(cfg.model.base_momentum, epochs * iters_per_epoch)
-    optimizer = Lars(lars_param_groups(model, opt.weight_decay, opt.exclude_bias_and_bn),
-                     lr=float(lr[0]), momentum=opt.momentum, trust_coeff=1e-3)
+    groups = lars_param_groups(model, opt.weight_decay, opt.exclude_bias_and_bn)
+    # timm's LARS has a multi-tensor (foreach) update and no fused one; its default picks
+    # foreach on CUDA already, said here so that it stays so. The CPU keeps the per-tensor loop.
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    optimizer = Lars(groups, lr=float(lr[0]), momentum=opt.momentum, trust_coeff=1e-3,
+                     foreach=True if on_cuda else None)
     return optimizer, lr, momentum
 
 
 def build_loader(cfg: PretrainConfig, info: du.DistInfo) -> tuple[DataLoader, EpochSampler]:
-    """The pre-training pairs as the method needs them (context view, whole-image masks)."""
+    """The pre-training pairs as the method needs them (context view, whole-image masks):
+    uint8 crops for the step's on-device augmentation, from frames decoded once into RAM
+    (``data.cache: memory``) before the workers start."""
     spec = get_method(cfg.model.method)
     data = cfg.data
     pairs = load_pairs(data.image_dir, data.subset)
@@ -108,12 +123,14 @@ def build_loader(cfg: PretrainConfig, info: du.DistInfo) -> tuple[DataLoader, Ep
         pairs = pairs[: data.num_examples]
     dataset = AnatomyPairDataset(
         pairs, size=data.resize_size, crop_scale=data.crop_scale, with_context=spec.context,
-        whole_image_mask=spec.whole_image or data.mask_type == "whole", seed=cfg.seed)
+        whole_image_mask=spec.whole_image or data.mask_type == "whole", seed=cfg.seed,
+        device_augment=True, cache=data.cache, max_ids=data.max_mask_ids, threads=max(1, data.data_workers))
     sampler = EpochSampler(len(dataset), info.rank, info.world_size, seed=cfg.seed)
     batch_size, workers = data.train_batch_size, data.data_workers
+    # persistent workers: started once, not every epoch (the epoch travels with each index)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=info.device.type == "cuda", drop_last=True,
-                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     if len(loader) == 0:
         raise DataError(f"{len(dataset)} training pairs give no full batch of {batch_size} per process "
                         f"on {info.world_size} process(es); lower data.train_batch_size")
@@ -127,29 +144,140 @@ def mask_generator(seed: int, rank: int, epoch: int, device: torch.device) -> to
     return g
 
 
+def augment_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """The seed of one step's on-device augmentation: a function of (seed, rank, epoch, step),
+    so a resumed run draws what an uninterrupted one does, with no generator state to save."""
+    return int(np.random.SeedSequence([seed, rank, epoch, step, 0xA5C1]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --------------------------------------------------------------------------- #
+# precision, memory format, compilation
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Precision:
+    """The step's autocast: ``dtype`` None = fp32. fp16 needs a GradScaler, bf16 does not
+    (fp32's exponent range)."""
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else nullcontext()
+
+    def __str__(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 + GradScaler"}[self.dtype]
+
+
+def resolve_precision(amp: AmpConfig, device: torch.device) -> Precision:
+    """``amp.opt_level`` / ``amp.dtype`` on ``device``: O0 is fp32. Otherwise, on CUDA, bf16
+    where the GPU computes it natively (``auto``) or when asked, fp16 + GradScaler on older
+    GPUs or when asked; on the CPU bf16 only when asked (``amp.dtype: bf16``), else fp32."""
+    if amp.opt_level == "O0":
+        return Precision(device.type)
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if amp.dtype == "bf16" and not native_bf16:
+            raise ConfigError(f"'amp.dtype' is bf16 but {torch.cuda.get_device_name(device)} has no native "
+                              "bf16; use auto or fp16")
+        use_bf16 = amp.dtype == "bf16" or (amp.dtype == "auto" and native_bf16)
+        return Precision("cuda", torch.bfloat16 if use_bf16 else torch.float16)
+    if amp.dtype == "bf16":
+        return Precision(device.type, torch.bfloat16)
+    if amp.dtype == "fp16":
+        log.warning("amp.dtype fp16 is for CUDA (with a GradScaler); the %s runs fp32", device.type)
+    return Precision(device.type)
+
+
+def compile_encoders(core: ACLUS) -> bool:
+    """``torch.compile`` the online and target encoders in place (``nn.Module.compile``: the
+    state dict keeps its keys). A failure to compile, now or at the first step, leaves
+    them eager (``suppress_errors``) with a warning; returns whether compiling was set up."""
+    try:
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+        for enc in (core.encoder, core.target_encoder):
+            enc.compile()
+    except Exception as e:  # any failure here means: run eagerly
+        for enc in (core.encoder, core.target_encoder):
+            enc._compiled_call_impl = None
+        log.warning("amp.compile: torch.compile is not available here (%s: %s); the encoders run eagerly",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
+    return True
+
+
+def prepare_model(core: ACLUS, amp: AmpConfig, device: torch.device) -> dict[str, bool]:
+    """Channels-last (CUDA) and compilation of the encoders, as the config asks; returns what is on."""
+    channels_last = amp.channels_last and device.type == "cuda"
+    core.set_channels_last(channels_last)
+    compiled = compile_encoders(core) if amp.compile else False
+    return {"channels_last": channels_last, "compile": compiled}
+
+
+# --------------------------------------------------------------------------- #
+# the step
+# --------------------------------------------------------------------------- #
 def train_step(model: torch.nn.Module, core: ACLUS, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], lr: float, momentum: float,
-               generator: torch.Generator | None, amp: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
-    """One optimizer step: forward (``model`` may be the DDP wrapper of ``core``), backward,
-    LARS update at ``lr``, then the target EMA at ``momentum``, once.
+               generator: torch.Generator | None, precision: Precision | None = None,
+               aug_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step: the on-device augmentation of a batch of crops (when ``batch`` holds
+    crops, :func:`utils.gpu_augment.augment_batch` with ``aug_generator``), forward (``model``
+    may be the DDP wrapper of ``core``) under ``precision``'s autocast, backward, LARS update
+    at ``lr``, then the target EMA at ``momentum``, once.
+
+    Nothing is read back to the host (with fp16, GradScaler.step reads its inf check, once).
 
     Returns:
-        the loss value and the detached per-term values. Raises FloatingPointError
-        (before any update) on a non-finite loss.
+        the loss (a detached 0-dim tensor on the device, possibly non-finite: see
+        :class:`NonFiniteWatch`) and the detached per-term values.
     """
+    precision = precision or Precision()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+    if is_crop_batch(batch):
+        batch = augment_batch(batch, aug_generator)  # fp32, outside autocast
+    with precision.autocast():
         loss, stats = model(batch, generator)
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss {loss_value}; terms: { {k: float(v) for k, v in stats.items()} }")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     core.update_target(momentum)  # once per optimizer step
-    return loss_value, stats
+    return loss.detach(), stats
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss was not finite; read only when asked.
+
+    The trade-off against a check every step: the loss stays on the device (no
+    synchronisation per step), and a non-finite loss is found at the next log step, up to
+    ``log.log_step - 1`` steps late, by which time the weights are non-finite too. It is
+    never saved: the last step of every epoch is a log step and is checked before the
+    checkpoint, so the run stops with the last good checkpoint on disk, and the error
+    names the step where the loss first went bad.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Record ``step`` if its ``loss`` is the first non-finite one (device-side)."""
+        first_bad = ~torch.isfinite(loss) & (self.first < 0)
+        self.first = torch.where(first_bad, step, self.first)
+
+    def check(self, where: str = "") -> None:
+        """Raise FloatingPointError if a recorded loss was not finite (one read from the device)."""
+        first = int(self.first)
+        if first >= 0:
+            raise FloatingPointError(f"non-finite loss at step {first}{where}")
 
 
 def records_before(lines: list[str], step: int, epoch: int) -> list[str]:
@@ -215,6 +343,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     seed = cfg.seed
     torch.manual_seed(seed + info.rank)
     method = cfg.model.method
+    precision = resolve_precision(cfg.amp, info.device)  # a setting this device cannot run fails here
 
     # ---- data
     loader, sampler = build_loader(cfg, info)
@@ -225,6 +354,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     if info.distributed and info.device.type == "cuda" and cfg.amp.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # gloo/CPU has no SyncBN
     core: ACLUS = model
+    speed = prepare_model(core, cfg.amp, info.device)
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
 
@@ -232,8 +362,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     epochs = cfg.optimizer.total_epochs
     global_batch = cfg.data.train_batch_size * info.world_size
     optimizer, lr_sched, mom_sched = build_optimizer(cfg, core, global_batch, iters)
-    amp = cfg.amp.opt_level != "O0" and info.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
 
     # ---- resume
     start_epoch = 0
@@ -248,7 +377,8 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
         except RuntimeError as e:
             raise DataError(f"{path}: does not match the model of this config ({str(e).splitlines()[0]})") from None
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state.get("scaler"):  # a bf16 / fp32 run saved an empty one
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch = int(state["epoch"])
         if info.is_main:
@@ -262,9 +392,13 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
         write_run_config(run_dir, cfg)  # only now: a start that fails above leaves the run's files as they were
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(cfg.log.log_dir or str(run_dir / "tb"))
-        log.info("%s: %d pairs, %d iters/epoch, global batch %d, %d process(es) on %s, amp=%s",
-                 method, len(loader.dataset), iters, global_batch, info.world_size, info.device, amp)
+        log.info("%s: %d pairs, %d iters/epoch, global batch %d, %d process(es) on %s, amp=%s (%s), "
+                 "channels_last=%s, compile=%s", method, len(loader.dataset), iters, global_batch,
+                 info.world_size, info.device, precision.enabled, precision, speed["channels_last"],
+                 speed["compile"])
     log_step = cfg.log.log_step
+    watch = NonFiniteWatch(info.device)
+    aug_generator = torch.Generator(device=info.device)
 
     steps_done, stopped = 0, False
     for epoch in range(start_epoch, epochs):
@@ -275,27 +409,38 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not info.is_main,
                    leave=False, dynamic_ncols=True, mininterval=1.0)
-        t_epoch, sums = time.time(), {}
+        t_epoch, names, sums = time.time(), None, None
         for it, batch in enumerate(bar):
             step = epoch * iters + it
-            try:
-                loss_value, stats = train_step(model, core, optimizer, scaler, to_device(batch, info.device),
-                                               float(lr_sched[step]), float(mom_sched[step]), generator, amp)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"epoch {epoch + 1}, step {it}: {e}") from None
+            aug_generator.manual_seed(augment_seed(seed, info.rank, epoch, step))
+            loss, stats = train_step(model, core, optimizer, scaler, to_device(batch, info.device),
+                                     float(lr_sched[step]), float(mom_sched[step]), generator, precision,
+                                     aug_generator)
+            watch.update(loss, step)
             steps_done += 1
 
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if info.is_main and (step % log_step == 0 or it == iters - 1):
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_sched[step]:.3g}")
-                for k, v in stats.items():
-                    writer.add_scalar(f"train/{k}", float(v), step)
-                writer.add_scalar("train/lr", lr_sched[step], step)
-                writer.add_scalar("train/momentum", mom_sched[step], step)
-                jlog.write(kind="step", epoch=epoch + 1, step=step, lr=float(lr_sched[step]),
-                           momentum=float(mom_sched[step]), **{k: float(v) for k, v in stats.items()})
-            if args.max_steps and steps_done >= args.max_steps and it < iters - 1:
+            # the per-term values stay on the device: summed there, read at log steps
+            values = torch.stack([v.float() for v in stats.values()])
+            names = names or list(stats)
+            sums = values if sums is None else sums + values
+            last = it == iters - 1
+            stopping = bool(args.max_steps) and steps_done >= args.max_steps and not last
+            if step % log_step == 0 or last or stopping:
+                try:
+                    watch.check(f" (found at epoch {epoch + 1}, step {it})")
+                except FloatingPointError as e:
+                    terms = dict(zip(names, values.tolist()))
+                    raise FloatingPointError(f"{e}; terms at step {step}: {terms}") from None
+                if info.is_main:
+                    now = dict(zip(names, values.tolist()))  # one read from the device
+                    bar.set_postfix(loss=f"{now['loss']:.3f}", lr=f"{lr_sched[step]:.3g}")
+                    for k, v in now.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", lr_sched[step], step)
+                    writer.add_scalar("train/momentum", mom_sched[step], step)
+                    jlog.write(kind="step", epoch=epoch + 1, step=step, lr=float(lr_sched[step]),
+                               momentum=float(mom_sched[step]), **now)
+            if stopping:
                 stopped = True
                 break
         bar.close()
@@ -305,7 +450,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
                          args.max_steps, epoch + 1)
             break
 
-        means = {k: v / iters for k, v in sums.items()}
+        means = dict(zip(names, (sums / iters).tolist()))
         if info.is_main:
             done = epoch + 1
             state = {"kind": CKPT_KIND, "epoch": done, "global_step": done * iters, "arch": "resnet18",
