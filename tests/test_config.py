@@ -107,6 +107,11 @@ def test_wrong_types_are_refused(tmp_path, override, message):
     ("model.method=simclr", "'model.method' is 'simclr'; expected one of"),
     ("optimizer.type=sgd", "'optimizer.type' is 'sgd'; expected one of ['lars']"),
     ("checkpoint.ckpt_path=", "'checkpoint.ckpt_path' must not be empty"),
+    ("amp.dtype=fp8", "'amp.dtype' is 'fp8'; expected one of ['auto', 'bf16', 'fp16']"),
+    ("amp.compile=2", "'amp.compile' must be true or false, got 2"),
+    ("data.cache=disk", "'data.cache' is 'disk'; expected one of ['memory', 'none']"),
+    ("data.max_mask_ids=0", "'data.max_mask_ids' must be > 0"),
+    ("data.max_mask_ids=257", "'data.max_mask_ids' must be <= 256"),
 ])
 def test_ranges_and_choices_are_checked(tmp_path, override, message):
     """Breaks if a range or choice check is dropped (each row is one check)."""
@@ -244,3 +249,27 @@ def test_a_run_stores_its_config_and_refuses_to_resume_another_method(tmp_path, 
     rc = pretrain_aclus.main(["--cfg", str(cfg), "--device", "cpu", "--resume", "auto", "-o", "model.method=detcon"])
     assert rc == 2
     assert "checkpoint of method 'byol', config says 'detcon'" in capsys.readouterr().err
+
+
+def test_speed_keys_default_to_the_safe_choices_and_reach_the_model():
+    """Breaks if the new speed keys change what an existing config does (compile on, fp16 on
+    the CPU, no cache), or if data.max_mask_ids does not become the model's id bound."""
+    from models.aclus import build_model
+
+    cfg = PretrainConfig()
+    assert (cfg.amp.dtype, cfg.amp.channels_last, cfg.amp.compile) == ("auto", True, False)
+    assert (cfg.data.cache, cfg.data.max_mask_ids) == ("memory", 64)
+    small = cfg.with_values({"data.max_mask_ids": 9, "model.projection.hidden_dim": 8,
+                             "model.predictor.hidden_dim": 8})
+    assert build_model(small).num_ids == 9
+    assert build_model(small.with_method("byol")).num_ids == 1   # whole-image methods: the one id 0
+
+
+@pytest.mark.parametrize("opt_level, dtype, expected", [
+    ("O0", "bf16", "fp32"), ("O1", "auto", "fp32"), ("O1", "bf16", "bf16"), ("O2", "fp16", "fp32")])
+def test_precision_on_the_cpu(opt_level, dtype, expected):
+    """Breaks if O0 autocasts, if the CPU autocasts without being asked (the old O1 runs were
+    fp32 there), or if amp.dtype: bf16 is ignored on the CPU."""
+    cfg = PretrainConfig().with_values({"amp.opt_level": opt_level, "amp.dtype": dtype})
+    precision = pretrain_aclus.resolve_precision(cfg.amp, torch.device("cpu"))
+    assert str(precision) == expected and not precision.needs_scaler
