@@ -65,7 +65,7 @@ def frame_batches(frames: Path, img_size: int, batch_size: int):
     mean = torch.tensor(NORM_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(NORM_STD).view(1, 3, 1, 1)
     # nearly equal chunks: no trailing batch of one image (BatchNorm needs two in train mode)
-    for chunk in np.array_split(np.arange(len(paths)), -(-len(paths) // batch_size)):
+    for chunk in np.array_split(np.arange(len(paths)), max(1, len(paths) // batch_size)):
         imgs = [cv2.resize(read_image(paths[i], "rgb"), (img_size, img_size), interpolation=cv2.INTER_AREA)
                 for i in chunk]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -78,8 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="encoder state dict to write (encoder_resnet18.pth)")
     p.add_argument("--seed", type=int, default=0, help="the pre-training seed whose start is kept")
     p.add_argument("--img_size", type=int, default=112, help="frame side, as in pre-training")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32, help="frames per forward pass (>= 2)")
     a = p.parse_args(argv)
+    if a.batch_size < 2:
+        p.error("--batch_size must be >= 2 (BatchNorm statistics need two frames)")
     try:
         ensure_writable_dir(Path(a.out).parent, "--out (its folder)")
         model = corpus_statistics(start_encoder(a.seed), frame_batches(Path(a.frames), a.img_size, a.batch_size))
