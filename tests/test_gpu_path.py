@@ -407,7 +407,7 @@ def test_train_step_reads_nothing_back_from_the_device(method):
         loss, stats = pretrain_aclus.train_step(*args)
         watch = pretrain_aclus.NonFiniteWatch(torch.device("cpu"))
         watch.update(loss, 1)
-    assert guard.calls == []
+    assert guard.calls == [] and guard.aten_calls == []
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and not loss.requires_grad
 
 
@@ -422,6 +422,12 @@ def test_host_sync_guard_sees_the_reads_it_is_meant_to():
         if x.sum() > 0:
             pass
     assert [name for name, _ in guard.calls] == ["item", "__int__", "__getitem__", "multinomial", "__bool__"]
+    assert all(where.endswith(".py:" + where.rsplit(":", 1)[1]) and "test_gpu_path" in where
+               for _, where in guard.calls)                                 # the line that asked
+    assert "aten._local_scalar_dense.default" in guard.aten_calls and "aten.multinomial.default" in guard.aten_calls
+    with HostSyncGuard() as guard:
+        torch.nn.functional.one_hot(x.long(), 5)         # the CPU kernel reads max() inside C++
+    assert guard.calls == [] and guard.aten_calls
     with pytest.raises(RuntimeError, match="host synchronisation: tolist"):
         with HostSyncGuard(strict=True):
             x.tolist()
