@@ -146,3 +146,98 @@ def test_one_process_group_gathers_and_runs_syncbn(tmp_path):
             assert not torch.equal(before, net.bn1.running_mean)
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- #
+# the fast pre-training step: on-device augmentation, bf16, no host synchronisation
+# --------------------------------------------------------------------------- #
+def _small_step(method: str = "aclus", batch: int = 8, size: int = 64):
+    """(step closure, model) of a small-headed train_step on DEVICE with the config's defaults
+    (amp O1 auto: bf16 on a GPU that has it; channels-last on CUDA)."""
+    import pretrain_aclus
+    from benchmarks.bench_pretrain_step import make_batch
+    from models.aclus import build_model
+    from utils.config import PretrainConfig
+
+    cfg = PretrainConfig().with_values({
+        "model.method": method, "amp.opt_level": "O1", "model.projection.hidden_dim": 64,
+        "model.predictor.hidden_dim": 64, "loss.mask_rois": 4})
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    pretrain_aclus.prepare_model(model, cfg.amp, device)
+    optimizer, _, _ = pretrain_aclus.build_optimizer(cfg, model, batch, 1)
+    precision = pretrain_aclus.resolve_precision(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
+    data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    aug = torch.Generator(device=device).manual_seed(1)
+
+    def step():
+        return pretrain_aclus.train_step(model, model, optimizer, scaler, data, 0.1, 0.99, gen, precision, aug)
+    return step, model, precision
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode (the CPU proxy is tests/test_gpu_path.py)")
+@pytest.mark.parametrize("method", ["aclus", "byol_fpn"])
+def test_train_step_never_synchronises_with_the_host(method):
+    """torch.cuda.set_sync_debug_mode('error') raises on any synchronisation inside the step:
+    the augmentation, the forward (no int(labels.max())), the losses, LARS, the EMA."""
+    step, model, precision = _small_step(method)
+    if precision.needs_scaler:
+        pytest.skip("fp16's GradScaler reads its inf check every step (this GPU has no native bf16)")
+    assert model.memory_format == torch.channels_last
+    step()                                                  # momentum buffers, cuBLAS/cuDNN set-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            loss, stats = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
+
+
+def test_bf16_step_loss_matches_fp32_on_the_device():
+    """On one batch the autocast loss (bf16 where the GPU has it) is within 3 % of fp32's."""
+    import copy
+
+    from benchmarks.bench_pretrain_step import make_batch
+    from models.aclus import ACLUS
+    from utils.gpu_augment import augment_batch
+
+    device = torch.device(DEVICE)
+    batch = augment_batch({k: v.to(device) for k, v in make_batch(8, 64, "aclus").items()},
+                          torch.Generator(device=device).manual_seed(0))
+    torch.manual_seed(0)
+    model = ACLUS("aclus", proj_hidden=64, proj_dim=32, pred_hidden=64, num_rois=4).to(device)
+    if DEVICE == "cuda":
+        model.set_channels_last()
+    ref, _ = copy.deepcopy(model)(batch, torch.Generator(device=device).manual_seed(1))
+    dtype = torch.bfloat16 if DEVICE == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False) \
+        else torch.float16
+    with torch.autocast(device.type, dtype=dtype):
+        loss, _ = copy.deepcopy(model)(batch, torch.Generator(device=device).manual_seed(1))
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.03 * abs(ref.item())
+
+
+def test_batched_augmentation_on_the_device_has_the_per_sample_probabilities():
+    """The on-device draws (a CUDA generator) keep the per-sample probabilities and ranges."""
+    import math
+
+    from utils import gpu_augment as ga
+    from utils.context_damage import context_damage_batch
+
+    device = torch.device(DEVICE)
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 20000
+    tol = 4 * math.sqrt(0.25 / n)
+    for blur_p, sol_p in ((1.0, 0.0), (0.1, 0.2)):
+        d = ga.draw_photometric(n, g, device, blur_p, sol_p)
+        shares = [x.float().mean().item() for x in (d.jitter, d.gray, d.blur, d.solarize)]
+        assert all(abs(s - e) < tol for s, e in zip(shares, (0.8, 0.2, blur_p, sol_p))), shares
+    img = torch.rand(4000, 3, 16, 16, device=device, generator=g)
+    out, applied = context_damage_batch(img, g, return_applied=True)
+    assert out.device.type == device.type and 0 <= out.min() and out.max() <= 1
+    for k, p in (("shuffle", 0.8), ("nonlinear", 0.9), ("paint", 0.9)):
+        assert abs(applied[k].float().mean().item() - p) < 4 * math.sqrt(0.25 / 4000), k
