@@ -160,6 +160,24 @@ def time_method(method: str, batch: int, size: int, steps: int, warmup: int, dev
     return times
 
 
+def time_augment(batch: int, size: int, steps: int, device: torch.device) -> float:
+    """Median seconds of the on-device augmentation alone (:func:`augment_batch` of aclus crops:
+    2 photometric views and the damaged overlap), the part of every step that precedes the model."""
+    data = {k: v.to(device) for k, v in make_batch(batch, size, "aclus").items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        augment_batch(data, gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def loader_throughput(batch: int, size: int, workers: int, batches: int, crop_scale=(0.2, 1.0),
                       cache: str = "memory", device_augment: bool = True, n_images: int = 0) -> dict:
     """Images/s of the training DataLoader (aclus crops) on synthetic files, after the first
@@ -232,6 +250,8 @@ def render(res: dict) -> str:
     lines = []
     for b, r in by_batch.items():
         lines += [f"Step time, batch {b}, {head}", "", *_table(res, r["methods"]), ""]
+        if "augment_s" in r:
+            lines += [f"On-device augmentation alone (in each step but lightly_byol's): {r['augment_s']:.3f} s", ""]
     if "loader" in res:
         ld = res["loader"]
         lines.append(f"Loader: {ld['img_per_s']:.0f} images/s (batch {ld['batch']}, {ld['workers']} workers, "
@@ -312,6 +332,10 @@ def main(argv=None) -> int:
                                         "img_per_s": batch / med, "first_step_s": first[0]}
             print(f"batch {batch:4d} {method:13s} median step {med:.3f} s  ({batch / med:.1f} img/s)  "
                   f"min {min(times):.3f} max {max(times):.3f}  first {first[0]:.2f} s")
+        if set(methods) - {REFERENCE}:
+            entry["augment_s"] = time_augment(batch, a.size, a.steps, device)
+            print(f"batch {batch:4d} on-device augmentation alone: {entry['augment_s']:.3f} s "
+                  f"(part of every step above but lightly_byol's)")
         med = {k: v["median_s"] for k, v in entry["methods"].items()}
         if REFERENCE in med:
             entry["ratios_to_lightly_byol"] = {m: med[m] / med[REFERENCE] for m in med if m != REFERENCE}

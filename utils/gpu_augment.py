@@ -179,13 +179,10 @@ def photometric_batch(img: torch.Tensor, generator: torch.Generator | None, blur
 
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> normalised with NORM_MEAN / NORM_STD (one value per channel, all equal here)."""
-    mean, std = NORM_MEAN[0], NORM_STD[0]
-    if any(m != mean for m in NORM_MEAN) or any(s != std for s in NORM_STD):
-        mean_t = img.new_tensor(NORM_MEAN)[None, :, None, None]
-        std_t = img.new_tensor(NORM_STD)[None, :, None, None]
-        return (img - mean_t) / std_t
-    return (img - mean) / std
+    """[0, 1] -> ``(x - NORM_MEAN) / NORM_STD`` per channel (Python scalars: no host-to-device copy)."""
+    if len(set(NORM_MEAN)) == 1 and len(set(NORM_STD)) == 1:
+        return (img - NORM_MEAN[0]) / NORM_STD[0]
+    return torch.stack([(img[:, c] - m) / s for c, (m, s) in enumerate(zip(NORM_MEAN, NORM_STD))], dim=1)
 
 
 def to_unit(crops: torch.Tensor) -> torch.Tensor:
