@@ -33,6 +33,22 @@ Output in ``--out_dir``: ``eval_<protocol>_<selection>.json`` (per-fold accuracy
 per-class precision/recall/F1, mean ± std over folds, pooled accuracy, summed confusion
 matrix) and ``confusion_<protocol>_<selection>.png``. Bad input is a one-line error
 (exit status 2) naming the file.
+
+Grad-CAM (``--gradcam N``, ``--cam gradcam|gradcampp``, ``--cam_target true|pred``; see
+``utils/gradcam.py``): after each fold, the fold's classifier (finetune: the selected
+network; linear: the frozen encoder with the scaler + logistic regression folded into one
+``nn.Linear``, the scaler's mean subtracted at ``layer4[-1]``'s output so that a map shows
+evidence relative to the average training image) is explained at ``layer4[-1]`` for N
+test images per class (``--cam_target``: their true class, or the predicted one):
+``gradcam/<cam>_<protocol>_<selection>_<arm>_fold<k>.png`` (the maps over the images, true
+and predicted class per tile; ``<arm>`` = ``random`` or the checkpoint's file stem) and the
+maps with image indices, labels, predictions and shares in the ``.npy`` beside it. The JSON
+gets, per fold and over all folds, the mean share per class of each map's energy inside the
+ultrasound sector (derived from the image: its non-black region) and, when
+``covid_data<k>_cam_masks.npz`` lies beside the pickles (arrays ``sector`` and ``region``,
+N_test x H x W bool, row-aligned with ``X_test``; ``utils.gradcam.write_synthetic_cam_masks``
+writes them for synthetic scans), inside the class-defining region. ``--save_classifiers``
+writes each fold's classifier (weights only) to ``classifiers/`` for ``gradcam_aclus.py``.
 """
 from __future__ import annotations
 
@@ -55,6 +71,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18_state
+from utils import gradcam as gcam
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
@@ -318,7 +335,8 @@ def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device
 
     loss_fn = nn.CrossEntropyLoss()
     val_acc, test_acc, losses = [], [], []
-    best_val, best_state, best_test_pred = -1.0, None, None
+    best_val, best_state, best_test_pred, best_test_state = -1.0, None, None, None
+    keep_model = args.gradcam > 0 or args.save_classifiers  # the selected network is explained / saved
     for epoch in tqdm(range(args.epochs), desc=f"fold {fold.index} finetune", leave=False):
         # train() as upstream: BatchNorm statistics of the frozen layers adapt to POCUS too
         model.train()
@@ -344,16 +362,21 @@ def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device
             test_acc.append(float((pred == fold.y_test).mean()))
             if best_test_pred is None or test_acc[-1] > max(test_acc[:-1]):
                 best_test_pred = pred
+                if keep_model:
+                    best_test_state = copy.deepcopy(model.state_dict())
 
     chosen = select_index(args.selection, args.epochs, val_acc or None, test_acc or None)
     if args.selection == "paper":
         pred = best_test_pred
+        if keep_model:
+            model.load_state_dict(best_test_state)
     else:
         if args.selection == "val":
             model.load_state_dict(best_state)
         pred = predict(model, test_loader, device)
     return {"pred": pred, "selected": {"epoch": chosen + 1}, "train_loss": losses,
-            "val_accuracy": val_acc or None, "test_accuracy_per_epoch": test_acc or None}
+            "val_accuracy": val_acc or None, "test_accuracy_per_epoch": test_acc or None,
+            "model": model.eval() if keep_model else None}
 
 
 class FeatureCache:
@@ -412,9 +435,104 @@ def run_linear_fold(fold: Fold, features: FeatureCache, args) -> dict:
         test_acc = [float((_fit_logreg(Ftr, fold.y_train, C, args.seed).predict(Fte) == fold.y_test).mean())
                     for C in grid]
     chosen = select_index(args.selection, len(grid), val_acc, test_acc)
-    pred = _fit_logreg(Ftr, fold.y_train, grid[chosen], args.seed).predict(Fte)
-    return {"pred": pred, "selected": {"C": grid[chosen]}, "C_grid": grid if len(grid) > 1 else None,
-            "val_accuracy": val_acc, "test_accuracy_per_C": test_acc}
+    probe = _fit_logreg(Ftr, fold.y_train, grid[chosen], args.seed)
+    return {"pred": probe.predict(Fte), "selected": {"C": grid[chosen]}, "C_grid": grid if len(grid) > 1 else None,
+            "val_accuracy": val_acc, "test_accuracy_per_C": test_acc, "probe": probe}
+
+
+# --------------------------------------------------------------------------- #
+# Grad-CAM (utils/gradcam.py holds the pure parts)
+# --------------------------------------------------------------------------- #
+CAM_MASKS_NAME = "covid_data{k}_cam_masks.npz"
+
+
+def arm_name(ckpt_path: str | None) -> str:
+    """``random`` or the checkpoint's file stem, safe as part of a file name."""
+    if not ckpt_path:
+        return "random"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ckpt_path).stem) or "checkpoint"
+
+
+def check_gradcam_args(args) -> None:
+    """The Grad-CAM flags, before any work: N >= 0 and an input size whose layer4 map is a map."""
+    if args.gradcam < 0:
+        raise DataError(f"--gradcam {args.gradcam}: must be >= 0 (test images per class to explain; 0 = off)")
+    if args.gradcam:
+        gcam.cam_grid(build_resnet18(2), args.img_size)
+
+
+def load_cam_masks(path: Path, n: int | None = None, hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """``sector`` and ``region`` (N x H x W bool) of a ``covid_data<k>_cam_masks.npz``, checked
+    (against the fold's ``n`` test images of size ``hw`` when given); read without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            masks = {k: z[k] for k in ("sector", "region") if k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: unreadable mask file ({type(e).__name__}: {e})") from None
+    if set(masks) != {"sector", "region"}:
+        raise DataError(f"{path}: needs arrays 'sector' and 'region' (N x H x W bool)")
+    shapes = {k: v.shape for k, v in masks.items()}
+    if any(len(sh) != 3 for sh in shapes.values()) or shapes["sector"] != shapes["region"]:
+        raise DataError(f"{path}: 'sector' and 'region' must be N x H x W arrays of one shape, found {shapes}")
+    if n is not None and shapes["sector"] != (n, *hw):
+        raise DataError(f"{path}: masks of shape {shapes['sector']}, but the fold has {n} test images of "
+                        f"{hw[0]}x{hw[1]}")
+    return {k: v.astype(bool) for k, v in masks.items()}
+
+
+def fold_cam_masks(fold: Fold) -> dict[str, np.ndarray] | None:
+    """The fold's sector/region masks from the file beside its pickle, or None (then the
+    sector is derived from each image and the region is unknown)."""
+    path = Path(fold.source).parent / CAM_MASKS_NAME.format(k=fold.index)
+    if not fold.source.endswith(".pkl") or not path.is_file():
+        return None
+    return load_cam_masks(path, len(fold.y_test), fold.X_test.shape[2:])
+
+
+def explain_fold(fold: Fold, model: nn.Module, args, device: torch.device, png: Path) -> tuple[dict, np.ndarray]:
+    """Grad-CAM of ``args.gradcam`` test images per class of ``fold``; writes the montage
+    ``png`` and its ``.npy``. Returns the fold's JSON entry and the records."""
+    classes = fold.classes
+    idx = gcam.pick_per_class(fold.y_test, args.gradcam, len(classes))
+    tf = make_transforms(args.img_size, False)
+    x = torch.stack([tf(torch.from_numpy(fold.X_test[i])) for i in idx]).to(device)  # n x 3 x S x S
+    model = model.to(device).eval()
+    with torch.no_grad():
+        pred = np.concatenate([model(xb).argmax(1).cpu().numpy() for xb in x.split(2 * args.batch_size)])
+    target = fold.y_test[idx] if args.cam_target == "true" else pred
+    cams, _ = gcam.compute_cams(model, x, target, args.cam, 2 * args.batch_size)
+    images = gcam.display_images(x, NORM_MEAN, NORM_STD)
+    masks = fold_cam_masks(fold)
+    if masks is None:
+        sector, region = np.stack([gcam.sector_mask(im) for im in images]), None
+    else:
+        sector = gcam.to_input_geometry(masks["sector"][idx], args.img_size)
+        region = gcam.to_input_geometry(masks["region"][idx], args.img_size)
+    rec = gcam.cam_records(idx, fold.y_test[idx], pred, target, cams, classes, gcam.energy_share(cams, sector),
+                           None if region is None else gcam.energy_share(cams, region),
+                           None if region is None else region.mean(axis=(1, 2)))
+    title = (f"{args.cam} ({args.cam_target} class), {args.protocol}/{args.selection}, "
+             f"{arm_name(args.ckpt_path)}, fold {fold.index}")
+    gcam.write_cam_outputs(rec, images, png, title, cols=max(1, min(args.gradcam, len(idx))))
+    entry = {"montage": str(png), "maps": str(png.with_suffix(".npy")), "sector_from": (
+        "image" if masks is None else "masks file"), **cam_summary(rec, classes)}
+    return entry, rec
+
+
+def cam_summary(rec: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """Mean shares per class (maps without energy left out and counted) of some records."""
+    known = bool(np.isfinite(rec["region_share"]).any())
+    out = {"images": {c: int((rec["label"] == i).sum()) for i, c in enumerate(classes)},
+           "empty_maps": {c: int(((rec["label"] == i) & ~np.isfinite(rec["sector_share"])).sum())
+                          for i, c in enumerate(classes)}}
+    for key in ("sector_share", "region_share", "region_area"):
+        if key != "sector_share" and not known:
+            out[key] = None
+            continue
+        v = rec[key]
+        out[key] = {**gcam.class_means(v, rec["label"], classes),
+                    "all": float(np.nanmean(v)) if np.isfinite(v).any() else None}
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -423,13 +541,20 @@ def run_linear_fold(fold: Fold, features: FeatureCache, args) -> dict:
 def evaluate(args) -> dict:
     t0 = time.time()
     device = torch.device(args.device)
+    check_gradcam_args(args)
     ensure_writable_dir(args.out_dir, "--out_dir")  # not after five folds of work
     # read the weights first: a wrong checkpoint fails before any data is loaded
     state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
     classes = check_data(args.data_path)  # every fold file checked before any work
+    if args.gradcam:
+        for k in range(1, NUM_FOLDS + 1):  # a bad mask file fails now, not after fold k-1
+            path = discover(Path(args.data_path))[1] / CAM_MASKS_NAME.format(k=k)
+            if path.is_file():
+                load_cam_masks(path)
     features = FeatureCache(state, args, device) if args.protocol == "linear" else None
+    tag, arm = f"{args.protocol}_{args.selection}", arm_name(args.ckpt_path)
 
-    folds, confusions = [], []
+    folds, confusions, cam_records = [], [], []
     for fold in tqdm(iter_folds(args.data_path, args.img_size), total=NUM_FOLDS, desc=f"{args.protocol} 5-fold"):
         if fold.groups_train is None and args.selection == "val":
             print(f"note: {fold.source}: source videos unknown, validation split is by frame "
@@ -439,6 +564,21 @@ def evaluate(args) -> dict:
         cm = confusion_matrix(fold.y_test, out.pop("pred"), len(classes))
         confusions.append(cm)
         m = metrics_from_confusion(cm, classes)
+        model, probe = out.pop("model", None), out.pop("probe", None)
+        if args.gradcam or args.save_classifiers:
+            if model is None:  # linear: encoder + scaler + logistic regression as one module
+                model = gcam.linear_probe_classifier(features.model, probe, len(classes))
+            if args.save_classifiers:
+                out["classifier"] = str(gcam.save_classifier(
+                    model, Path(args.out_dir) / "classifiers" / f"{tag}_{arm}_fold{fold.index}.pth", classes,
+                    protocol=args.protocol, selection=args.selection, arm=arm, fold=fold.index,
+                    img_size=args.img_size, norm_mean=list(NORM_MEAN), norm_std=list(NORM_STD),
+                    data_path=str(args.data_path), ckpt_path=args.ckpt_path or None))
+            if args.gradcam:
+                png = Path(args.out_dir) / "gradcam" / f"{args.cam}_{tag}_{arm}_fold{fold.index}.png"
+                out["gradcam"], rec = explain_fold(fold, model, args, device, png)
+                cam_records.append(rec)
+        del model
         folds.append({"fold": fold.index, "source": fold.source, "n_train": int(len(fold.y_train)),
                       "n_test": int(len(fold.y_test)), **m, "confusion_matrix": cm.tolist(), **out})
         tqdm.write(f"fold {fold.index}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
@@ -447,7 +587,6 @@ def evaluate(args) -> dict:
         raise DataError(f"{args.data_path}: found {len(folds)} folds, expected {NUM_FOLDS}")
 
     optimistic = args.selection == "paper"
-    tag = f"{args.protocol}_{args.selection}"
     summary = aggregate_folds(confusions, classes)
     result = {
         "protocol": args.protocol, "selection": args.selection, "optimistic": optimistic,
@@ -457,6 +596,10 @@ def evaluate(args) -> dict:
         "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "ckpt_path", "out_dir")},
         "summary": summary, "folds": folds, "wall_time_s": round(time.time() - t0, 2),
     }
+    if args.gradcam:  # over the maps of all folds
+        result["gradcam"] = {"method": args.cam, "target": args.cam_target, "layer": "layer4[-1]",
+                             "images_per_class": args.gradcam, "arm": arm,
+                             **cam_summary(np.concatenate(cam_records), classes)}
     out_dir = Path(args.out_dir)
     json_path, png_path = out_dir / f"eval_{tag}.json", out_dir / f"confusion_{tag}.png"
     result["confusion_png"] = str(png_path)
@@ -474,6 +617,12 @@ def evaluate(args) -> dict:
           f"pooled accuracy {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
     for c, v in summary["pooled_per_class"].items():
         print(f"  {c:10s} precision {v['precision']:.4f}  recall {v['recall']:.4f}  f1 {v['f1']:.4f}  n={v['support']}")
+    if args.gradcam:
+        g = result["gradcam"]
+        shares = f"sector {g['sector_share']['all']:.3f}" if g["sector_share"]["all"] is not None else "no energy"
+        if g["region_share"]:
+            shares += f", class region {g['region_share']['all']:.3f} (area {g['region_area']['all']:.3f})"
+        print(f"Grad-CAM energy share ({args.cam}, {args.cam_target} class): {shares}; maps in {out_dir / 'gradcam'}")
     print(f"wrote {json_path} and {png_path} ({result['wall_time_s']:.1f} s)")
     return result
 
@@ -508,6 +657,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed (paper: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--gradcam", type=int, default=0, metavar="N",
+                   help="after each fold, Grad-CAM at layer4[-1] of N test images per class: montage PNG + maps "
+                        ".npy under OUT_DIR/gradcam/, energy shares in the JSON (0 = off; needs --img_size >= 33)")
+    p.add_argument("--cam", choices=tuple(gcam.CAM_METHODS), default="gradcam",
+                   help="map method of pytorch_grad_cam: gradcam (Grad-CAM) or gradcampp (Grad-CAM++)")
+    p.add_argument("--cam_target", choices=gcam.CAM_TARGETS, default="true",
+                   help="class each map explains: the image's true class or the predicted one")
+    p.add_argument("--save_classifiers", action="store_true",
+                   help="save each fold's classifier (ResNet-18 state dict + class names, weights only) to "
+                        "OUT_DIR/classifiers/ for gradcam_aclus.py")
     return p
 
 

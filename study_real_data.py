@@ -202,6 +202,8 @@ def study(a: argparse.Namespace) -> int:
                    "--workers", str(a.workers), "--device", "cpu", "--out_dir", str(out / "eval" / name)]
             if ckpt is not None:
                 cmd += ["--ckpt_path", str(ckpt)]
+            if a.gradcam:  # maps stay in <out>/eval/<name>/gradcam/ (real pixels: never committed)
+                cmd += ["--gradcam", str(a.gradcam)]
             st.run(f"eval_{name}", cmd, [out / "eval" / name / f"eval_{tag}.json"])
 
         evaluate("random", None)
@@ -265,6 +267,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_selection", default="last", choices=("last", "val", "paper"),
                    help="evaluation_aclus.py --selection (linear: last = fixed C)")
     p.add_argument("--eval_seed", type=int, default=1, help="evaluation seed (paper: 1)")
+    p.add_argument("--gradcam", type=int, default=0, metavar="N",
+                   help="evaluation_aclus.py --gradcam N: Grad-CAM of N test images per class and fold, "
+                        "under <out>/eval/<run>/gradcam/ (0 = off)")
     p.add_argument("--sp_scale", type=float, default=30.0, help="superpixel_masks --scale")
     p.add_argument("--sp_min_area", type=float, default=0.004, help="superpixel_masks --min_area")
     p.add_argument("--sp_max_segments", type=int, default=32, help="superpixel_masks --max_segments")
@@ -302,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.warmup_epochs >= a.epochs:
         print("study_real_data.py: error: --warmup_epochs must be < --epochs", file=sys.stderr)
         return 2
+    if a.gradcam:  # the evaluation would refuse it, but only after frames, masks and pre-training
+        from evaluation_aclus import check_gradcam_args
+        from utils.io import DataError
+
+        try:
+            check_gradcam_args(argparse.Namespace(gradcam=a.gradcam, img_size=a.img_size))
+        except DataError as e:
+            print(f"study_real_data.py: error: {e}", file=sys.stderr)
+            return 2
     for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--asam_ckpt", a.asam_ckpt)):
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)

@@ -282,3 +282,26 @@ def plot_mask_overlays(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     return _save(fig, out_png)
+
+
+def plot_image_grid(images: Sequence[np.ndarray], out_png: str | os.PathLike,
+                    titles: Sequence[str] | None = None, cols: int = 4, suptitle: str | None = None,
+                    tile_inches: float = 2.0, dpi: int = 110) -> Path:
+    """A grid of ready-made RGB/grey uint8 images (e.g. Grad-CAM overlays), one title each."""
+    if not images or (titles is not None and len(titles) != len(images)):
+        raise ValueError(f"{out_png}: need at least one image and one title per image "
+                         f"(got {len(images)} images, {None if titles is None else len(titles)} titles)")
+    plt = _pyplot()
+    cols = max(1, min(cols, len(images)))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(tile_inches * cols, (tile_inches + 0.3) * rows), dpi=dpi,
+                             squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k], cmap="gray" if images[k].ndim == 2 else None)
+            if titles:
+                ax.set_title(titles[k], fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    return _save(fig, out_png)

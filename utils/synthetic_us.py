@@ -158,7 +158,8 @@ def _band(dist: np.ndarray, half: float) -> np.ndarray:
 # the scan
 # --------------------------------------------------------------------------- #
 def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex",
-              scan_class: int = 2, frame: int = 0, finding_strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+              scan_class: int = 2, frame: int = 0, finding_strength: float = 1.0,
+              return_findings: bool = False) -> tuple[np.ndarray, ...]:
     """One synthetic lung ultrasound frame and its anatomy label map.
 
     Args:
@@ -173,10 +174,16 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
             fade into a regular lung (pleura irregularity, A-line loss, B-line and
             consolidation contrast scale with it), which makes the classes harder to
             tell apart. The labels do not change.
+        return_findings: also return where the artefacts lie (below); the image and the
+            label map are the same with or without it.
 
     Returns:
         image: HxW uint8 grayscale.
         label: HxW int64 map with values in :data:`ANATOMY_IDS` (at least 2 distinct ids).
+        findings (only with ``return_findings``): ``{"b_lines": HxW bool, "a_lines": HxW bool}``,
+            the aerated-lung pixels (label 4) within the half-maximum width of a B-line
+            (covid19 only; all False otherwise) or of an A-line (every class). Geometric:
+            they do not fade with ``finding_strength``.
     """
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
@@ -263,9 +270,13 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     lung_echo = 0.06 + 0.05 * np.exp(-(dist_pl) / 0.15)    # faint haze, strongest near pleura
     a_lines = np.zeros((h, w), np.float32)
     a_amp = fs * {2: 0.75, 1: 0.35, 0: 0.06}[scan_class] + (1.0 - fs) * 0.75
+    a_where = np.zeros((h, w), np.float32)                  # A-line profiles, amplitude 1 (findings)
     for k in range(2, 8):                                   # A-lines at multiples of the pleura depth
         dk = k * pleura_d
-        a_lines += a_amp * 0.72 ** (k - 2) * _band(d - dk, p_half * 1.1)
+        a_band = _band(d - dk, p_half * 1.1)
+        a_lines += a_amp * 0.72 ** (k - 2) * a_band
+        a_where = np.maximum(a_where, a_band)
+    b_where = np.zeros((h, w), np.float32)                  # B-line profiles, amplitude 1 (findings)
     if scan_class == 0:                                     # B-lines: laser-like, no fading
         n_b = int(cls_rng.integers(2, 6))
         b_u = cls_rng.choice(free_u, n_b) + u_slide
@@ -273,7 +284,9 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         b_a = fs * cls_rng.uniform(0.6, 0.9, n_b)
         bl = np.zeros((h, w), np.float32)
         for bu, bw, ba in zip(b_u, b_w, b_a):
-            bl = np.maximum(bl, ba * _band(u - bu, bw))
+            b_band = _band(u - bu, bw)
+            bl = np.maximum(bl, ba * b_band)
+            b_where = np.maximum(b_where, b_band)
         lung_echo = lung_echo + bl * (1.0 + 0.8 * np.clip(d - pleura_d, 0, 1))  # offsets attenuation
 
     # ---- consolidation (pneumonia) -----------------------------------------------
@@ -345,6 +358,9 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.6 * s)  # point-spread blur
     img = np.clip(img * 255.0, 0, 255).astype(np.uint8)
     img[~inside] = 0
+    if return_findings:
+        lung = label == _LUNG
+        return img, label, {"b_lines": lung & (b_where > 0.5), "a_lines": lung & (a_where > 0.5)}
     return img, label
 
 
@@ -381,31 +397,40 @@ def pocus_fold_video_ids(videos_per_class_per_fold: int = 2, frames_per_video: i
 
 
 def make_pocus_folds(videos_per_class_per_fold: int = 2, frames_per_video: int = 4, size: int = 64,
-                     seed: int = 0, n_folds: int = 5, finding_strength: float = 1.0
-                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+                     seed: int = 0, n_folds: int = 5, finding_strength: float = 1.0,
+                     return_findings: bool = False) -> list[tuple]:
     """The USCL 5-fold tuples in memory (``finding_strength``: see :func:`make_scan`).
 
     Returns:
         Per fold ``(X_train, y_train, X_test, y_test)``: X is Nx3xHxW uint8 (gray replicated),
         y is N int64 with {covid19: 0, pneumonia: 1, regular: 2}. Fold k's test set is its
-        own videos, its train set the videos of all other folds.
+        own videos, its train set the videos of all other folds. With ``return_findings``
+        a fifth item describes the TEST images, row-aligned with ``X_test``:
+        ``{"label": NxHxW uint8 anatomy ids, "b_lines": NxHxW bool, "a_lines": NxHxW bool}``
+        (see :func:`make_scan`); the four arrays are the same with or without it.
     """
     plan = pocus_video_plan(videos_per_class_per_fold, seed, n_folds)
     xs: list[list[np.ndarray]] = [[] for _ in range(n_folds)]
     ys: list[list[int]] = [[] for _ in range(n_folds)]
+    found: list[list[tuple]] = [[] for _ in range(n_folds)]
     for v in plan:
         for f in range(frames_per_video):
-            img, _ = make_scan(v["seed"], size, v["probe"], v["scan_class"], frame=f,
-                               finding_strength=finding_strength)
+            img, lab, *extra = make_scan(v["seed"], size, v["probe"], v["scan_class"], frame=f,
+                                         finding_strength=finding_strength, return_findings=return_findings)
             xs[v["fold"]].append(np.repeat(img[None], 3, axis=0))   # 3xHxW
             ys[v["fold"]].append(v["scan_class"])
+            if return_findings:
+                found[v["fold"]].append((lab.astype(np.uint8), extra[0]["b_lines"], extra[0]["a_lines"]))
     X = [np.stack(x).astype(np.uint8) for x in xs]
     Y = [np.asarray(y, np.int64) for y in ys]
     folds = []
     for k in range(n_folds):
         others = [j for j in range(n_folds) if j != k]
-        folds.append((np.concatenate([X[j] for j in others]), np.concatenate([Y[j] for j in others]),
-                      X[k], Y[k]))
+        fold = (np.concatenate([X[j] for j in others]), np.concatenate([Y[j] for j in others]), X[k], Y[k])
+        if return_findings:
+            fold += ({name: np.stack([t[i] for t in found[k]]) for i, name in
+                      enumerate(("label", "b_lines", "a_lines"))},)
+        folds.append(fold)
     return folds
 
 
