@@ -40,15 +40,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, Sampler
 
+from models.encoder_io import NORM_MEAN, NORM_STD  # every view is normalised as the evaluation's input
 from utils import mask_layout
 from utils.context_damage import context_damage
 from utils.io import DataError, read_image
 
 log = logging.getLogger(__name__)
 
-#: normalisation of every view (the same as the evaluation protocol's)
-NORM_MEAN = (0.5, 0.5, 0.5)
-NORM_STD = (0.25, 0.25, 0.25)
 #: smallest overlap side (pixels of the original image) for the context term
 MIN_OVERLAP = 8
 #: (blur probability, solarise probability) of view 1 and view 2: BYOL's asymmetric pair
