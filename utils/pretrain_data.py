@@ -173,6 +173,18 @@ def to_normalized(img: torch.Tensor) -> torch.Tensor:
     return TF.normalize(img.float().div_(255.0), NORM_MEAN, NORM_STD)
 
 
+def crop_and_flip(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, size: int,
+                  crop_scale: tuple[float, float]) -> tuple[Box, np.ndarray, np.ndarray]:
+    """One view's geometry: a random resized crop of image and mask to ``size``, then the same
+    horizontal flip of both with probability 0.5 (draws: the box, then the flip)."""
+    box = random_resized_crop_box(rng, *mask.shape, crop_scale)
+    img_v = crop_resize(image, box, size)
+    mask_v = crop_resize(mask, box, size, nearest=True)
+    if rng.random() < 0.5:
+        img_v, mask_v = img_v[:, ::-1], mask_v[:, ::-1]
+    return box, img_v, mask_v
+
+
 def make_views(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, size: int,
                crop_scale: tuple[float, float], with_context: bool) -> dict[str, torch.Tensor]:
     """Two augmented views of ``image`` with their masks, and optionally the overlap view.
@@ -186,16 +198,11 @@ def make_views(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, si
         context also ``ctx_clean``, ``ctx_damaged``: (3, S, S) float, ``ctx_mask``: (S, S),
         ``ctx_valid``: bool tensor (False where the two crops do not overlap).
     """
-    h, w = mask.shape
     out: dict[str, torch.Tensor] = {}
     boxes = []
     for v, (blur_p, sol_p) in enumerate(VIEW_PROBS, start=1):
-        box = random_resized_crop_box(rng, h, w, crop_scale)
+        box, img_v, mask_v = crop_and_flip(image, mask, rng, size, crop_scale)
         boxes.append(box)
-        img_v = crop_resize(image, box, size)
-        mask_v = crop_resize(mask, box, size, nearest=True)
-        if rng.random() < 0.5:  # the same flip for image and mask
-            img_v, mask_v = img_v[:, ::-1], mask_v[:, ::-1]
         img_t = torch.from_numpy(np.ascontiguousarray(img_v)).permute(2, 0, 1)
         out[f"view{v}"] = to_normalized(photometric(img_t, rng, blur_p, sol_p))
         out[f"mask{v}"] = torch.from_numpy(np.ascontiguousarray(mask_v).astype(np.int64))
@@ -231,17 +238,12 @@ def make_crops(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, si
         ``crop1``, ``crop2``: (3, S, S) uint8; ``mask1``, ``mask2``: (S, S) uint8; with context
         also ``ctx_crop``: (3, S, S) uint8, ``ctx_mask``: (S, S) uint8, ``ctx_valid``: bool tensor.
     """
-    h, w = mask.shape
     mask = mask.astype(np.uint8, copy=False)
     out: dict[str, torch.Tensor] = {}
     boxes = []
     for v in (1, 2):
-        box = random_resized_crop_box(rng, h, w, crop_scale)
+        box, img_v, mask_v = crop_and_flip(image, mask, rng, size, crop_scale)
         boxes.append(box)
-        img_v = crop_resize(image, box, size)
-        mask_v = crop_resize(mask, box, size, nearest=True)
-        if rng.random() < 0.5:  # the same flip for image and mask
-            img_v, mask_v = img_v[:, ::-1], mask_v[:, ::-1]
         out[f"crop{v}"] = _chw(img_v)
         out[f"mask{v}"] = torch.from_numpy(np.ascontiguousarray(mask_v))
     if with_context:
