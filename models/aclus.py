@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from models.backbone import C5_DIM, FPN_DIM, SCALES, MLP, MultiScaleEncoder
-from models.losses import (byol_loss, context_loss, detcon_infonce, id_areas, label_grids, mask_pool,
+from models.losses import (byol_loss, context_loss, detcon_infonce, label_grids, mask_pool,
                            region_present, sample_region_ids)
 from models.methods import get_method
 
@@ -144,12 +144,6 @@ class ACLUS(nn.Module):
         keys = ["mask1", "mask2"] + (["ctx_mask"] if self.spec.context else [])
         masks = [batch[k] for k in keys]
         return [torch.zeros_like(m) for m in masks] if self.spec.whole_image else masks
-
-    def sample_regions(self, mask1: torch.Tensor, mask2: torch.Tensor, num_ids: int,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ids drawn once per image among those present in both views: (B, K) ids and weights."""
-        return sample_region_ids(id_areas(mask1, num_ids), id_areas(mask2, num_ids), self.num_rois,
-                                 self.sample_by_area, self.include_background, generator)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, torch.Tensor],

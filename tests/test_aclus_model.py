@@ -46,15 +46,31 @@ def _loss_and_grads(model: ACLUS, batch: dict, seed: int = 0) -> tuple[torch.Ten
     return loss.detach(), grads
 
 
-def test_ids_are_drawn_only_from_those_present_in_both_views():
+def _ids_drawn_by_forward(model: ACLUS, batch: dict, monkeypatch) -> torch.Tensor:
+    """The region ids ``model.forward`` draws (captured at models.aclus.sample_region_ids)."""
+    import models.aclus as aclus_module
+
+    drawn = []
+    real = aclus_module.sample_region_ids
+
+    def spy(*args, **kwargs):
+        ids, w = real(*args, **kwargs)
+        drawn.append((ids, w))
+        return ids, w
+
+    monkeypatch.setattr(aclus_module, "sample_region_ids", spy)
+    model(batch, torch.Generator().manual_seed(0))
+    assert len(drawn) == 1                        # once per batch, not per scale
+    return drawn[0]
+
+
+def test_ids_are_drawn_only_from_those_present_in_both_views(monkeypatch):
     # bug caught: drawing from view 1's ids alone (id 3), or per scale
-    model = _model("detcon")
     batch = _batch(b=64)
-    ids, w = model.sample_regions(batch["mask1"], batch["mask2"], 4, torch.Generator().manual_seed(0))
+    ids, w = _ids_drawn_by_forward(_model("detcon"), batch, monkeypatch)
     assert set(ids.unique().tolist()) == {0, 1, 2}
     assert torch.all(w > 0)
-    model_nb = _model("detcon", include_background=False)
-    ids, _ = model_nb.sample_regions(batch["mask1"], batch["mask2"], 4, torch.Generator().manual_seed(0))
+    ids, _ = _ids_drawn_by_forward(_model("detcon", include_background=False), batch, monkeypatch)
     assert set(ids.unique().tolist()) == {1, 2}
 
 
