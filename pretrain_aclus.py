@@ -8,7 +8,9 @@
 
 Writes to the run directory (``checkpoint.ckpt_path``): ``latest.pth`` every epoch,
 ``checkpoint_NNNN.pth`` every ``save_epoch`` epochs, ``encoder_resnet18.pth`` (loads
-into ``torchvision.models.resnet18`` with every key but ``fc``), ``log.jsonl``,
+into ``torchvision.models.resnet18`` with every key but ``fc``), the encoder after given
+shares of the steps (``checkpoint.snapshot_fractions`` -> ``encoder_resnet18_step<N>.pth``),
+``log.jsonl``,
 ``config.yaml`` and TensorBoard files under ``tb/``. ``--resume auto`` (or
 ``checkpoint.resume_path: auto``) continues a killed run from its last good checkpoint.
 
@@ -280,6 +282,18 @@ class NonFiniteWatch:
             raise FloatingPointError(f"non-finite loss at step {first}{where}")
 
 
+def snapshot_steps(fractions: tuple[float, ...], total_steps: int) -> set[int]:
+    """The step counts after which an encoder snapshot is written: each fraction of
+    ``total_steps``, rounded to the nearest step (at least 1, before the end)."""
+    return {min(max(1, round(f * total_steps)), total_steps - 1) for f in fractions if total_steps > 1}
+
+
+def snapshot_name(steps: int) -> str:
+    """``encoder_resnet18_step<steps>.pth``: the encoder after ``steps`` optimizer steps
+    (evaluation reads it like ``encoder_resnet18.pth``; a snapshot cannot resume a run)."""
+    return f"encoder_resnet18_step{steps}.pth"
+
+
 def records_before(lines: list[str], step: int, epoch: int) -> list[str]:
     """The lines of a ``log.jsonl`` that a run resumed at ``step`` (epoch ``epoch``) keeps:
     step records before ``step`` and epoch records up to ``epoch``; the killed attempt's
@@ -400,6 +414,8 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     watch = NonFiniteWatch(info.device)
     aug_generator = torch.Generator(device=info.device)
 
+    total_steps = epochs * iters
+    snapshots = snapshot_steps(cfg.checkpoint.snapshot_fractions, total_steps)
     steps_done, stopped = 0, False
     for epoch in range(start_epoch, epochs):
         if args.max_steps and steps_done >= args.max_steps:
@@ -418,6 +434,8 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
                                      aug_generator)
             watch.update(loss, step)
             steps_done += 1
+            if step + 1 in snapshots and info.is_main:  # after step + 1 optimizer steps
+                atomic_torch_save(core.encoder.resnet.state_dict(), run_dir / snapshot_name(step + 1))
 
             # the per-term values stay on the device: summed there, read at log steps
             values = torch.stack([v.float() for v in stats.values()])

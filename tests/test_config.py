@@ -112,6 +112,8 @@ def test_wrong_types_are_refused(tmp_path, override, message):
     ("data.cache=disk", "'data.cache' is 'disk'; expected one of ['memory', 'none']"),
     ("data.max_mask_ids=0", "'data.max_mask_ids' must be > 0"),
     ("data.max_mask_ids=257", "'data.max_mask_ids' must be <= 256"),
+    ("checkpoint.snapshot_fractions=[0.5, 1]", "'checkpoint.snapshot_fractions' must lie in (0, 1)"),
+    ("checkpoint.snapshot_fractions=0.5", "'checkpoint.snapshot_fractions' must be a list of numbers"),
 ])
 def test_ranges_and_choices_are_checked(tmp_path, override, message):
     """Breaks if a range or choice check is dropped (each row is one check)."""

@@ -188,3 +188,29 @@ def test_paper_config_differs_from_the_upstream_example_only_in_the_papers_value
     assert (example["data.crop_scale"], paper["data.crop_scale"]) == ([0.08, 1.0], [0.2, 1.0])
     assert (example["loss.sample_by"], paper["loss.sample_by"]) == ("uniform", "area")
     assert 2 * paper["data.train_batch_size"] == 192 and 2 * example["data.train_batch_size"] == 64
+
+
+def test_encoder_snapshots_are_the_weights_after_their_share_of_the_steps(tmp_path, synthetic_pretrain_dir,
+                                                                         make_pretrain_config):
+    """checkpoint.snapshot_fractions: [0.5] over 2 epochs is the end of epoch 1, so the snapshot must
+    equal the encoder inside the epoch-1 checkpoint (written by another path); a snapshot written one
+    step early or late, or of the target network, differs from it."""
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, checkpoint={"snapshot_fractions": [0.5]})
+    assert _run(cfg) == 0
+    run = tmp_path / "run"
+    iters = len(_steps(run)) // 2
+    snap = torch.load(run / pretrain_aclus.snapshot_name(iters), weights_only=True)
+    epoch1 = torch.load(run / "checkpoint_0001.pth", weights_only=True)["model"]
+    online = {k.removeprefix("encoder.resnet."): v for k, v in epoch1.items() if k.startswith("encoder.resnet.")}
+    assert snap.keys() == online.keys()
+    for k in snap:
+        assert torch.equal(snap[k], online[k]), k
+    final = load_resnet18_state(run / "encoder_resnet18.pth")
+    assert any(not torch.equal(final[k], snap[k]) for k in snap if k in final)
+    assert sorted(p.name for p in run.glob("encoder_resnet18_step*.pth")) == [pretrain_aclus.snapshot_name(iters)]
+
+
+def test_snapshot_steps_round_and_stay_inside_the_run():
+    assert pretrain_aclus.snapshot_steps((0.25, 0.5), 192) == {48, 96}
+    assert pretrain_aclus.snapshot_steps((0.001, 0.999), 10) == {1, 9}
+    assert pretrain_aclus.snapshot_steps((0.5,), 1) == set()

@@ -24,7 +24,8 @@ be a number, got 'abc'``. Conversions:
   may be unset (``checkpoint.time_stamp``, ``log.log_dir``). In a ``-o`` override the raw
   text of a string key is used as written when YAML would read it as something else
   (``-o data.image_dir=2024`` is the folder ``2024``, not an int).
-* ``data.crop_scale``: a list of 2 numbers, held as a tuple.
+* ``data.crop_scale``: a list of 2 numbers, held as a tuple; ``checkpoint.snapshot_fractions``
+  a list of numbers in (0, 1), held as a tuple.
 
 Legacy keys of the upstream file that the code here does not read:
 
@@ -187,6 +188,7 @@ class CheckpointConfig:
     time_stamp: str | None = _key(None, legacy="ignored")  # only with a legacy "ckpt/{}/..." ckpt_path
     resume_path: str = ""                     # a checkpoint file, or "auto" = latest in the run dir
     save_epoch: int = _key(20, gt=0)
+    snapshot_fractions: tuple[float, ...] = ()  # also write the encoder after these shares of the run's steps
     ckpt_path: str = _key("ckpt/aclus", nonempty=True)    # the run directory (legacy "ckpt/{}/..." accepted)
 
 
@@ -301,6 +303,10 @@ def _convert(kind: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ConfigError(f"{source}: '{key}' must be a list of 2 numbers, got {value!r}")
         return tuple(_number(v, key, source, "a list of 2 numbers") for v in value)
+    if kind == tuple[float, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list of numbers, got {value!r}")
+        return tuple(_number(v, key, source, "a list of numbers") for v in value)
     raise TypeError(f"no conversion for {key}: {kind}")  # a schema field of a new type
 
 
@@ -326,6 +332,10 @@ def _check_relations(cfg: PretrainConfig, where: Callable[..., str]) -> None:
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"{where('data.crop_scale')}: 'data.crop_scale' must be [lo, hi] with "
                           f"0 < lo <= hi <= 1, got {list(cfg.data.crop_scale)}")
+    bad = [f for f in cfg.checkpoint.snapshot_fractions if not 0 < f < 1]
+    if bad:
+        raise ConfigError(f"{where('checkpoint.snapshot_fractions')}: 'checkpoint.snapshot_fractions' must lie "
+                          f"in (0, 1) (shares of the run's steps; the end is always written), got {bad[0]!r}")
     opt = cfg.optimizer
     if opt.warmup_epochs >= opt.total_epochs:
         raise ConfigError(f"{where('optimizer.warmup_epochs', 'optimizer.total_epochs')}: "
