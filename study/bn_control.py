@@ -12,6 +12,9 @@ statistics is another feature extractor). This arm keeps the start's weights (th
 only the BatchNorm statistics by the corpus's, so that a pre-training arm can be compared
 with what its statistics alone would give.
 
+``--statistics start`` writes the start itself (the random-init arm of the same seed, so
+that every arm of a seed is paired with the random encoder its pre-training began from).
+
 Writes a torchvision ``resnet18`` state dict without ``fc`` (as ``encoder_resnet18.pth``).
 """
 from __future__ import annotations
@@ -74,23 +77,31 @@ def frame_batches(frames: Path, img_size: int, batch_size: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", required=True, help="folder with <Sub>/img/ (the pre-training frames)")
+    p.add_argument("--frames", help="folder with <Sub>/img/ (the pre-training frames; --statistics corpus)")
     p.add_argument("--out", required=True, help="encoder state dict to write (encoder_resnet18.pth)")
     p.add_argument("--seed", type=int, default=0, help="the pre-training seed whose start is kept")
     p.add_argument("--img_size", type=int, default=112, help="frame side, as in pre-training")
     p.add_argument("--batch_size", type=int, default=32, help="frames per forward pass (>= 2)")
+    p.add_argument("--statistics", choices=("corpus", "start"), default="corpus",
+                   help="corpus: BatchNorm statistics of --frames (the control arm); start: the random "
+                        "start unchanged (the random-init arm)")
     a = p.parse_args(argv)
+    if a.statistics == "corpus" and not a.frames:
+        p.error("--frames is required with --statistics corpus")
     if a.batch_size < 2:
         p.error("--batch_size must be >= 2 (BatchNorm statistics need two frames)")
     try:
         ensure_writable_dir(Path(a.out).parent, "--out (its folder)")
-        model = corpus_statistics(start_encoder(a.seed), frame_batches(Path(a.frames), a.img_size, a.batch_size))
+        model = start_encoder(a.seed)
+        if a.statistics == "corpus":
+            model = corpus_statistics(model, frame_batches(Path(a.frames), a.img_size, a.batch_size))
     except DataError as e:
         print(f"bn_control: error: {e}", file=sys.stderr)
         return 2
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     atomic_torch_save(state, a.out)
-    print(f"wrote {a.out}: random-init (seed {a.seed}) weights with the BatchNorm statistics of {a.frames}")
+    what = f"the BatchNorm statistics of {a.frames}" if a.statistics == "corpus" else "its initial statistics"
+    print(f"wrote {a.out}: random-init (seed {a.seed}) weights with {what}")
     return 0
 
 

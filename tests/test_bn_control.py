@@ -43,3 +43,16 @@ def test_cli_writes_a_torchvision_encoder(tmp_path):
     missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
     assert main(["--frames", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_start_statistics_write_the_random_start_unchanged(tmp_path):
+    """The random-init arm of seed s is the pre-training start of seed s (fresh BatchNorm statistics);
+    a seed mix-up or corpus statistics leaking into it fails."""
+    out = tmp_path / "encoder_resnet18.pth"
+    assert main(["--statistics", "start", "--seed", "3", "--out", str(out)]) == 0
+    sd = torch.load(out, weights_only=True)
+    ref = {k: v for k, v in start_encoder(3).state_dict().items() if not k.startswith("fc.")}
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+    assert torch.equal(sd["bn1.running_mean"], torch.zeros(64))
+    other = start_encoder(4).state_dict()
+    assert not torch.equal(sd["conv1.weight"], other["conv1.weight"])
