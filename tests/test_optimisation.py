@@ -73,6 +73,15 @@ def test_lr_is_scaled_by_global_batch_and_follows_warmup_then_cosine():
     assert np.all(np.diff(lr[10:]) <= 0)
 
 
+def test_a_fractional_warm_up_is_that_share_of_an_epochs_steps():
+    """warmup_epochs 0.4 of 5 iterations = 2 warm-up steps (an int-only schedule would give 0 or fail)."""
+    cfg = _cfg(base_lr=0.4, total_epochs=2, warmup_epochs=0.4)
+    _, lr, _ = build_optimizer(cfg, _tiny(), global_batch=64, iters_per_epoch=5)  # peak 0.1
+    assert lr.shape == (10,)
+    assert lr[:3].tolist() == pytest.approx([0.0, 0.05, 0.1])
+    assert np.all(np.diff(lr[2:]) <= 0)
+
+
 def test_byol_momentum_at_start_middle_and_end():
     m = byol_momentum(0.99, 100)
     assert m.shape == (101,)

@@ -168,7 +168,7 @@ class OptimizerConfig:
     momentum: float = _key(0.9, ge=0, lt=1)
     weight_decay: float = _key(1.0e-6, ge=0)
     total_epochs: int = _key(300, gt=0)
-    warmup_epochs: int = _key(3, ge=0)                    # < total_epochs
+    warmup_epochs: float = _key(3, ge=0)                  # < total_epochs; may be a fraction
     exclude_bias_and_bn: bool = True
 
 

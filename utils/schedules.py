@@ -5,13 +5,15 @@ import numpy as np
 
 
 def warmup_cosine(base: float, final: float, epochs: int, iters_per_epoch: int,
-                  warmup_epochs: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+                  warmup_epochs: float = 0, warmup_start: float = 0.0) -> np.ndarray:
     """Linear warm-up from ``warmup_start`` to ``base``, then cosine from ``base`` to ``final``.
+
+    ``warmup_epochs`` may be a fraction (0.25 = a quarter of an epoch's iterations, rounded).
 
     Returns:
         (epochs * iters_per_epoch,) float64 array.
     """
-    warmup_iters = warmup_epochs * iters_per_epoch
+    warmup_iters = int(round(warmup_epochs * iters_per_epoch))
     warmup = np.linspace(warmup_start, base, warmup_iters, endpoint=False)
     rest = epochs * iters_per_epoch - warmup_iters
     t = np.arange(rest) / max(rest, 1)
