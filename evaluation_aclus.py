@@ -5,6 +5,7 @@ Usage::
     python evaluation_aclus.py --data_path dataset/pocus_5fold --ckpt_path ckpt/encoder_resnet18.pth
     python evaluation_aclus.py --data_path D --protocol linear                 # random-init baseline
     python evaluation_aclus.py --data_path D --ckpt_path C --selection val --img_size 112 --epochs 30
+    python evaluation_aclus.py --data_path D --ckpt_path C --protocol linear,knn,finetune_cached --img_size 112
 
 Data (``--data_path``, alias ``--data_dir``): the USCL pickles ``covid_data1..5.pkl`` (each
 ``(X_train, y_train, X_test, y_test)``, NCHW uint8, labels covid19 0 / pneumonia 1 /
@@ -23,9 +24,45 @@ Protocols (METHOD.md §4):
   horizontal flip; Normalize(0.5, 0.25). Unlike upstream the head IS trained.
 * ``linear`` — frozen encoder, global-average-pooled 512-d features (same normalisation,
   no augmentation), standardised, scikit-learn logistic regression. Minutes on a CPU.
+* ``knn`` — the same frozen features, L2-normalised; each test image takes the ``--knn_k``
+  (default 20) training images of its fold with the highest cosine similarity, majority
+  vote, ties to the larger summed similarity, then the lower class index. k is fixed:
+  ``--selection`` chooses nothing for knn (said in the JSON's ``selection_note``).
+* ``finetune_cached`` — ``finetune`` made affordable on a CPU. Same network, initialisation,
+  trainable part (``layer4.1`` + new head), loss, Adam lr/wd, cosine schedule over
+  ``--epochs``, batch size, seed and ``--selection`` rules. conv1 .. ``layer4.0`` are frozen
+  AND in eval mode, so their output for an image is fixed: it is computed once per image
+  (shared with linear/knn, one forward pass) and ``layer4.1`` (train mode) + avgpool + head
+  train on the cached 512 x S/32 x S/32 maps. What differs from the paper's protocol, and why:
 
-Model selection (``--selection``): ``last`` (default; finetune: last epoch, linear: the
-fixed ``--lin_C``), ``val`` (epoch / C chosen on training-fold data only: a held-out split
+  1. no augmentation (the paper: RandomResizedCrop(scale 0.8-1, ratio 0.8-1.25) + horizontal
+     flip per epoch): a cached map is of the un-augmented image; augmenting would need the
+     frozen layers to run on every image every epoch, which is the cost being removed;
+  2. the BatchNorm statistics of the frozen layers (conv1 .. layer4.0) stay the encoder's;
+     upstream calls ``model.train()``, so there they drift to POCUS batch statistics although
+     the weights are frozen (``layer4.1``'s BatchNorm does adapt here, it is in train mode);
+  3. the training batches are a ``torch.randperm`` per epoch from a generator seeded with
+     ``--seed`` (finetune's DataLoader draws from the same generator but also takes worker
+     seeds from it, so the orders differ);
+  4. epochs as given by ``--epochs`` (the paper: 30).
+
+  Why: on the 2-core CPU of this project the full protocol cost about 60 s per fold and
+  epoch at 112 px (1933 POCUS frames, 16 per video; measured with ``--epochs 1`` under a
+  load of ~5), i.e. ~2.5 h per encoder for 30 epochs at 112 px and ~4x that at 224 px, most
+  of it in the forward/backward pass through the frozen layers; finetune_cached trains
+  30 epochs x 5 folds in about a minute after a shared encoding pass of seconds
+  (figures in RESULTS of the study; ``wall_time_s`` and ``timing`` in each JSON).
+  Grad-CAM and ``--save_classifiers`` work: the trained ``layer4.1`` + head sit in a full
+  ResNet-18 with the frozen layers (eval mode), which gives the cached pipeline's logits.
+
+Several protocols at once: ``--protocol linear,knn,finetune_cached`` reads the checkpoint
+and checks the data once, encodes each distinct image once, and writes the same files as
+one run per protocol would; ``wall_time_s`` of each JSON is that protocol's own time,
+``timing`` holds the setup time and the shared encoding (seconds, images, outputs kept).
+``--gradcam`` with knn is an error (a kNN vote has no gradient).
+
+Model selection (``--selection``): ``last`` (default; finetune(_cached): last epoch, linear: the
+fixed ``--lin_C``; knn: nothing to select), ``val`` (epoch / C chosen on training-fold data only: a held-out split
 for finetune, a 3-fold CV for linear; grouped by source video when the video is known),
 ``paper`` (chosen on the TEST fold as upstream does; optimistic, labelled so everywhere).
 
@@ -308,15 +345,62 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.nd
     return np.concatenate([model(x.to(device)).argmax(1).cpu().numpy() for x, _ in loader])
 
 
+def train_and_select(model: nn.Module, train_epoch, sched, predict_test, y_test: np.ndarray,
+                     predict_val=None, y_val: np.ndarray | None = None, args=None, desc: str = "") -> dict:
+    """The epoch loop and epoch selection of both fine-tune protocols.
+
+    ``train_epoch(epoch) -> mean loss`` trains one epoch; ``sched`` is stepped after it;
+    ``predict_test()`` / ``predict_val()`` -> predicted class ids of the test / validation
+    images (``y_test`` / ``y_val``). ``model`` is what a selected epoch is restored into
+    (its ``state_dict``). Selection per ``args.selection`` as :func:`select_index`
+    (val: first best validation epoch; paper: first best test epoch, optimistic).
+    """
+    val_acc, test_acc, losses = [], [], []
+    best_val, best_state, best_test_pred, best_test_state = -1.0, None, None, None
+    keep_model = args.gradcam > 0 or args.save_classifiers  # the selected network is explained / saved
+    for epoch in tqdm(range(args.epochs), desc=desc, leave=False):
+        losses.append(train_epoch(epoch))
+        sched.step()
+        if predict_val is not None:
+            acc = float((predict_val() == y_val).mean())
+            val_acc.append(acc)
+            if acc > best_val:  # first maximum, as select_index
+                best_val, best_state = acc, copy.deepcopy(model.state_dict())
+        if args.selection == "paper":
+            pred = predict_test()
+            test_acc.append(float((pred == y_test).mean()))
+            if best_test_pred is None or test_acc[-1] > max(test_acc[:-1]):
+                best_test_pred = pred
+                if keep_model:
+                    best_test_state = copy.deepcopy(model.state_dict())
+
+    chosen = select_index(args.selection, args.epochs, val_acc or None, test_acc or None)
+    if args.selection == "paper":
+        pred = best_test_pred
+        if keep_model:
+            model.load_state_dict(best_test_state)
+    else:
+        if args.selection == "val":
+            model.load_state_dict(best_state)
+        pred = predict_test()
+    return {"pred": pred, "selected": {"epoch": chosen + 1}, "train_loss": losses,
+            "val_accuracy": val_acc or None, "test_accuracy_per_epoch": test_acc or None,
+            "model": model.eval() if keep_model else None}
+
+
+def _trainable_layer4_1_and_head(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but ``layer4.1`` and ``fc`` (the paper's fine-tune); returns those."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(("layer4.1.", "fc.")))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device) -> dict:
     """Paper protocol on one fold; returns test predictions of the selected epoch and the curve."""
     seed_everything(args.seed)  # same seed per fold: a fold's result does not depend on the others
     model = build_resnet18(len(fold.classes), state).to(device)
     # only the last residual block and the new head learn (the upstream code froze the head too)
-    trainable = [p for n, p in model.named_parameters() if n.startswith(("layer4.1.", "fc."))]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith(("layer4.1.", "fc.")))
-    opt = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.Adam(_trainable_layer4_1_and_head(model), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
 
     tr_idx, va_idx = np.arange(len(fold.y_train)), None
@@ -332,12 +416,9 @@ def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device
     val_loader = None if va_idx is None else DataLoader(
         ArrayDataset(fold.X_train[va_idx], fold.y_train[va_idx], test_tf), batch_size=2 * args.batch_size,
         num_workers=args.workers)
-
     loss_fn = nn.CrossEntropyLoss()
-    val_acc, test_acc, losses = [], [], []
-    best_val, best_state, best_test_pred, best_test_state = -1.0, None, None, None
-    keep_model = args.gradcam > 0 or args.save_classifiers  # the selected network is explained / saved
-    for epoch in tqdm(range(args.epochs), desc=f"fold {fold.index} finetune", leave=False):
+
+    def train_epoch(epoch: int) -> float:
         # train() as upstream: BatchNorm statistics of the frozen layers adapt to POCUS too
         model.train()
         total, seen = 0.0, 0
@@ -350,60 +431,172 @@ def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device
             loss.backward()
             opt.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
-        sched.step()
-        losses.append(total / max(seen, 1))
-        if val_loader is not None:
-            acc = float((predict(model, val_loader, device) == fold.y_train[va_idx]).mean())
-            val_acc.append(acc)
-            if acc > best_val:  # first maximum, as select_index
-                best_val, best_state = acc, copy.deepcopy(model.state_dict())
-        if args.selection == "paper":
-            pred = predict(model, test_loader, device)
-            test_acc.append(float((pred == fold.y_test).mean()))
-            if best_test_pred is None or test_acc[-1] > max(test_acc[:-1]):
-                best_test_pred = pred
-                if keep_model:
-                    best_test_state = copy.deepcopy(model.state_dict())
+        return total / max(seen, 1)
 
-    chosen = select_index(args.selection, args.epochs, val_acc or None, test_acc or None)
-    if args.selection == "paper":
-        pred = best_test_pred
-        if keep_model:
-            model.load_state_dict(best_test_state)
-    else:
-        if args.selection == "val":
-            model.load_state_dict(best_state)
-        pred = predict(model, test_loader, device)
-    return {"pred": pred, "selected": {"epoch": chosen + 1}, "train_loss": losses,
-            "val_accuracy": val_acc or None, "test_accuracy_per_epoch": test_acc or None,
-            "model": model.eval() if keep_model else None}
+    return train_and_select(
+        model, train_epoch, sched, lambda: predict(model, test_loader, device), fold.y_test,
+        None if val_loader is None else (lambda: predict(model, val_loader, device)),
+        None if va_idx is None else fold.y_train[va_idx], args, f"fold {fold.index} finetune")
 
 
 class FeatureCache:
-    """Frozen-encoder features keyed by image content: the 5 USCL pickles hold the same images,
-    so each image is encoded once instead of five times (features are deterministic: eval mode)."""
+    """Frozen-encoder outputs keyed by image content: the 5 USCL pickles hold the same images,
+    so each image is encoded once instead of five times, and one forward pass serves every
+    frozen-feature protocol of a run (outputs are deterministic: eval mode, no augmentation).
 
-    def __init__(self, state: dict | None, args, device: torch.device):
+    Per image: the global-average-pooled C5 feature (512-d; linear, knn) and, with
+    ``keep_maps``, the output map of ``layer4[0]`` (512 x S/32 x S/32; finetune_cached).
+    ``encoded`` counts the images that went through the encoder, ``seconds`` their time.
+    """
+
+    def __init__(self, state: dict | None, args, device: torch.device, keep_maps: bool = False):
         seed_everything(args.seed)  # random-init baseline: the same encoder for every fold
         model = build_resnet18(len(POCUS_CLASSES), state)  # the head is dropped: any size
         model.fc = nn.Identity()  # -> global-average-pooled 512-d features
         self.model = model.to(device).eval()
-        self.args, self.device, self.cache = args, device, {}
+        # conv1 .. layer4[0]: the part of the network finetune_cached keeps frozen
+        self.trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                                   model.layer1, model.layer2, model.layer3, model.layer4[0])
+        self.args, self.device, self.keep_maps = args, device, keep_maps
+        self.cache: dict[bytes, np.ndarray] = {}  # key -> 512 float32
+        self.map_cache: dict[bytes, np.ndarray] = {}  # key -> 512 x h x w float32
+        self.encoded, self.seconds = 0, 0.0
+
+    @staticmethod
+    def keys(X: np.ndarray) -> list[bytes]:
+        return [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in X]
 
     @torch.no_grad()
-    def __call__(self, X: np.ndarray, desc: str) -> np.ndarray:
-        """``X``: N x 3 x H x W uint8 -> N x 512 float32."""
-        keys = [hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in X]
-        todo = [i for i, k in enumerate(keys) if k not in self.cache]
+    def add(self, X: np.ndarray, desc: str = "features") -> list[bytes]:
+        """Encode the images of ``X`` (N x 3 x H x W uint8) not cached yet; returns their keys."""
+        keys = self.keys(X)
+        todo, fresh = [], set()  # first occurrence of each uncached image
+        for i, k in enumerate(keys):
+            if k not in self.cache and k not in fresh:
+                fresh.add(k)
+                todo.append(i)
         if todo:
+            t0 = time.time()
             loader = DataLoader(ArrayDataset(X[todo], np.zeros(len(todo), dtype=np.int64),
                                              make_transforms(self.args.img_size, False)),
                                 batch_size=2 * self.args.batch_size, num_workers=self.args.workers)
-            feats = [self.model(x.to(self.device)).cpu().numpy()
-                     for x, _ in tqdm(loader, desc=desc, leave=False)]
+            feats, maps = [], []
+            for x, _ in tqdm(loader, desc=desc, leave=False):
+                m = self.trunk(x.to(self.device))  # B x 512 x h x w
+                f = torch.flatten(self.model.avgpool(self.model.layer4[1](m)), 1)  # B x 512, = model(x)
+                feats.append(f.cpu().numpy())
+                if self.keep_maps:
+                    maps.append(m.cpu().numpy())
             for i, f in zip(todo, np.concatenate(feats)):
                 self.cache[keys[i]] = f
-        return np.stack([self.cache[k] for k in keys]).astype(np.float32)
+            if self.keep_maps:
+                for i, m in zip(todo, np.concatenate(maps)):
+                    self.map_cache[keys[i]] = m
+            self.encoded += len(todo)
+            self.seconds += time.time() - t0
+        return keys
+
+    def __call__(self, X: np.ndarray, desc: str = "features") -> np.ndarray:
+        """``X``: N x 3 x H x W uint8 -> N x 512 float32."""
+        return np.stack([self.cache[k] for k in self.add(X, desc)]).astype(np.float32)
+
+    def maps(self, X: np.ndarray, desc: str = "features") -> np.ndarray:
+        """``X``: N x 3 x H x W uint8 -> N x 512 x h x w float32 ``layer4[0]`` outputs."""
+        if not self.keep_maps:
+            raise ValueError("FeatureCache built without keep_maps")
+        return np.stack([self.map_cache[k] for k in self.add(X, desc)]).astype(np.float32)
+
+
+def knn_predict(F_train: np.ndarray, y_train: np.ndarray, F_test: np.ndarray, k: int,
+                num_classes: int) -> np.ndarray:
+    """Cosine kNN vote. ``F_train``: N x D, ``y_train``: N, ``F_test``: M x D -> M class ids.
+
+    Features are L2-normalised; each test image takes the ``k`` training images of highest
+    cosine similarity (equal similarities: the lower training index first; similarities
+    are rounded to 10 decimals so that equal vectors tie whatever the BLAS summation
+    order), each votes for its class; the most votes win, a tie goes to the class with the
+    larger summed similarity of its voters, then to the lower class index.
+    """
+    def unit(F):
+        F = np.asarray(F, dtype=np.float64)
+        return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
+
+    y_train = np.asarray(y_train, dtype=np.int64)
+    k = min(int(k), len(y_train))
+    sim = np.round(unit(F_test) @ unit(F_train).T, 10)  # M x N cosine similarities
+    nn_idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # M x k, most similar first
+    rows = np.repeat(np.arange(len(sim)), k)
+    votes = np.zeros((len(sim), num_classes))  # M x C
+    sim_sum = np.zeros((len(sim), num_classes))  # M x C
+    np.add.at(votes, (rows, y_train[nn_idx].ravel()), 1.0)
+    np.add.at(sim_sum, (rows, y_train[nn_idx].ravel()), np.take_along_axis(sim, nn_idx, 1).ravel())
+    tied = votes == votes.max(1, keepdims=True)
+    return np.where(tied, sim_sum, -np.inf).argmax(1)  # argmax: first maximum = lower class index
+
+
+def run_knn_fold(fold: Fold, features: FeatureCache, args) -> dict:
+    """kNN probe (cosine, k = ``args.knn_k``) on frozen features; nothing is selected."""
+    pred = knn_predict(features(fold.X_train, f"fold {fold.index} features"), fold.y_train,
+                       features(fold.X_test, f"fold {fold.index} features"), args.knn_k, len(fold.classes))
+    return {"pred": pred, "selected": {"k": min(args.knn_k, len(fold.y_train))}}
+
+
+def run_finetune_cached_fold(fold: Fold, features: FeatureCache, args, device: torch.device) -> dict:
+    """The paper's fine-tune on cached ``layer4[0]`` outputs (see the module docstring).
+
+    conv1 .. layer4.0 are frozen and in eval mode, so their output for an un-augmented image
+    is fixed and read from ``features``; ``layer4.1`` (train mode) + avgpool + a new ``fc``
+    learn on it with the paper's optimiser and schedule. The returned ``model`` (kept for
+    Grad-CAM / --save_classifiers) is the full ResNet-18 holding the trained blocks.
+    """
+    seed_everything(args.seed)  # same fc init as run_finetune_fold
+    model = build_resnet18(len(fold.classes))
+    # the frozen part is the very encoder whose maps are cached (random init included)
+    missing, unexpected = model.load_state_dict(features.model.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}, (missing, unexpected)
+    model = model.to(device).eval()  # frozen layers stay in eval mode throughout
+    opt = torch.optim.Adam(_trainable_layer4_1_and_head(model), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    head = nn.Sequential(model.layer4[1], model.avgpool, nn.Flatten(1), model.fc)  # shares the modules
+
+    tr_idx, va_idx = np.arange(len(fold.y_train)), None
+    if args.selection == "val":
+        tr_idx, va_idx = carve_validation(fold.y_train, fold.groups_train, args.val_fraction, args.seed)
+    maps_train = torch.from_numpy(features.maps(fold.X_train, f"fold {fold.index} features"))  # N x 512 x h x w
+    maps_test = torch.from_numpy(features.maps(fold.X_test, f"fold {fold.index} features"))
+    y_tr = torch.from_numpy(fold.y_train[tr_idx])
+    g = torch.Generator().manual_seed(args.seed)
+    loss_fn = nn.CrossEntropyLoss()
+
+    @torch.no_grad()
+    def predict_maps(maps: torch.Tensor) -> np.ndarray:
+        head.eval()
+        return np.concatenate([head(m.to(device)).argmax(1).cpu().numpy()
+                               for m in maps.split(2 * args.batch_size)])
+
+    def train_epoch(epoch: int) -> float:
+        head.train()  # layer4.1's BatchNorm learns POCUS statistics; the frozen part never runs
+        batches = torch.randperm(len(tr_idx), generator=g).split(args.batch_size)
+        if len(tr_idx) > args.batch_size and len(batches[-1]) < args.batch_size:
+            batches = batches[:-1]  # drop_last, as run_finetune_fold: no 1-sample batch for BatchNorm
+        total, seen = 0.0, 0
+        for b in batches:
+            x, y = maps_train[tr_idx[b.numpy()]].to(device), y_tr[b].to(device)
+            loss = loss_fn(head(x), y)  # logits: B x C
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"fold {fold.index} epoch {epoch}: non-finite loss {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        return total / max(seen, 1)
+
+    out = train_and_select(
+        model, train_epoch, sched, lambda: predict_maps(maps_test), fold.y_test,
+        None if va_idx is None else (lambda: predict_maps(maps_train[va_idx])),
+        None if va_idx is None else fold.y_train[va_idx], args, f"fold {fold.index} finetune_cached")
+    model.eval()
+    return out
 
 
 def _fit_logreg(F: np.ndarray, y: np.ndarray, C: float, seed: int):
@@ -538,8 +731,50 @@ def cam_summary(rec: np.ndarray, classes: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- #
 # reporting
 # --------------------------------------------------------------------------- #
+PROTOCOLS = ("finetune", "linear", "knn", "finetune_cached")
+FINETUNE_CACHED_NOTE = ("the paper's finetune (layer4.1 + new head trained, Adam, cosine schedule, batch, seed) "
+                        "on cached layer4.0 outputs: conv1..layer4.0 frozen in eval mode (their BatchNorm "
+                        "statistics are the encoder's, not adapted to POCUS as upstream's model.train()), no "
+                        "RandomResizedCrop/flip augmentation, epochs = config.epochs; see evaluation_aclus.py")
+#: protocols that read frozen-encoder outputs from the shared FeatureCache
+FROZEN_PROTOCOLS = ("linear", "knn", "finetune_cached")
+KNN_SELECTION_NOTE = ("none: k = {k} is fixed (--knn_k), so --selection chooses nothing for knn "
+                      "(last, val and paper give the same result)")
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """``--protocol`` (one name or a comma list) -> the protocols in the order given."""
+    names = [t.strip() for t in str(text).split(",")]
+    if not any(names) or "" in names:
+        raise DataError(f"--protocol {text!r}: empty entry; give one or more of {', '.join(PROTOCOLS)}, "
+                        "comma-separated (e.g. linear,knn,finetune_cached)")
+    for n in names:
+        if n not in PROTOCOLS:
+            raise DataError(f"--protocol {text!r}: unknown protocol {n!r}; choose from {', '.join(PROTOCOLS)}")
+    if len(set(names)) != len(names):
+        raise DataError(f"--protocol {text!r}: a protocol is listed twice")
+    return tuple(names)
+
+
+def check_protocol_args(args) -> tuple[str, ...]:
+    """The protocol flags, before any work; returns the protocols."""
+    protocols = parse_protocols(args.protocol)
+    if args.gradcam and "knn" in protocols:
+        raise DataError("--gradcam with --protocol knn: a kNN vote has no gradient to explain; "
+                        "drop knn from --protocol or run it without --gradcam")
+    if args.knn_k < 1:
+        raise DataError(f"--knn_k {args.knn_k}: must be >= 1")
+    if args.epochs < 1:
+        raise DataError(f"--epochs {args.epochs}: must be >= 1")
+    return protocols
+
+
 def evaluate(args) -> dict:
+    """Run every protocol of ``args.protocol`` on the 5 folds; returns the result of a single
+    protocol, or ``{protocol: result}`` for a comma list. The checkpoint is read and the data
+    checked once; each image is encoded once for all frozen-feature protocols."""
     t0 = time.time()
+    protocols = check_protocol_args(args)
     device = torch.device(args.device)
     check_gradcam_args(args)
     ensure_writable_dir(args.out_dir, "--out_dir")  # not after five folds of work
@@ -551,27 +786,63 @@ def evaluate(args) -> dict:
             path = discover(Path(args.data_path))[1] / CAM_MASKS_NAME.format(k=k)
             if path.is_file():
                 load_cam_masks(path)
-    features = FeatureCache(state, args, device) if args.protocol == "linear" else None
-    tag, arm = f"{args.protocol}_{args.selection}", arm_name(args.ckpt_path)
+    frozen = [p for p in protocols if p in FROZEN_PROTOCOLS]
+    features = None
+    if frozen:  # one forward pass per distinct image, shared by all frozen-feature protocols
+        features = FeatureCache(state, args, device, keep_maps="finetune_cached" in frozen)
+        for fold in iter_folds(args.data_path, args.img_size):
+            features.add(fold.X_train, f"encode fold {fold.index}")
+            features.add(fold.X_test, f"encode fold {fold.index}")
+        print(f"encoded {features.encoded} images once for {', '.join(frozen)} ({features.seconds:.1f} s)")
+    timing = {"setup_s": round(time.time() - t0, 2),
+              "shared_features": None if features is None else {
+                  "seconds": round(features.seconds, 2), "images_encoded": features.encoded,
+                  "outputs": ["avgpool_512"] + (["layer4.0_maps"] if features.keep_maps else []),
+                  "shared_by": frozen}}
+    results = {}
+    for protocol in protocols:
+        pargs = argparse.Namespace(**{**vars(args), "protocol": protocol})
+        results[protocol] = run_protocol(pargs, state, classes, features, device, timing, protocols)
+    if len(protocols) > 1:
+        print(f"all protocols: {time.time() - t0:.1f} s")
+    return results[protocols[0]] if len(protocols) == 1 else results
+
+
+def run_protocol(args, state: dict | None, classes: tuple[str, ...], features: FeatureCache | None,
+                 device: torch.device, timing: dict, protocols: tuple[str, ...]) -> dict:
+    """One protocol (``args.protocol``) on the 5 folds: ``eval_<protocol>_<selection>.json`` + PNG.
+    ``wall_time_s`` is this protocol's own time; the shared encoding is in ``timing``."""
+    t0 = time.time()
+    protocol = args.protocol
+    tag, arm = f"{protocol}_{args.selection}", arm_name(args.ckpt_path)
+    explainable = protocol != "knn"  # a kNN vote is no nn.Module
+    if args.save_classifiers and not explainable:
+        print("note: --save_classifiers: knn has no network classifier; none saved for it", file=sys.stderr)
 
     folds, confusions, cam_records = [], [], []
-    for fold in tqdm(iter_folds(args.data_path, args.img_size), total=NUM_FOLDS, desc=f"{args.protocol} 5-fold"):
-        if fold.groups_train is None and args.selection == "val":
+    for fold in tqdm(iter_folds(args.data_path, args.img_size), total=NUM_FOLDS, desc=f"{protocol} 5-fold"):
+        if fold.groups_train is None and args.selection == "val" and protocol != "knn":
             print(f"note: {fold.source}: source videos unknown, validation split is by frame "
                   "(frames of one video may sit in train and val)", file=sys.stderr)
-        out = (run_linear_fold(fold, features, args) if args.protocol == "linear"
-               else run_finetune_fold(fold, state, args, device))
+        if protocol == "linear":
+            out = run_linear_fold(fold, features, args)
+        elif protocol == "knn":
+            out = run_knn_fold(fold, features, args)
+        elif protocol == "finetune_cached":
+            out = run_finetune_cached_fold(fold, features, args, device)
+        else:
+            out = run_finetune_fold(fold, state, args, device)
         cm = confusion_matrix(fold.y_test, out.pop("pred"), len(classes))
         confusions.append(cm)
         m = metrics_from_confusion(cm, classes)
         model, probe = out.pop("model", None), out.pop("probe", None)
-        if args.gradcam or args.save_classifiers:
+        if (args.gradcam or args.save_classifiers) and explainable:
             if model is None:  # linear: encoder + scaler + logistic regression as one module
                 model = gcam.linear_probe_classifier(features.model, probe, len(classes))
             if args.save_classifiers:
                 out["classifier"] = str(gcam.save_classifier(
                     model, Path(args.out_dir) / "classifiers" / f"{tag}_{arm}_fold{fold.index}.pth", classes,
-                    protocol=args.protocol, selection=args.selection, arm=arm, fold=fold.index,
+                    protocol=protocol, selection=args.selection, arm=arm, fold=fold.index,
                     img_size=args.img_size, norm_mean=list(NORM_MEAN), norm_std=list(NORM_STD),
                     data_path=str(args.data_path), ckpt_path=args.ckpt_path or None))
             if args.gradcam:
@@ -586,16 +857,20 @@ def evaluate(args) -> dict:
     if len(folds) != NUM_FOLDS:
         raise DataError(f"{args.data_path}: found {len(folds)} folds, expected {NUM_FOLDS}")
 
-    optimistic = args.selection == "paper"
+    optimistic = args.selection == "paper" and protocol != "knn"  # knn selects nothing
     summary = aggregate_folds(confusions, classes)
     result = {
-        "protocol": args.protocol, "selection": args.selection, "optimistic": optimistic,
-        "selection_note": SELECTION_NOTES[args.selection],
+        "protocol": protocol, "selection": args.selection, "optimistic": optimistic,
+        "selection_note": (KNN_SELECTION_NOTE.format(k=args.knn_k) if protocol == "knn"
+                           else SELECTION_NOTES[args.selection]),
         "ckpt_path": args.ckpt_path or None, "init": "checkpoint" if args.ckpt_path else "random",
         "data_path": str(args.data_path), "classes": list(classes),
         "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "ckpt_path", "out_dir")},
-        "summary": summary, "folds": folds, "wall_time_s": round(time.time() - t0, 2),
+        "protocols_in_run": list(protocols),
+        "summary": summary, "folds": folds,
     }
+    if protocol == "finetune_cached":
+        result["protocol_note"] = FINETUNE_CACHED_NOTE
     if args.gradcam:  # over the maps of all folds
         result["gradcam"] = {"method": args.cam, "target": args.cam_target, "layer": "layer4[-1]",
                              "images_per_class": args.gradcam, "arm": arm,
@@ -603,15 +878,18 @@ def evaluate(args) -> dict:
     out_dir = Path(args.out_dir)
     json_path, png_path = out_dir / f"eval_{tag}.json", out_dir / f"confusion_{tag}.png"
     result["confusion_png"] = str(png_path)
-    atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    title = (f"{args.protocol}, selection={args.selection}, init={result['init']}\n"
+    title = (f"{protocol}, selection={args.selection}, init={result['init']}\n"
              f"pooled acc {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
     if optimistic:
         title = "OPTIMISTIC (paper protocol: epoch chosen on test fold)\n" + title
     plot_confusion(np.array(summary["confusion_matrix_sum"]), classes, png_path, title)
+    # this protocol's own time (folds + report); the shared encoding and the setup are in "timing"
+    result["wall_time_s"] = round(time.time() - t0, 2)
+    result["timing"] = timing
+    atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
 
     label = " [OPTIMISTIC: paper protocol, selected on the test fold]" if optimistic else ""
-    print(f"{args.protocol} / selection={args.selection}{label}")
+    print(f"{protocol} / selection={args.selection}{label}")
     print(f"accuracy {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f}  "
           f"macro-F1 {summary['macro_f1_mean']:.4f} ± {summary['macro_f1_std']:.4f}  "
           f"pooled accuracy {summary['pooled_accuracy']:.4f} ({summary['pooled_correct']}/{summary['pooled_total']})")
@@ -638,14 +916,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", default=None,
                    help="pretrain_aclus.py checkpoint, exported encoder, or torchvision resnet18 state dict; "
                         "omit for the random-init baseline")
-    p.add_argument("--protocol", choices=("finetune", "linear"), default="finetune",
-                   help="finetune = paper protocol (layer4.1 + head); linear = frozen features + logistic regression")
+    p.add_argument("--protocol", default="finetune", metavar="P[,P...]",
+                   help="one or a comma list of: finetune = paper protocol (layer4.1 + head, augmented); "
+                        "linear = frozen features + logistic regression; knn = frozen features, cosine "
+                        "k-NN vote; finetune_cached = finetune on cached layer4.0 outputs (no augmentation, "
+                        "frozen BatchNorm statistics; affordable on a CPU). E.g. linear,knn,finetune_cached: "
+                        "each image encoded once, one JSON per protocol")
     p.add_argument("--selection", choices=SELECTIONS, default="last",
                    help="last: honest, fixed; val: chosen on training-fold data; "
                         "paper: chosen on the test fold (OPTIMISTIC, as upstream)")
     p.add_argument("--out_dir", default="eval_out", help="where the JSON and confusion-matrix PNG go")
     p.add_argument("--img_size", type=int, default=224, help="input side (paper: 224; 112 is ~4x cheaper)")
-    p.add_argument("--epochs", type=int, default=30, help="finetune epochs (paper: 30)")
+    p.add_argument("--epochs", type=int, default=30, help="finetune / finetune_cached epochs (paper: 30)")
+    p.add_argument("--knn_k", type=int, default=20, help="neighbours of the knn protocol (cosine similarity)")
     p.add_argument("--batch_size", type=int, default=32, help="batch size (paper: 32)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (paper: 0.01)")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
