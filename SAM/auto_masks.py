@@ -79,9 +79,12 @@ class AutoMaskParams:
     min_area: float = 0.004        # smallest visible region, fraction of the image
     max_regions: int = 32          # n cap (<= 255)
     batch_size: int = 64           # prompts per decoder pass (memory: ~4 MB each at 256 px)
+    small_on_top: bool = True      # overlaps: the smaller region wins (False: the larger)
 
     def check(self) -> "AutoMaskParams":
         """self, or a ValueError naming the first bad value."""
+        if not isinstance(self.small_on_top, bool):
+            raise ValueError(f"small_on_top must be a bool, got {self.small_on_top!r}")
         if not self.scales or not all(0 < s <= 1 for s in self.scales):
             raise ValueError(f"scales must be fractions in (0, 1], got {self.scales}")
         for name in ("min_pred_iou", "min_stability", "nms_iou"):
@@ -138,14 +141,16 @@ def nms_keep(masks: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Ten
     return nonempty[nms(boxes, scores[nonempty].float(), iou)]
 
 
-def paint_label_map(masks: np.ndarray, min_pixels: int = 0, max_regions: int = MAX_IDS) -> np.ndarray:
+def paint_label_map(masks: np.ndarray, min_pixels: int = 0, max_regions: int = MAX_IDS,
+                    small_on_top: bool = True) -> np.ndarray:
     """Binary masks (N, H, W) -> (H, W) uint8 label map (0 = background).
 
-    Masks are painted in descending area (ties: lower index first), so smaller ones overwrite
-    larger ones where they overlap. A mask whose visible area is below ``min_pixels`` is
-    dropped and the map repainted without it, until every painted one has ``min_pixels``;
-    then at most ``max_regions`` masks (the largest) are painted. Ids are 1..n in painting
-    order (1 = the largest region)."""
+    ``small_on_top`` (the default): masks are painted in descending area (ties: lower index
+    first), so smaller ones overwrite larger ones where they overlap; otherwise in ascending
+    area, so a larger one covers the smaller ones inside it. A mask whose visible area is
+    below ``min_pixels`` is dropped and the map repainted without it, until every painted
+    one shows ``min_pixels``; at most ``max_regions`` masks (the largest) are painted. Ids
+    are 1..n by descending area (1 = the largest region) under either order."""
     n = masks.shape[0]
     if n == 0:
         return np.zeros(masks.shape[1:], np.uint8)
@@ -155,13 +160,19 @@ def paint_label_map(masks: np.ndarray, min_pixels: int = 0, max_regions: int = M
     while True:
         chosen = order[:max_regions]
         label = np.zeros(masks.shape[1:], np.int32)
-        for k, i in enumerate(chosen, 1):
+        ranks = range(1, len(chosen) + 1)
+        for k, i in (zip(ranks, chosen) if small_on_top else reversed(list(zip(ranks, chosen)))):
             label[masks[i]] = k
         visible = np.bincount(label.ravel(), minlength=len(chosen) + 1)[1:]
         small = {chosen[k] for k in np.nonzero(visible < max(min_pixels, 1))[0]}
         if not small:
             return label.astype(np.uint8)
         order = [i for i in order if i not in small]
+
+
+def min_region_pixels(min_area: float, height: int, width: int) -> int:
+    """``min_area`` (a fraction of the image) in pixels of an ``height`` x ``width`` map."""
+    return int(math.ceil(min_area * height * width))
 
 
 # --------------------------------------------------------------------------- #
@@ -198,7 +209,8 @@ def auto_label_map(seg, image: np.ndarray, params: AutoMaskParams,
         masks = (full > 0).cpu().numpy()                                  # M x H x W
     else:
         masks = np.zeros((0, h, w), bool)
-    label = paint_label_map(masks, int(math.ceil(params.min_area * h * w)), params.max_regions)
+    label = paint_label_map(masks, min_region_pixels(params.min_area, h, w), params.max_regions,
+                            params.small_on_top)
     counts.update(prompts=len(boxes), regions=int(label.max()))
     counts["removed_small"] = len(order) - counts["regions"]
     counts = {k: counts[k] for k in COUNTERS}
@@ -304,6 +316,9 @@ def main(argv=None) -> int:
     p.add_argument("--nms_iou", type=float, default=d.nms_iou, help="box NMS IoU threshold")
     p.add_argument("--min_area", type=float, default=d.min_area,
                    help="smallest visible region, fraction of the image (smaller ones are dropped)")
+    p.add_argument("--overlap", choices=("small_on_top", "large_on_top"), default="small_on_top",
+                   help="which region keeps the pixels where two overlap (default: the smaller, so "
+                        "a structure inside a larger region stays visible)")
     p.add_argument("--max_regions", type=int, default=d.max_regions, help=f"region cap (<= {MAX_IDS})")
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG of the first images masked (default: none)")
@@ -311,7 +326,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         params = AutoMaskParams(a.scales, a.min_pred_iou, a.min_stability, d.stability_offset, a.nms_iou,
-                                a.min_area, a.max_regions, a.batch_size).check()
+                                a.min_area, a.max_regions, a.batch_size,
+                                a.overlap == "small_on_top").check()
     except ValueError as e:
         p.error(str(e))
     data_dir = Path(a.data_dir)

@@ -12,6 +12,10 @@
     :mod:`utils.mask_stats` (fires, regions per frame, pixel shares, C5 survival at 112 px);
 (c) seconds per image of each source on this machine (model loading excluded).
 
+sam_auto's label maps are measured under both overlap rules of
+:func:`SAM.auto_masks.paint_label_map` (the default, small on top, and large on top), painted
+from the same NMS survivors.
+
 Writes ``--out`` (default docs/results/mask_sources.json: settings, sample sizes, machine,
 load, commit) and a montage of sam_auto on synthetic scans (``--synthetic_png``).
 """
@@ -33,7 +37,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from SAM.auto_masks import AutoMaskParams, auto_label_map  # noqa: E402
+from SAM.auto_masks import AutoMaskParams, auto_label_map, min_region_pixels, paint_label_map  # noqa: E402
 from SAM.infer_masks import montage  # noqa: E402
 from SAM.samus_data import read_split  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
@@ -91,7 +95,8 @@ def measure_seg(seg, root: Path, n: int, params: AutoMaskParams, sp: SuperpixelP
     for dataset in sorted({d for d, _ in images}):
         keys = [k for k in images if k[0] == dataset]
         pick = sorted(rng.choice(len(keys), min(n, len(keys)), replace=False).tolist())
-        vals = {"sam_auto_label": [], "sam_auto_masks": [], "superpixel_label": []}
+        vals = {"sam_auto_label": [], "sam_auto_label_large_on_top": [], "sam_auto_masks": [],
+                "superpixel_label": []}
         regions = {"sam_auto": [], "superpixel": []}
         for i in pick:
             d, name = keys[i]
@@ -105,12 +110,14 @@ def measure_seg(seg, root: Path, n: int, params: AutoMaskParams, sp: SuperpixelP
             secs["superpixel"].append(time.perf_counter() - t)
             regions["sam_auto"].append(int(lab.max()))
             regions["superpixel"].append(int(spl.max()))
-            lab_r, sp_r = label_regions(lab), label_regions(spl)
+            other = other_order(masks, params, img.shape[:2])
+            lab_r, sp_r, other_r = label_regions(lab), label_regions(spl), label_regions(other)
             for k in sorted(set(images[keys[i]])):
                 g = gt == k
                 if not g.any():
                     continue
                 vals["sam_auto_label"].append(best_ious(g, lab_r))
+                vals["sam_auto_label_large_on_top"].append(best_ious(g, other_r))
                 vals["sam_auto_masks"].append(best_ious(g, masks))
                 vals["superpixel_label"].append(best_ious(g, sp_r))
             print(f"  {d}/{name}: sam_auto {counts['regions']} regions, best IoU "
@@ -119,6 +126,12 @@ def measure_seg(seg, root: Path, n: int, params: AutoMaskParams, sp: SuperpixelP
         out[dataset] = {"images": len(pick), **{k: recall_summary(v) for k, v in vals.items()},
                         "regions_per_image": {k: float(np.mean(v)) for k, v in regions.items()}}
     return out, secs
+
+
+def other_order(masks: np.ndarray, params: AutoMaskParams, shape: tuple[int, int]) -> np.ndarray:
+    """The label map of the same NMS survivors under the other overlap rule (large on top)."""
+    return paint_label_map(masks, min_region_pixels(params.min_area, *shape), params.max_regions,
+                           small_on_top=not params.small_on_top)
 
 
 def lung_frames(videos: Path, n: int, work: Path) -> list[Path]:
@@ -134,18 +147,19 @@ def lung_frames(videos: Path, n: int, work: Path) -> list[Path]:
 
 def measure_lung(seg, frames: list[Path], params: AutoMaskParams, sp: SuperpixelParams, work: Path) -> tuple[dict, dict]:
     """(b): mask statistics per source on the lung frames; overlays into work/overlays."""
-    stats = {"sam_auto": [], "superpixel": []}
+    stats = {"sam_auto": [], "sam_auto_large_on_top": [], "superpixel": []}
     secs = {"sam_auto": [], "superpixel": []}
-    tiles = {"sam_auto": [], "superpixel": []}
+    tiles = {k: [] for k in stats}
     for f in frames:
         img = read_image(f, "rgb")
         t = time.perf_counter()
-        lab, counts = auto_label_map(seg, img, params)
+        lab, counts, masks = auto_label_map(seg, img, params, return_masks=True)
         secs["sam_auto"].append(time.perf_counter() - t)
         t = time.perf_counter()
         spl = superpixel_labels(img, sp)
         secs["superpixel"].append(time.perf_counter() - t)
-        for source, m in (("sam_auto", lab), ("superpixel", spl)):
+        other = other_order(masks, params, img.shape[:2])
+        for source, m in (("sam_auto", lab), ("sam_auto_large_on_top", other), ("superpixel", spl)):
             stats[source].append(frame_stats(m, 112))
             if len(tiles[source]) < 16:
                 tiles[source].append(overlay_labels(img, m, outline=True))
