@@ -1,40 +1,41 @@
 #!/usr/bin/env python
-"""Real-data study: COVID-BLUES pre-training (BYOL / DetCon / ACLUS) -> POCUS linear probe.
+"""Pre-training study: COVID-BLUES pre-training -> POCUS 5-fold, arms x seeds x checkpoints x protocols.
 
-    python study_real_data.py --covid_blues ../shared/data/covid_blues --pocus ../shared/data/pocus \\
-        --out outputs/study/real --mask_sources superpixel                    # no A-SAM yet
-    python study_real_data.py ... --asam_ckpt runs/asam_lite/best.pt          # add the A-SAM runs
-    python study_real_data.py ... --smoke --out /tmp/study_smoke               # minutes: tiny everything
+    python study_real_data.py --covid_blues ../shared/data/covid_blues --pocus ../shared/data/pocus   # CPU, ~2.5 h
+    python study_real_data.py ... --preset gpu                      # one H100-class GPU, paper-like settings
+    python study_real_data.py ... --asam_ckpt runs/asam_lite/best.pt   # with the A-SAM arms
+    python study_real_data.py ... --asam_build ../shared/data/seg      # train that A-SAM first (CPU: hours)
+    python study_real_data.py --render_only                         # tables + figures from docs/results/study
+    python study_real_data.py ... --preset smoke --out /tmp/s --results /tmp/s/results   # minutes, measures nothing
 
-Stages (each the real stage script run as a subprocess, so nothing here is a separate code
-path; each is skipped when its output exists, so an interrupted study is re-run as is):
+Arms (``--arms``): ``random`` (the seed's random start), ``bn_control`` (that start with the
+corpus's BatchNorm statistics, study/bn_control.py), ``byol`` (classic, whole image),
+``<detcon|aclus>_<superpixel|asam>``. Every arm runs for every seed of the preset, and every
+pre-trained arm takes the same optimizer steps at the same batch; each is probed after
+25 / 50 / 100 % of its steps (``checkpoint.snapshot_fractions``) by every protocol of the
+preset (``evaluation_aclus.py``: linear, kNN, fine-tune), on the same 5 POCUS folds (split by
+video). No POCUS frame enters pre-training.
 
-  a frames       utils/extract_frames.py       N evenly spaced frames per COVID-BLUES video
-  b masks        utils/superpixel_masks.py     Felzenszwalb superpixels (DetCon's mask source)
-                 SAM/infer_masks.py            A-SAM masks (--asam_ckpt), or --asam_masks DIR
-  c pickles      utils/generate_masks_pkls.py  one pair list per mask source
-  d pre-train    pretrain_aclus.py             one compute budget for every run: same
-                                               img_size, batch, number of steps, seed, config
-                                               (a mask source that leaves frames out gets
-                                               more epochs over its fewer frames)
-  e evaluate     utils.pocus_folds (once) + evaluation_aclus.py --protocol linear,
-                                               random init and every pre-trained encoder
-  f report       results.md / results.json, figures/ (loss curves per term, confusion
-                 matrices, mask overlays, accuracy bars), settings.json (every setting,
-                 command line, wall time and package version)
+Two folders:
 
-Runs (``--runs``): ``byol`` (image level: one whole-image mask, so its mask source is
-irrelevant; it reads the superpixel pair list for its images), ``<method>_<source>`` with
-method detcon | aclus and source superpixel | asam. Runs whose mask source is unavailable
-are listed as missing in the results, not silently dropped. A failing stage stops the study
-with its name, exit status and log file.
+* ``--out`` (local, never committed: frames, masks, checkpoints, evaluation JSONs, logs).
+  Every stage is a real stage script run as a subprocess and skipped when its output exists.
+* ``--results`` (committed; default ``docs/results/study`` for the CPU preset,
+  ``docs/results/study_gpu`` for the GPU one): ``per_fold.csv``, ``runs.csv``, ``loss.csv``,
+  ``mask_stats.json``, ``settings.json``, ``results.md`` and figures. The files are rewritten
+  after every evaluation; an (arm, seed) whose rows are all in ``per_fold.csv`` is not run again,
+  so a study stopped on one machine continues on another from the committed files. Rows made
+  with other preset settings are refused (use another ``--results``).
+
+Order: seed by seed (every arm of seed 0 first), so that a stopped study has paired rows.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
-import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,16 +44,19 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
 from study import StudyError  # noqa: E402
-from study.plan import (DEFAULT_RUNS, MASK_SOURCES, SUB, equal_step_epochs, parse_run,  # noqa: E402
-                        plan_runs, pretrain_overrides)
-from study.provenance import git_state, package_versions  # noqa: E402
-from study.report import pretrain_frames, read_json, write_json, write_report  # noqa: E402
+from study import results as res  # noqa: E402
+from study.results import read_json, write_json  # noqa: E402
+from study.plan import (BASELINES, DEFAULT_ARMS, MASK_SOURCES, PRESETS, PROTOCOLS, SUB, Preset,  # noqa: E402
+                        arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides)
+from study.provenance import git_state, machine, package_versions  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
 from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
 
+SELECTION = "last"  # fixed C / k / epochs: nothing is chosen on any test fold
+
 
 # --------------------------------------------------------------------------- #
-# study
+# helpers
 # --------------------------------------------------------------------------- #
 def find_videos(covid_blues: Path) -> list[Path]:
     folder = covid_blues / "lus_videos" if (covid_blues / "lus_videos").is_dir() else covid_blues
@@ -75,17 +79,72 @@ def link(target: Path, at: Path) -> None:
     os.symlink(rel, at)
 
 
-def smoke_settings(a: argparse.Namespace) -> None:
-    """Tiny everything: a few frames of a few videos, a few steps, 32 px."""
-    a.smoke_videos = a.smoke_videos or 4
-    a.frames_per_video, a.img_size, a.batch_size, a.epochs, a.warmup_epochs = 2, 32, 4, 2, 1
-    a.pocus_frames_per_video, a.workers, a.log_step, a.overlay_n = 1, 0, 1, 4
+def preset_of(a: argparse.Namespace) -> Preset:
+    """The preset with the command line's own changes (seeds, stride)."""
+    p = PRESETS[a.preset]
+    changes = {}
+    if a.seeds:
+        changes["seeds"] = tuple(int(s) for s in a.seeds.split(","))
+    if a.frame_stride is not None:
+        changes["frame_stride"] = a.frame_stride
+    return dataclasses.replace(p, **changes)
 
 
-def build_masks(a, st: ResumableStages, out: Path, frames: Path, py: str) -> set[str]:
-    """Stage b + c: label trees and pair lists for each requested source; returns those available."""
-    available = set()
-    for source in a.mask_sources:
+class Results:
+    """The committed result files of one study (``--results``), kept in memory and rewritten whole."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.rows = res.read_rows(folder / "per_fold.csv", res.FOLD_COLUMNS)
+        self.runs = res.read_rows(folder / "runs.csv", res.RUN_COLUMNS)
+        self.loss = res.read_rows(folder / "loss.csv", res.LOSS_COLUMNS)
+
+    def done(self, arm: str, seed: int, preset: Preset) -> bool:
+        return expected_keys(arm, preset) <= res.done_keys(self.rows, arm, seed)
+
+    def add_rows(self, new: list[dict]) -> None:
+        self.rows = res.replace_rows(self.rows, new, ("arm", "seed", "fraction", "protocol", "fold"))
+        res.write_rows(self.folder / "per_fold.csv", self.rows, res.FOLD_COLUMNS)
+
+    def add_run(self, run: dict, loss: list[dict]) -> None:
+        self.runs = res.replace_rows(self.runs, [run], ("arm", "seed"))
+        self.loss = [r for r in self.loss if (r["arm"], r["seed"]) != (run["arm"], run["seed"])] + loss
+        res.write_rows(self.folder / "runs.csv", self.runs, res.RUN_COLUMNS)
+        res.write_rows(self.folder / "loss.csv", self.loss, res.LOSS_COLUMNS)
+
+
+def check_results_folder(folder: Path, preset: Preset) -> None:
+    """Refuse to add rows to a results folder made with other preset settings."""
+    path = folder / "settings.json"
+    if not path.is_file() or not (folder / "per_fold.csv").is_file():
+        return
+    before = read_json(path).get("preset", {})
+    now = preset.to_dict()
+    for k, v in now.items():
+        if k in ("seeds", "workers", "threads"):  # more seeds extend a study; workers change no number
+            continue
+        old = before.get(k)
+        if old is not None and (list(old) if isinstance(old, (list, tuple)) else old) != \
+                (list(v) if isinstance(v, (list, tuple)) else v):
+            raise StudyError(f"{path}: its rows were made with preset {k}={old!r}, now {v!r}; "
+                             "use another --results to compare settings")
+
+
+# --------------------------------------------------------------------------- #
+# stages
+# --------------------------------------------------------------------------- #
+def build_masks(a, st: ResumableStages, out: Path, frames: Path, sources: set[str], py: str) -> dict[str, str]:
+    """Label trees and pair lists for each needed source; returns {source: why missing} for those not built."""
+    missing = {}
+    asam_ckpt = a.asam_ckpt
+    if "asam" in sources and not asam_ckpt and not a.asam_masks and a.asam_build:
+        asam_dir = out / "asam_lite"
+        st.run("asam_build", [py, "SAM/train_auto_prompter.py", "--task", "HC18_USGRA", "--data_root",
+                              str(Path(a.asam_build).resolve()), "--backbone", "lite", "--out_dir", str(asam_dir),
+                              "--eval_test"], [asam_dir / "best.pt"],
+               note="A-SAM stage 2 (lite) on HC18 + USGRA: hours on a CPU")
+        asam_ckpt = str(asam_dir / "best.pt")
+    for source in sorted(sources):
         labels = out / "masks" / source
         if source == "superpixel":
             st.run("masks_superpixel", [py, "utils/superpixel_masks.py", "--data_dir", str(frames),
@@ -97,240 +156,286 @@ def build_masks(a, st: ResumableStages, out: Path, frames: Path, py: str) -> set
             if not src.is_dir():
                 raise StudyError(f"{src}: --asam_masks must hold {SUB}/label/*.png")
             link(src, labels / SUB / layout.LABEL_DIR)
-        elif a.asam_ckpt:
-            cmd = [py, "SAM/infer_masks.py", "--ckpt", str(Path(a.asam_ckpt).resolve()), "--data_dir", str(frames),
-                   "--out_dir", str(labels), "--batch_size", str(a.asam_batch), "--workers", str(a.workers),
-                   "--montage", str(out / "figures" / "asam_montage.png"), "--device", "cpu"]
+        elif asam_ckpt:
+            cmd = [py, "SAM/infer_masks.py", "--ckpt", str(Path(asam_ckpt).resolve()), "--data_dir", str(frames),
+                   "--out_dir", str(labels), "--batch_size", str(a.asam_batch), "--workers", "0",
+                   "--device", "cpu"]
             if a.asam_prompts:
                 cmd += ["--prompts", a.asam_prompts]
-            st.run("masks_asam", cmd, [labels / SUB / layout.LABEL_DIR], note="A-SAM inference, slow on a CPU")
+            st.run("masks_asam", cmd, [labels / SUB / layout.LABEL_DIR], note="A-SAM inference")
         else:
-            print("[note] A-SAM source requested but neither --asam_ckpt nor --asam_masks given: skipped", flush=True)
+            missing[source] = "no A-SAM checkpoint (--asam_ckpt, --asam_masks or --asam_build)"
             continue
         data = out / "pretrain_data" / source
         link(frames / SUB / layout.IMG_DIR, layout.split_dir(data) / SUB / layout.IMG_DIR)
         link(labels / SUB / layout.LABEL_DIR, layout.split_dir(data) / SUB / layout.LABEL_DIR)
         st.run(f"pickles_{source}", [py, "utils/generate_masks_pkls.py", "--data_dir", str(data)],
                [layout.pairs_file(data)])
-        available.add(source)
-    return available
+    return missing
 
 
-def report_only(a: argparse.Namespace) -> int:
-    """Rebuild the report of a study folder (finished or still running) without running any stage."""
-    out = Path(a.out).resolve()
-    path = out / "settings.json"
-    if not path.is_file():
-        print(f"study_real_data.py: error: {path}: not found; --report_only needs a study folder", file=sys.stderr)
-        return 2
-    settings = read_json(path)
-    if not isinstance(settings.get("args"), dict):
-        raise StudyError(f"{path}: no 'args' section; not the settings.json of a study")
-    b = argparse.Namespace(**{**settings["args"], "overlay_n": a.overlay_n})
-    st = ResumableStages(out, dict(os.environ))
-    names = [r for r in b.runs.split(",") if r]
-    sources = {s for s in MASK_SOURCES if layout.pairs_file(out / "pretrain_data" / s).is_file()}
-    _, missing = plan_runs(names, sources)
-    write_report(b, out, st.records, names, sources, missing, settings, out / "frames")
-    return 0
+def mask_statistics(out: Path, frames: Path, sources: list[str], view: int) -> dict:
+    """utils.mask_stats.summarise of every built source's label maps (frames without a label count as empty)."""
+    import numpy as np
+
+    from utils.io import read_label
+    from utils.mask_stats import frame_stats, summarise
+
+    stats = {}
+    for source in sources:
+        jobs = layout.label_jobs(frames, out / "masks" / source)
+        per = [frame_stats(read_label(lab) if lab.is_file() else np.zeros((8, 8), np.int64), view)
+               for _, lab in jobs]
+        stats[source] = summarise(per)
+    return stats
 
 
-def budget_clash(path: Path, settings: dict) -> str | None:
-    """Why ``settings`` cannot continue the study of ``path`` (another budget), or None."""
-    if not path.is_file():
-        return None
-    before = read_json(path)
-    for section in ("fixed_budget", "eval"):
-        for k, v in settings[section].items():
-            old = before.get(section, {}).get(k)
-            if old is not None and old != v:
-                return (f"{path}: this study was run with {section}.{k}={old!r}, now {v!r}; "
-                        "use another --out to compare settings")
-    return None
+def log_records(run_dir: Path) -> list[dict]:
+    from utils.plots import read_log
+
+    return read_log(run_dir / "log.jsonl") if (run_dir / "log.jsonl").is_file() else []
 
 
+def snapshot_paths(run_dir: Path, fractions: tuple[float, ...], total_steps: int) -> list[tuple[float, int, Path]]:
+    """(fraction, steps, encoder file) of each probe point of a finished run."""
+    from pretrain_aclus import snapshot_steps
+
+    out = []
+    for f in fractions:
+        if f >= 1.0:
+            out.append((1.0, total_steps, run_dir / "encoder_resnet18.pth"))
+        else:
+            (steps,) = snapshot_steps((f,), total_steps)
+            out.append((f, steps, run_dir / f"encoder_resnet18_step{steps}.pth"))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# study
+# --------------------------------------------------------------------------- #
 def study(a: argparse.Namespace) -> int:
-    out = Path(a.out).resolve()
+    preset = preset_of(a)
+    out = Path(a.out or f"outputs/study/{preset.name}").resolve()
+    results = Path(a.results or (REPO / "docs/results" / ("study" if preset.name == "cpu" else f"study_{preset.name}")))
+    results = results.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    check_results_folder(results, preset)
     py = sys.executable
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
+    env = dict(os.environ, OMP_NUM_THREADS=str(preset.threads), MKL_NUM_THREADS=str(preset.threads),
                PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
     st = ResumableStages(out, env)
-    t_start = time.time()
-    names = [r for r in a.runs.split(",") if r]  # main() has parsed each
-    settings = {"args": vars(a), "argv": sys.argv, "started": dt.datetime.now().isoformat(timespec="seconds"),
-                "packages": package_versions(), "git": git_state(), "cpu_count": os.cpu_count(),
-                "platform": platform.platform(), "threads": a.threads,
-                "fixed_budget": {"img_size": a.img_size, "batch_size": a.batch_size, "epochs": a.epochs,
-                                 "warmup_epochs": a.warmup_epochs, "seed": a.seed, "base_config": a.base_config,
-                                 "crop_scale": a.crop_scale, "data_workers": a.workers,
-                                 "num_examples": a.num_examples},
-                "eval": {"protocol": "linear", "selection": a.eval_selection, "img_size": a.img_size,
-                         "seed": a.eval_seed, "pocus_frames_per_video": a.pocus_frames_per_video,
-                         "fold_seed": a.fold_seed}}
-    clash = budget_clash(out / "settings.json", settings)
-    if clash:
-        print(f"study_real_data.py: error: {clash}", file=sys.stderr)
-        return 1
-    write_json(out / "settings.json", settings)
+    store = Results(results)
+    arms = [x for x in a.arms.split(",") if x]
+    runs = {arm: parse_run(arm) for arm in arms if arm not in BASELINES}
+    t0 = time.time()
+    settings = {"preset": preset.to_dict(), "arms": arms, "where": machine(preset.device),
+                "selection": SELECTION, "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
+                "git": git_state(), "sources": {"covid_blues": str(a.covid_blues), "pocus": str(a.pocus)}}
     try:
-        # a: frames
+        # frames of the corpus (never a POCUS frame)
         frames = out / "frames"
         videos = find_videos(Path(a.covid_blues))
-        sources_arg = [str(videos[0].parent.resolve())]  # the folder: a short, stable command line
-        if a.smoke_videos:
-            videos = videos[: a.smoke_videos]
-            sources_arg = [str(v.resolve()) for v in videos]
-        st.run("extract_frames", [py, "utils/extract_frames.py", "--videos", *sources_arg,
-                                  "--out_dir", str(frames), "--sub", SUB, "--num", str(a.frames_per_video)],
-               [frames / SUB / layout.IMG_DIR], note=f"{len(videos)} videos x {a.frames_per_video} frames")
-        # b, c: masks and pair lists
-        sources = build_masks(a, st, out, frames, py)
-        runs, missing = plan_runs(names, sources)
-        # e (once): POCUS folds, then the random-init baseline
+        pick = ["--every", str(preset.frame_stride)] if preset.frame_stride else ["--num", str(preset.frames_per_video)]
+        sources_arg = [str(videos[0].parent.resolve())]
+        if preset.videos:
+            sources_arg = [str(v.resolve()) for v in videos[: preset.videos]]
+        st.run("extract_frames", [py, "utils/extract_frames.py", "--videos", *sources_arg, "--out_dir", str(frames),
+                                  "--sub", SUB, *pick], [frames / SUB / layout.IMG_DIR])
+        n_frames = len([e for e in layout.find_images(frames) if e.sub == SUB])
+        # masks of the sources the arms need
+        needed = {r.pairs_source for r in runs.values()}
+        missing_sources = build_masks(a, st, out, frames, needed, py)
+        missing_arms = {arm: missing_sources[r.pairs_source] for arm, r in runs.items()
+                        if r.pairs_source in missing_sources}
+        built = sorted(needed - set(missing_sources))
+        if not (results / "mask_stats.json").is_file() or set(read_json(results / "mask_stats.json")) != set(built):
+            write_json(results / "mask_stats.json", mask_statistics(out, frames, built, preset.img_size))
+        frames_of = {arm: len(layout.load_pairs(out / "pretrain_data" / r.pairs_source))
+                     for arm, r in runs.items() if arm not in missing_arms}
+        # POCUS folds, once
         folds = out / "pocus_5fold"
         st.run("pocus_folds", [py, "-m", "utils.pocus_folds", "--src", str(Path(a.pocus).resolve()),
-                               "--out", str(folds), "--frames_per_video", str(a.pocus_frames_per_video),
-                               "--size", str(a.img_size), "--seed", str(a.fold_seed)],
-               [folds / "covid_data5.pkl"])
-        tag = f"linear_{a.eval_selection}"
+                               "--out", str(folds), "--frames_per_video", str(preset.pocus_frames_per_video),
+                               "--size", str(preset.img_size), "--seed", "0"], [folds / "covid_data5.pkl"])
+        reference = max(frames_of.values()) if frames_of else n_frames
+        steps = preset.epochs * (reference // preset.batch_size)
+        settings.update(corpus={"videos": len(videos) if not preset.videos else preset.videos, "frames": n_frames,
+                                "pretrain_frames": frames_of}, steps=steps, missing_arms=missing_arms)
+        write_json(results / "settings.json", settings)
 
-        def evaluate(name: str, ckpt: Path | None) -> None:
-            cmd = [py, "evaluation_aclus.py", "--data_path", str(folds), "--protocol", "linear",
-                   "--selection", a.eval_selection, "--img_size", str(a.img_size), "--seed", str(a.eval_seed),
-                   "--workers", str(a.workers), "--device", "cpu", "--out_dir", str(out / "eval" / name)]
-            if ckpt is not None:
-                cmd += ["--ckpt_path", str(ckpt)]
-            if a.gradcam:  # maps stay in <out>/eval/<name>/gradcam/ (real pixels: never committed)
-                cmd += ["--gradcam", str(a.gradcam)]
-            st.run(f"eval_{name}", cmd, [out / "eval" / name / f"eval_{tag}.json"])
+        def eval_cmd(protocols: str, encoder: Path, eval_dir: Path, seed: int) -> list[str]:
+            return [py, "evaluation_aclus.py", "--data_path", str(folds), "--protocol", protocols,
+                    "--selection", SELECTION, "--img_size", str(preset.img_size), "--seed", str(seed),
+                    "--epochs", str(preset.ft_epochs), "--workers", str(preset.workers), "--device", preset.device,
+                    "--out_dir", str(eval_dir), "--ckpt_path", str(encoder)]
 
-        evaluate("random", None)
-        # d + e: pre-train each run under the same budget (same number of steps), then probe it
-        frames_of = {run.name: pretrain_frames(out, run, a.num_examples) for run in runs}
-        for run in runs:
-            run_dir = out / "runs" / run.name
-            epochs, warmup = equal_step_epochs(frames_of[run.name], max(frames_of.values()), a.batch_size,
-                                               a.epochs, a.warmup_epochs)
-            cmd = [py, "pretrain_aclus.py", "--cfg", str(REPO / a.base_config), "--device", "cpu",
-                   *pretrain_overrides(run, out / "pretrain_data" / run.pairs_source, run_dir,
-                                       img_size=a.img_size, batch_size=a.batch_size, epochs=epochs,
-                                       warmup_epochs=warmup, seed=a.seed, workers=a.workers,
-                                       crop_scale=tuple(a.crop_scale), log_step=a.log_step,
-                                       num_examples=a.num_examples)]
-            resumed = (run_dir / "latest.pth").is_file() and f"pretrain_{run.name}" not in st.records
-            st.run(f"pretrain_{run.name}", cmd, [run_dir / "encoder_resnet18.pth"],
-                   note="resumed from latest.pth" if resumed else "")
-            evaluate(run.name, run_dir / "encoder_resnet18.pth")
+        def evaluate(arm: str, seed: int, fraction: float, steps_done: int, encoder: Path) -> None:
+            tag = f"f{fraction:.2f}"
+            eval_dir = out / "eval" / arm / f"seed{seed}" / tag
+            jsons = [eval_dir / f"eval_{p}_{SELECTION}.json" for p in preset.protocols]
+            st.run(f"eval_{arm}_s{seed}_{tag}", eval_cmd(",".join(preset.protocols), encoder, eval_dir, seed), jsons)
+            run = runs.get(arm)
+            new = []
+            for j in jsons:
+                new += res.fold_rows(read_json(j), arm=arm, method=run.method if run else arm,
+                                     mask_source=run.mask_source if run else None, seed=seed,
+                                     fraction=fraction, steps=steps_done)
+            store.add_rows(new)
+            if a.gradcam and fraction in (0.0, 1.0):  # maps stay in <out> (real pixels: never committed)
+                cam_dir = eval_dir / "gradcam"
+                st.run(f"gradcam_{arm}_s{seed}", [*eval_cmd("linear", encoder, cam_dir, seed), "--gradcam",
+                                                  str(a.gradcam)], [cam_dir / f"eval_linear_{SELECTION}.json"])
+
+        for seed in preset.seeds:
+            for arm in arms:
+                if arm in missing_arms:
+                    continue
+                if store.done(arm, seed, preset):
+                    print(f"[skip] {arm} seed {seed}: its rows are in {results / 'per_fold.csv'}", flush=True)
+                    continue
+                if arm in BASELINES:
+                    enc = out / "runs" / arm / f"seed{seed}" / "encoder_resnet18.pth"
+                    cmd = [py, "-m", "study.bn_control", "--out", str(enc), "--seed", str(seed),
+                           "--img_size", str(preset.img_size),
+                           "--statistics", "start" if arm == "random" else "corpus"]
+                    if arm == "bn_control":
+                        cmd += ["--frames", str(frames)]
+                    st.run(f"{arm}_s{seed}", cmd, [enc])
+                    evaluate(arm, seed, 0.0, 0, enc)
+                    continue
+                run = runs[arm]
+                run_dir = out / "runs" / arm / f"seed{seed}"
+                epochs, warmup = equal_step_epochs(frames_of[arm], reference, preset.batch_size, preset.epochs,
+                                                   preset.warmup_epochs)
+                fractions = arm_fractions(arm, preset)
+                cmd = [py, "pretrain_aclus.py", "--cfg", str(REPO / preset.base_config), "--device", preset.device,
+                       *pretrain_overrides(run, out / "pretrain_data" / run.pairs_source, run_dir,
+                                           img_size=preset.img_size, batch_size=preset.batch_size, epochs=epochs,
+                                           warmup_epochs=warmup, seed=seed, workers=preset.workers,
+                                           crop_scale=preset.crop_scale, log_step=a.log_step,
+                                           fractions=fractions, extra=preset.overrides)]
+                rec = st.run(f"pretrain_{arm}_s{seed}", cmd, [run_dir / "encoder_resnet18.pth"])
+                records = log_records(run_dir)
+                total = epochs * (frames_of[arm] // preset.batch_size)
+                epoch_s = [r.get("seconds", 0.0) for r in records if r.get("kind") == "epoch"]
+                store.add_run(res.run_row(arm=arm, method=run.method, mask_source=run.mask_source, seed=seed,
+                                          frames=frames_of[arm], batch_size=preset.batch_size, epochs=epochs,
+                                          steps=total, train_s=round(sum(epoch_s), 1) if epoch_s else None,
+                                          wall_s=rec.get("wall_s")),
+                              res.loss_rows(records, arm, seed))
+                for fraction, steps_done, enc in snapshot_paths(run_dir, fractions, total):
+                    evaluate(arm, seed, fraction, steps_done, enc)
     except (StudyError, StageFailed) as e:
         print(f"study_real_data.py: {e}", file=sys.stderr)
         return 1
     finally:
-        settings["stages"] = st.records
-        write_json(out / "settings.json", settings)
-
-    # f: report
-    write_report(a, out, st.records, names, sources, missing, settings, frames)
-    settings.update(finished=dt.datetime.now().isoformat(timespec="seconds"),
-                    study_wall_s=round(time.time() - t_start, 1))
-    write_json(out / "settings.json", settings)
+        settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
+        settings["session_wall_s"] = round(time.time() - t0, 1)
+        settings["pending"] = pending(store, arms, preset, settings.get("missing_arms", {}))
+        if settings.get("steps") is not None:
+            write_json(results / "settings.json", settings)
+    render(results)
     return 0
+
+
+def pending(store: Results, arms: list[str], preset: Preset, missing: dict) -> list[str]:
+    return [f"{arm} seed {s}" for s in preset.seeds for arm in arms
+            if arm not in missing and not store.done(arm, s, preset)]
+
+
+def render(results: Path) -> Path:
+    """results.md, figures and the README / RESULTS block from the files of ``results``."""
+    from study.render import render_all
+
+    path = results / "settings.json"
+    if not path.is_file():
+        raise StudyError(f"{path}: not found; --render_only needs a results folder of a study")
+    settings = read_json(path)
+    store = Results(results)
+    if not store.rows:
+        raise StudyError(f"{results / 'per_fold.csv'}: no rows yet")
+    mask_stats = read_json(results / "mask_stats.json") if (results / "mask_stats.json").is_file() else {}
+    docs = (REPO / "README.md", REPO / "docs" / "RESULTS.md") if results == (REPO / "docs/results/study").resolve() else ()
+    md = render_all(results, store.rows, store.runs, store.loss, mask_stats, settings, docs)
+    print(f"rendered {md} ({len(store.rows)} rows)" + (f"; updated {', '.join(d.name for d in docs)}" if docs else ""))
+    return md
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--covid_blues", help="COVID-BLUES folder (holding lus_videos/*.mp4); required unless --report_only")
-    p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --report_only")
-    p.add_argument("--out", required=True, help="study folder (re-running resumes it)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu (2-core CPU, ~2.5 h), gpu (one H100-class GPU), smoke (minutes; checks the machinery)")
+    p.add_argument("--covid_blues", help="COVID-BLUES folder (holding lus_videos/*.mp4); required unless --render_only")
+    p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --render_only")
+    p.add_argument("--out", default=None, help="local study folder (default outputs/study/<preset>; never committed)")
+    p.add_argument("--results", default=None,
+                   help="committed results folder (default docs/results/study, or docs/results/study_<preset>)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam>")
+    p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
+    p.add_argument("--frame_stride", type=int, default=None, help="every k-th COVID-BLUES frame (default: the preset's)")
     p.add_argument("--asam_ckpt", default=None, help="A-SAM stage-2 checkpoint for SAM/infer_masks.py")
-    p.add_argument("--asam_masks", default=None, help="precomputed A-SAM label tree <DIR>/COVID-BLUES/label/*.png "
-                                                       "(instead of running inference)")
+    p.add_argument("--asam_masks", default=None, help="precomputed A-SAM label tree <DIR>/COVID-BLUES/label/*.png")
+    p.add_argument("--asam_build", default=None, metavar="SEG_ROOT",
+                   help="no A-SAM checkpoint: train one (lite backbone, HC18 + USGRA under SEG_ROOT) first")
     p.add_argument("--asam_prompts", default=None, help="infer_masks --prompts (default: all of the checkpoint)")
     p.add_argument("--asam_batch", type=int, default=4, help="infer_masks --batch_size")
-    p.add_argument("--mask_sources", default="superpixel,asam",
-                   type=lambda s: [x for x in s.split(",") if x], help="comma list of superpixel, asam")
-    p.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                   help="comma list: byol, detcon_superpixel, detcon_asam, aclus_asam, aclus_superpixel")
-    p.add_argument("--frames_per_video", type=int, default=2, help="evenly spaced frames per COVID-BLUES video")
-    p.add_argument("--img_size", type=int, default=112, help="pre-training view side and evaluation input side")
-    p.add_argument("--batch_size", type=int, default=8, help="pre-training batch (one process)")
-    p.add_argument("--epochs", type=int, default=4, help="pre-training epochs (the same for every run)")
-    p.add_argument("--warmup_epochs", type=int, default=1)
-    p.add_argument("--num_examples", type=int, default=0, help="pre-train on the first N pairs only (0 = all)")
-    p.add_argument("--crop_scale", type=float, nargs=2, default=[0.2, 1.0], help="RandomResizedCrop scale")
-    p.add_argument("--seed", type=int, default=0, help="pre-training seed")
-    p.add_argument("--base_config", default="configs/study_cpu.yaml", help="pre-training config, relative to the repo")
-    p.add_argument("--log_step", type=int, default=5, help="pre-training log interval (steps)")
-    p.add_argument("--pocus_frames_per_video", type=int, default=16, help="utils.pocus_folds --frames_per_video")
-    p.add_argument("--fold_seed", type=int, default=0, help="utils.pocus_folds --seed")
-    p.add_argument("--eval_selection", default="last", choices=("last", "val", "paper"),
-                   help="evaluation_aclus.py --selection (linear: last = fixed C)")
-    p.add_argument("--eval_seed", type=int, default=1, help="evaluation seed (paper: 1)")
     p.add_argument("--gradcam", type=int, default=0, metavar="N",
-                   help="evaluation_aclus.py --gradcam N: Grad-CAM of N test images per class and fold, "
-                        "under <out>/eval/<run>/gradcam/ (0 = off)")
+                   help="Grad-CAM of N test images per class and fold for each arm's final encoder (linear probe), "
+                        "under <out>/eval/ (0 = off)")
     p.add_argument("--sp_scale", type=float, default=30.0, help="superpixel_masks --scale")
     p.add_argument("--sp_min_area", type=float, default=0.004, help="superpixel_masks --min_area")
     p.add_argument("--sp_max_segments", type=int, default=32, help="superpixel_masks --max_segments")
-    p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every stage")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of every stage")
-    p.add_argument("--overlay_n", type=int, default=8, help="frames in the mask-overlay figures")
-    p.add_argument("--report_only", action="store_true",
-                   help="rebuild results.md/json and figures of --out from what exists (no stage runs; "
-                        "the settings come from <out>/settings.json), e.g. while a study is running")
-    p.add_argument("--smoke", action="store_true", help="tiny run: 4 videos, 32 px, 4 steps, 1 POCUS frame per video")
-    p.add_argument("--smoke_videos", type=int, default=0, help="only the first N videos (smoke sets 4)")
+    p.add_argument("--log_step", type=int, default=5, help="pre-training log interval (steps)")
+    p.add_argument("--render_only", action="store_true",
+                   help="only render results.md, figures and the README / RESULTS block from --results")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    if a.report_only:
-        return _one_line_errors(report_only, a)
+    if a.render_only:
+        results = Path(a.results or REPO / "docs/results/study").resolve()
+        return _one_line_errors(lambda: (render(results), 0)[1])
     if not a.covid_blues or not a.pocus:
-        print("study_real_data.py: error: --covid_blues and --pocus are required (unless --report_only)",
+        print("study_real_data.py: error: --covid_blues and --pocus are required (unless --render_only)",
               file=sys.stderr)
         return 2
-    if a.smoke:
-        smoke_settings(a)
-    bad = [s for s in a.mask_sources if s not in MASK_SOURCES]
-    if bad:
-        print(f"study_real_data.py: error: unknown mask source {bad[0]!r}; expected {list(MASK_SOURCES)}",
-              file=sys.stderr)
+    for arm in (x for x in a.arms.split(",") if x):
+        if arm not in BASELINES:
+            try:
+                parse_run(arm)
+            except ValueError as e:
+                print(f"study_real_data.py: error: --arms: {e}", file=sys.stderr)
+                return 2
+    if a.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", a.seeds):
+        print(f"study_real_data.py: error: --seeds {a.seeds!r}: expected a comma list of integers", file=sys.stderr)
         return 2
-    try:
-        [parse_run(r) for r in a.runs.split(",") if r]
-    except ValueError as e:
-        print(f"study_real_data.py: error: {e}", file=sys.stderr)
+    bad = [p for p in PRESETS[a.preset].protocols if p not in PROTOCOLS]
+    assert not bad, bad  # a preset names a protocol evaluation_aclus.py has
+    if a.gradcam < 0:
+        print("study_real_data.py: error: --gradcam must be >= 0", file=sys.stderr)
         return 2
-    if a.warmup_epochs >= a.epochs:
-        print("study_real_data.py: error: --warmup_epochs must be < --epochs", file=sys.stderr)
-        return 2
-    if a.gradcam:  # the evaluation would refuse it, but only after frames, masks and pre-training
-        from evaluation_aclus import check_gradcam_args
-        from utils.io import DataError
-
-        try:
-            check_gradcam_args(argparse.Namespace(gradcam=a.gradcam, img_size=a.img_size))
-        except DataError as e:
-            print(f"study_real_data.py: error: {e}", file=sys.stderr)
-            return 2
-    for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--asam_ckpt", a.asam_ckpt)):
+    for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--asam_ckpt", a.asam_ckpt),
+                       ("--asam_masks", a.asam_masks), ("--asam_build", a.asam_build)):
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2
-    return _one_line_errors(study, a)
+    if MASK_SOURCES != ("superpixel", "asam"):  # build_masks knows these two
+        raise AssertionError(MASK_SOURCES)
+    return _one_line_errors(lambda: study(a))
 
 
-def _one_line_errors(fn, a: argparse.Namespace) -> int:
-    """``fn(a)``, with a bad file of the study folder (corrupt JSON, log, pickle, label PNG) reported in one
-    line naming it instead of a traceback."""
+def _one_line_errors(fn) -> int:
+    """``fn()``, with a bad file of the study folders (corrupt JSON or CSV, log, pickle, label PNG) reported
+    in one line naming it instead of a traceback."""
     from utils.io import DataError
     from utils.plots import LogError
 
     try:
-        return fn(a)
+        return fn()
     except (StudyError, StageFailed, DataError, LogError) as e:
         print(f"study_real_data.py: error: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
 """The parts of the real-data study that ``study_real_data.py`` runs.
 
-* :mod:`study.plan`        which runs exist, their config overrides and their equal step budget
-* :mod:`study.report`      rows, tables, mask statistics, figures and ``results.md`` / ``results.json``
-* :mod:`study.provenance`  package versions and the git state recorded in ``settings.json``
+* :mod:`study.plan`        presets, arms, their config overrides and their equal step budget
+* :mod:`study.results`     the committed files: per-fold rows, run costs, loss curves (CSV), JSON I/O
 * :mod:`study.stats`       per-fold rows -> means ± sd and paired bootstrap differences
+* :mod:`study.render`      tables, verdicts, figures, ``results.md`` and the README / RESULTS block
+* :mod:`study.bn_control`  the random-init and BatchNorm-statistics arms' encoders
+* :mod:`study.provenance`  package versions, the git state and the machine, for ``settings.json``
 
 The stages themselves run through :mod:`utils.stage_runner`, as in ``run_pipeline.py``.
 """

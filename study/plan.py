@@ -1,8 +1,8 @@
-"""Which pre-training runs the study makes, and the budget that makes them comparable (pure)."""
+"""Which arms the study runs, under which preset, and the budget that makes them comparable (pure)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.methods import METHODS
@@ -13,6 +13,70 @@ SUB = "COVID-BLUES"
 MASK_SOURCES = ("superpixel", "asam")
 DEFAULT_RUNS = ("byol", "detcon_superpixel", "detcon_asam", "aclus_asam")
 SOURCE_LABELS = {"superpixel": "Felzenszwalb superpixels", "asam": "A-SAM", None: "- (whole image)"}
+#: arms without pre-training: the random start of a seed, and that start with the corpus's
+#: BatchNorm statistics (study/bn_control.py); both are probed once, at step 0
+BASELINES = ("random", "bn_control")
+DEFAULT_ARMS = BASELINES + DEFAULT_RUNS
+PROTOCOLS = ("linear", "knn", "finetune", "finetune_cached")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every setting that fixes what a study measures (its rows are comparable only within one)."""
+    name: str
+    frame_stride: int             # every k-th COVID-BLUES frame (0: frames_per_video evenly spaced)
+    frames_per_video: int
+    img_size: int                 # pre-training views and evaluation input
+    batch_size: int
+    epochs: int                   # over the largest frame set; every arm takes the same steps
+    warmup_epochs: float
+    seeds: tuple[int, ...]
+    fractions: tuple[float, ...]  # shares of the steps at which each pre-trained arm is probed
+    protocols: tuple[str, ...]
+    ft_epochs: int                # fine-tune protocol epochs
+    pocus_frames_per_video: int
+    base_config: str
+    device: str
+    overrides: tuple[str, ...]    # further pretrain_aclus.py -o overrides
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    videos: int = 0               # only the first N videos (0 = all)
+    workers: int = 1
+    threads: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # 2-core CPU, ~2.5 h: 3,100 frames at 112 px, 2 epochs of batch 32 (~190 steps) per arm and seed,
+    # probed after 25 / 50 / 100 % of the steps; fine-tune on cached frozen features, 10 epochs
+    Preset("cpu", frame_stride=10, frames_per_video=0, img_size=112, batch_size=32, epochs=2,
+           warmup_epochs=0.2, seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0),
+           protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=16,
+           base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",)),
+    # one H100-class GPU: paper-like views and batch, 100 epochs (3 warm-up), the paper's fine-tune
+    Preset("gpu", frame_stride=10, frames_per_video=0, img_size=224, batch_size=192, epochs=100,
+           warmup_epochs=3, seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0),
+           protocols=("linear", "knn", "finetune"), ft_epochs=30, pocus_frames_per_video=16,
+           base_config="configs/paper.yaml", device="cuda",
+           overrides=("amp.opt_level=O1", "amp.dtype=auto", "amp.channels_last=true", "data.cache=memory"),
+           workers=8, threads=8),
+    # minutes: 4 videos x 2 frames, 32 px, a few steps; checks the machinery, measures nothing
+    Preset("smoke", frame_stride=0, frames_per_video=2, img_size=32, batch_size=4, epochs=2,
+           warmup_epochs=0.5, seeds=(0, 1), fractions=(0.5, 1.0), protocols=("linear", "knn", "finetune_cached"),
+           ft_epochs=1, pocus_frames_per_video=1, base_config="configs/study_cpu.yaml", device="cpu",
+           overrides=("amp.opt_level=O0",), videos=4, workers=0),
+)}
+
+
+def arm_fractions(arm: str, preset: Preset) -> tuple[float, ...]:
+    """The probe points of an arm: 0 (its start) for a baseline, the preset's shares otherwise."""
+    return (0.0,) if arm in BASELINES else tuple(sorted(set(preset.fractions) | {1.0}))
+
+
+def expected_keys(arm: str, preset: Preset, folds: int = 5) -> set[tuple[float, str, int]]:
+    """(fraction, protocol, fold) of every per-fold row one (arm, seed) contributes."""
+    return {(f, p, k) for f in arm_fractions(arm, preset) for p in preset.protocols for k in range(1, folds + 1)}
 
 
 @dataclass(frozen=True)
@@ -47,12 +111,14 @@ def plan_runs(names: list[str], available_sources: set[str]) -> tuple[list[Run],
 
 
 def pretrain_overrides(run: Run, data_dir: Path, run_dir: Path, *, img_size: int, batch_size: int,
-                       epochs: int, warmup_epochs: int, seed: int, workers: int,
-                       crop_scale: tuple[float, float], log_step: int, num_examples: int = 0) -> list[str]:
-    """The ``-o key=value`` overrides of configs/example.yaml for one run (same budget for all)."""
+                       epochs: int, warmup_epochs: float, seed: int, workers: int,
+                       crop_scale: tuple[float, float], log_step: int, num_examples: int = 0,
+                       fractions: tuple[float, ...] = (), extra: tuple[str, ...] = ("amp.opt_level=O0",)) -> list[str]:
+    """The ``-o key=value`` overrides of the base config for one run (same budget for all);
+    ``extra``: the preset's own ``key=value`` items (precision, cache), applied first."""
     items = {
+        **dict(x.split("=", 1) for x in extra),
         "model.method": run.method,
-        "amp.opt_level": "O0",
         "data.image_dir": str(data_dir),
         "data.subset": "train",
         "data.mask_type": "gt",
@@ -66,6 +132,7 @@ def pretrain_overrides(run: Run, data_dir: Path, run_dir: Path, *, img_size: int
         "checkpoint.ckpt_path": str(run_dir),
         "checkpoint.resume_path": "auto",
         "checkpoint.save_epoch": max(1, epochs),
+        "checkpoint.snapshot_fractions": "[" + ", ".join(str(f) for f in fractions if 0 < f < 1) + "]",
         "log.log_step": log_step,
         "seed": seed,
     }
@@ -76,7 +143,7 @@ def pretrain_overrides(run: Run, data_dir: Path, run_dir: Path, *, img_size: int
 
 
 def equal_step_epochs(n_images: int, n_reference: int, batch_size: int, epochs: int,
-                      warmup_epochs: int) -> tuple[int, int]:
+                      warmup_epochs: float) -> tuple[int, float]:
     """(epochs, warm-up epochs) that give a run over ``n_images`` frames about as many steps
     as ``epochs`` over ``n_reference`` frames; steps per epoch = frames // batch (the
     pre-training loader drops the last partial batch).
@@ -91,6 +158,6 @@ def equal_step_epochs(n_images: int, n_reference: int, batch_size: int, epochs: 
     if ref <= own:
         return epochs, warmup_epochs
     factor = ref / own
-    return math.floor(epochs * factor + 0.5), math.floor(warmup_epochs * factor + 0.5)
+    return math.floor(epochs * factor + 0.5), round(warmup_epochs * factor, 3)
 
 

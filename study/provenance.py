@@ -30,3 +30,24 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "modified_tracked_files": status.splitlines() if status else []}
 
 
+
+
+def machine(device: str) -> str:
+    """Where the study ran, in words: the GPU's name, or the CPU model and its core count."""
+    import os
+
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (GPU)"
+        return "a CUDA device (not visible when the settings were written)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU, {os.cpu_count()} cores ({model})"

@@ -1,21 +1,17 @@
 """The study's statistics: per-fold rows -> arm summaries and paired differences (pure).
 
 A row is one (arm, mask source, seed, protocol, fold) result with its accuracy and
-macro-F1, as ``docs/results/study/per_fold.csv`` holds them. Arms are compared *paired*:
+macro-F1, as ``docs/results/study/per_fold.csv`` holds them (:mod:`study.results`). Arms are compared *paired*:
 a difference is taken between two arms on the same (seed, fold), so the fold-to-fold
 spread that both share cancels. Its 95 % interval is a percentile bootstrap over the
 pairs; a difference whose interval contains 0 is "not distinguishable", never a ranking.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
-
-COLUMNS = ("arm", "mask_source", "seed", "protocol", "fold", "accuracy", "macro_f1")
 
 
 @dataclass(frozen=True)
@@ -37,25 +33,6 @@ class Difference:
         if self.hi < 0:
             return "lower"
         return "not distinguishable"
-
-
-def rows_to_csv(rows: list[dict]) -> str:
-    """Rows (dicts with :data:`COLUMNS`) -> CSV text, columns in that order."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    return buf.getvalue()
-
-
-def rows_from_csv(text: str) -> list[dict]:
-    """The inverse of :func:`rows_to_csv` (seed and fold as int, metrics as float)."""
-    out = []
-    for r in csv.DictReader(io.StringIO(text)):
-        out.append({**r, "seed": int(r["seed"]), "fold": int(r["fold"]),
-                    "accuracy": float(r["accuracy"]), "macro_f1": float(r["macro_f1"])})
-    return out
 
 
 def _values(rows: list[dict], arm: str, protocol: str, metric: str) -> dict[tuple[int, int], float]:

@@ -1,31 +1,53 @@
-"""study_real_data.py: pure helpers, and the --smoke path on the real data (skips without it)."""
+"""study_real_data.py: presets, result files, rendering, and the smoke preset on the real data (skips without it)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 import study_real_data as srd
-from study import StudyError, plan, report
+from study import StudyError, plan, render
+from study import results as res
 
 
-def test_parse_and_plan_runs():
+def test_parse_runs():
     assert plan.parse_run("byol") == plan.Run("byol", "byol", None, "superpixel")
     assert plan.parse_run("aclus_asam").mask_source == "asam"
     with pytest.raises(ValueError, match="unknown run 'detcon_sam'"):
         plan.parse_run("detcon_sam")
-    runs, missing = plan.plan_runs(["byol", "detcon_superpixel", "aclus_asam"], {"superpixel"})
-    assert [r.name for r in runs] == ["byol", "detcon_superpixel"]
-    assert list(missing) == ["aclus_asam"] and "A-SAM" in missing["aclus_asam"]
+
+
+def test_cpu_and_gpu_presets_plan_what_the_issue_asks():
+    """The CPU preset: stride-10 corpus, 3 seeds, probes at 25/50/100 %, three protocols; the GPU preset:
+    224 px, batch >= 192, >= 100 epochs with 3 warm-up, autocast on CUDA, the paper's fine-tune."""
+    cpu, gpu = plan.PRESETS["cpu"], plan.PRESETS["gpu"]
+    assert cpu.frame_stride == 10 and len(cpu.seeds) >= 3 and cpu.fractions == (0.25, 0.5, 1.0)
+    assert set(cpu.protocols) == {"linear", "knn", "finetune_cached"} and cpu.device == "cpu"
+    assert gpu.img_size == 224 and gpu.batch_size >= 192 and gpu.epochs >= 100 and gpu.warmup_epochs == 3
+    assert gpu.device == "cuda" and "finetune" in gpu.protocols and len(gpu.seeds) >= 3
+    o = plan.pretrain_overrides(plan.parse_run("aclus_asam"), srd.REPO / "d", srd.REPO / "r", img_size=gpu.img_size,
+                                batch_size=gpu.batch_size, epochs=gpu.epochs, warmup_epochs=gpu.warmup_epochs,
+                                seed=1, workers=gpu.workers, crop_scale=gpu.crop_scale, log_step=5,
+                                fractions=plan.arm_fractions("aclus_asam", gpu), extra=gpu.overrides)
+    o = dict(x.split("=", 1) for x in o[1::2])
+    assert o["amp.opt_level"] == "O1" and o["data.cache"] == "memory" and o["data.train_batch_size"] == "192"
+    assert o["checkpoint.snapshot_fractions"] == "[0.25, 0.5]" and o["optimizer.warmup_epochs"] == "3"
+    # the overrides make a valid config of the preset's base config
+    from utils.config import load_config
+    cfg = load_config(srd.REPO / gpu.base_config, [f"{k}={v}" for k, v in o.items()])
+    assert cfg.checkpoint.snapshot_fractions == (0.25, 0.5) and cfg.data.resize_size == 224
+    assert plan.arm_fractions("random", gpu) == (0.0,)
+    assert len(plan.expected_keys("byol", cpu)) == 3 * 3 * 5 and len(plan.expected_keys("random", cpu)) == 3 * 5
 
 
 def test_same_budget_for_every_run(tmp_path):
     def overrides(name):
         o = plan.pretrain_overrides(plan.parse_run(name), tmp_path / "d", tmp_path / name, img_size=112,
-                                   batch_size=8, epochs=3, warmup_epochs=1, seed=0, workers=1,
-                                   crop_scale=(0.2, 1.0), log_step=5)
+                                    batch_size=8, epochs=3, warmup_epochs=1, seed=0, workers=1,
+                                    crop_scale=(0.2, 1.0), log_step=5, fractions=(0.25, 0.5, 1.0))
         return dict(x.split("=", 1) for x in o[1::2])
     a, b = overrides("byol"), overrides("aclus_asam")
     differ = {k for k in a if a[k] != b[k]}
@@ -34,101 +56,166 @@ def test_same_budget_for_every_run(tmp_path):
 
 
 def test_equal_step_epochs():
-    # the study's case: 362 frames give 45 steps per epoch at batch 8, 4 epochs = 180 steps;
-    # A-SAM left 289 frames (36 steps per epoch), so 5 epochs = 180 steps
-    assert plan.equal_step_epochs(289, 362, 8, 4, 1) == (5, 1)
+    # 362 frames give 45 steps per epoch at batch 8, 4 epochs = 180 steps;
+    # A-SAM left 289 frames (36 steps per epoch), so 5 epochs = 180 steps, warm-up 1.25 epochs = 45 steps
+    assert plan.equal_step_epochs(289, 362, 8, 4, 1) == (5, 1.25)
     assert plan.equal_step_epochs(362, 362, 8, 4, 1) == (4, 1)
     assert plan.equal_step_epochs(365, 362, 8, 4, 1) == (4, 1)    # the largest set never shrinks
     assert plan.equal_step_epochs(100, 400, 10, 3, 1) == (12, 4)  # 120 steps, 10 per epoch
-    assert plan.equal_step_epochs(289, 362, 16, 4, 1) == (5, 1)   # 88 steps wanted, 90 is closest
     with pytest.raises(StudyError, match="one batch"):
         plan.equal_step_epochs(7, 362, 8, 4, 1)
 
 
-def test_table_and_helpers():
-    ev = {"summary": {"accuracy_mean": 0.8, "accuracy_std": 0.05, "macro_f1_mean": 0.7, "macro_f1_std": 0.1,
-                      "pooled_accuracy": 0.81}, "wall_time_s": 3.0}
-    rows = [report.result_row("byol", "byol", None, {"images": 10, "steps": 4, "wall_s": 200.0}, ev),
-            report.result_row("aclus_asam", "aclus", "asam", None, None, "no A-SAM masks")]
-    md = report.markdown_table(rows)
-    assert "| byol | byol | - (whole image) | 10 | 4 | 3.3 min | 0.800 ± 0.050 | 0.700 ± 0.100 | 0.810 |" in md
-    assert "missing: no A-SAM masks" in md
-    recs = [{"kind": "step", "step": 0}, {"kind": "step", "step": 7}, {"kind": "epoch", "epoch": 1, "seconds": 2.5},
-            {"kind": "epoch", "epoch": 2, "seconds": 1.5}]
-    assert report.log_summary(recs) == {"logged_steps_max": 8, "epochs_done": 2, "train_s": 4.0}
-    assert report.pick_evenly(list(range(10)), 3) == [0, 3, 6] and report.pick_evenly([1], 4) == [1]
-    import numpy as np
-    st = report.label_stats([np.array([[0, 1], [2, 2]]), np.array([[3, 3], [3, 3]])])
-    assert st == {"images": 2, "regions_mean": 1.5, "regions_min": 1, "regions_max": 2,
-                  "background_fraction_mean": 0.125}
-    assert "| A-SAM | 2 | 1.5 (1-2) | 0.125 |" in report.mask_stats_markdown({"asam": st})
+def _eval_json(protocol, accs):
+    return {"protocol": protocol, "folds": [{"fold": k + 1, "n_test": 10, "accuracy": a, "macro_f1": a - 0.1}
+                                            for k, a in enumerate(accs)]}
+
+
+def test_rows_files_and_resume_keys(tmp_path):
+    rows = res.fold_rows(_eval_json("knn", [0.5, 0.6, 0.7, 0.8, 0.9]), arm="byol", method="byol", mask_source=None,
+                         seed=2, fraction=0.5, steps=48)
+    assert [r["fold"] for r in rows] == [1, 2, 3, 4, 5] and rows[0]["protocol"] == "knn" and rows[0]["steps"] == 48
+    path = tmp_path / "per_fold.csv"
+    res.write_rows(path, rows, res.FOLD_COLUMNS)
+    back = res.read_rows(path, res.FOLD_COLUMNS)
+    assert back == [{**r, "mask_source": None} for r in rows]
+    # a re-evaluated probe point replaces its rows instead of adding duplicates
+    again = res.fold_rows(_eval_json("knn", [0.1] * 5), arm="byol", method="byol", mask_source=None, seed=2,
+                          fraction=0.5, steps=48)
+    merged = res.replace_rows(back, again, ("arm", "seed", "fraction", "protocol", "fold"))
+    assert len(merged) == 5 and {r["accuracy"] for r in merged} == {0.1}
+    assert res.done_keys(merged, "byol", 2) == {(0.5, "knn", k) for k in range(1, 6)}
+    assert res.done_keys(merged, "byol", 1) == set()
+    # cost of a run: images and forward passes follow from steps x batch and the method
+    run = res.run_row(arm="aclus_asam", method="aclus", mask_source="asam", seed=0, frames=100, batch_size=32,
+                      epochs=2, steps=6, train_s=1.0, wall_s=2.0)
+    assert run["images"] == 192 and run["online_passes"] == 576 and run["target_passes"] == 576
+    loss = res.loss_rows([{"kind": "step", "step": 3, "lr": 0.1, "loss": 2.0, "infonce/c5": 1.5},
+                          {"kind": "epoch", "epoch": 1, "loss": 9.0}], "aclus_asam", 0)
+    assert {(r["term"], r["value"]) for r in loss} == {("loss", 2.0), ("infonce/c5", 1.5)}
+    (tmp_path / "bad.csv").write_text("arm,seed\nx,1\n")
+    with pytest.raises(StudyError, match="bad.csv: missing column"):
+        res.read_rows(tmp_path / "bad.csv", res.FOLD_COLUMNS)
+    (tmp_path / "bad2.csv").write_text(res.to_csv(rows, res.FOLD_COLUMNS).replace(",48,", ",many,"))
+    with pytest.raises(StudyError, match="bad2.csv: line 2"):
+        res.read_rows(tmp_path / "bad2.csv", res.FOLD_COLUMNS)
+
+
+def _study_rows(shift: float, noise: float = 0.0):
+    """Per (seed, fold): random = a base that varies by fold and seed, byol = base + uniform noise,
+    aclus_asam = base + shift (half the shift at 50 % of the steps)."""
+    import random as rnd
+
+    g = rnd.Random(0)
+    rows = []
+    for seed in range(3):
+        for fold in range(1, 6):
+            base = 0.6 + 0.05 * fold + 0.01 * seed
+            for arm, frac, value in (("random", 0.0, base), ("byol", 1.0, base + g.uniform(-noise, noise)),
+                                     ("byol", 0.5, base), ("aclus_asam", 1.0, base + shift),
+                                     ("aclus_asam", 0.5, base + shift / 2)):
+                rows.append({"arm": arm, "method": arm, "mask_source": "", "seed": seed, "fraction": frac,
+                             "steps": int(100 * frac), "protocol": "linear", "fold": fold, "n_test": 10,
+                             "accuracy": value, "macro_f1": value})
+    return rows
+
+
+def test_render_states_differences_with_intervals_and_splices_the_docs(tmp_path):
+    """A paired shift of +0.03 must read "higher" against both references; byol (noise around random) must
+    read "not distinguishable"; tables are rendered into the marked block of a document and nowhere else."""
+    rows = _study_rows(0.03, noise=0.02)
+    settings = {"preset": plan.PRESETS["cpu"].to_dict(), "where": "CPU, 2 cores", "steps": 100}
+    block = render.summary_block(rows, settings)
+    assert "**aclus_asam** vs random: +0.030 [+0.030, +0.030] higher" in block
+    assert "vs byol: " in block and "higher" in block.split("vs byol: ")[1].split("\n")[0]
+    assert "**byol** vs random:" in block and "not distinguishable" in block.split("**byol** vs random:")[1].split("\n")[0]
+    curve = render.curve_table(rows, "linear")
+    assert "| aclus_asam | 0.775 ± 0.074; vs random +0.015 [+0.015, +0.015] higher | 0.790 ± " in curve
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n{render.BEGIN}\nold\n{render.END}\noutro\n")
+    md = render.render_all(tmp_path, rows, [], [], {}, settings, docs=(doc,))
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{render.END}\noutro\n") and "\nold\n" not in text
+    assert "higher" in text and md.is_file() and (tmp_path / "accuracy_linear.png").is_file()
+    assert (tmp_path / "curve_linear.png").is_file()
+    with pytest.raises(ValueError, match="no '<!-- study:begin -->'"):
+        render.splice("no markers", "x", "README.md")
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     base = ["--covid_blues", str(tmp_path), "--pocus", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert srd.main(base + ["--runs", "byol,simclr"]) == 2
-    assert "unknown run 'simclr'" in capsys.readouterr().err
-    assert srd.main(base + ["--mask_sources", "sam"]) == 2
-    assert "unknown mask source 'sam'" in capsys.readouterr().err
-    assert srd.main(base + ["--epochs", "2", "--warmup_epochs", "2"]) == 2
-    assert "--warmup_epochs must be < --epochs" in capsys.readouterr().err
+    assert srd.main(base + ["--arms", "byol,simclr"]) == 2
+    assert "--arms: unknown run 'simclr'" in capsys.readouterr().err
+    assert srd.main(base + ["--seeds", "0,a"]) == 2
+    assert "--seeds '0,a'" in capsys.readouterr().err
     assert srd.main(base + ["--asam_ckpt", str(tmp_path / "none.pt")]) == 2
     assert "--asam_ckpt" in capsys.readouterr().err
     assert srd.main(["--out", str(tmp_path / "o")]) == 2
     assert "--covid_blues and --pocus are required" in capsys.readouterr().err
-    assert srd.main(["--report_only", "--out", str(tmp_path / "o")]) == 2
+    assert srd.main(["--render_only", "--results", str(tmp_path / "r")]) == 1
     assert "settings.json: not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad_file, text, says", [
-    ("settings.json", '{"args": ', "settings.json: not valid JSON"),
-    ("settings.json", "[]", "settings.json: expected a JSON object"),
-    ("settings.json", "{}", "settings.json: no 'args' section"),
-    ("stages/pretrain_byol.json", "{", "pretrain_byol.json: not valid JSON"),
-])
-def test_corrupt_study_files_are_one_line_errors(tmp_path, capsys, bad_file, text, says):
-    out = tmp_path / "o"
-    (out / "stages").mkdir(parents=True)
-    (out / "settings.json").write_text(json.dumps({"args": {"runs": "byol", "eval_selection": "last"}}))
-    (out / bad_file).write_text(text)
-    assert srd.main(["--report_only", "--out", str(out)]) == 1
+def test_results_made_with_other_settings_are_refused(tmp_path):
+    res.write_json(tmp_path / "settings.json", {"preset": {**plan.PRESETS["cpu"].to_dict(), "img_size": 64}})
+    (tmp_path / "per_fold.csv").write_text(",".join(res.FOLD_COLUMNS) + "\n")
+    with pytest.raises(StudyError, match="preset img_size=64, now 112"):
+        srd.check_results_folder(tmp_path, plan.PRESETS["cpu"])
+    srd.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**plan.PRESETS["cpu"].to_dict(),
+                                                                        "img_size": 64, "seeds": (7,)}))
+
+
+def test_corrupt_result_files_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "settings.json").write_text('{"preset": ')
+    assert srd.main(["--render_only", "--results", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and says in err and str(out) in err
+    assert "\n" not in err and "settings.json: not valid JSON" in err
 
 
-def test_smoke_on_real_data(shared_data, tmp_path, capsys):
-    """The whole study, tiny: 4 videos x 2 frames, superpixels, DetCon 4 steps, 5-fold probe."""
+def test_smoke_preset_on_real_data(shared_data, tmp_path, capsys):
+    """The whole study, tiny: 4 videos x 2 frames, superpixels, 2 seeds, DetCon probed at 50 / 100 %,
+    every protocol; a re-run skips every stage, and a study folder without its checkpoints and evaluations
+    but with the results folder (another machine) re-runs nothing whose rows are there."""
     blues, pocus = shared_data / "covid_blues", shared_data / "pocus"
     if not (blues / "lus_videos").is_dir() or not (pocus / "data").is_dir():
         pytest.skip("covid_blues/lus_videos or pocus/data missing in the shared data")
-    out = tmp_path / "study"
-    args = ["--covid_blues", str(blues), "--pocus", str(pocus), "--out", str(out), "--smoke",
-            "--mask_sources", "superpixel", "--runs", "detcon_superpixel,aclus_asam"]
+    out, results = tmp_path / "study", tmp_path / "results"
+    args = ["--covid_blues", str(blues), "--pocus", str(pocus), "--out", str(out), "--results", str(results),
+            "--preset", "smoke", "--arms", "random,bn_control,detcon_superpixel,aclus_asam"]
     r = subprocess.run([sys.executable, str(srd.REPO / "study_real_data.py"), *args], cwd=srd.REPO,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((out / "results.json").read_text())
-    rows = {row["run"]: row for row in res["rows"]}
-    assert rows["detcon_superpixel"]["accuracy_mean"] is not None and rows["detcon_superpixel"]["pretrain_images"] == 8
-    assert rows["random init"]["accuracy_mean"] is not None and rows["aclus_asam"]["missing"]
-    md = (out / "results.md").read_text()
-    assert "| detcon_superpixel | detcon | Felzenszwalb superpixels | 8 |" in md
-    assert "| Felzenszwalb superpixels | 8 |" in md and res["mask_stats"]["superpixel"]["images"] == 8
-    settings = json.loads((out / "settings.json").read_text())
-    assert settings["packages"]["torch"] and "pretrain_detcon_superpixel" in settings["stages"]
-    assert "model.method=detcon" in settings["stages"]["pretrain_detcon_superpixel"]["cmd"]
-    for fig in ("loss_detcon_superpixel.png", "masks_superpixel.png", "accuracy.png",
-                "confusion_linear_last_detcon_superpixel.png", "confusion_linear_last_random.png"):
-        assert (out / "figures" / fig).is_file(), fig
-    # a second invocation skips every finished stage and rebuilds the report
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = res.read_rows(results / "per_fold.csv", res.FOLD_COLUMNS)
+    smoke = plan.PRESETS["smoke"]
+    for arm in ("random", "bn_control", "detcon_superpixel"):
+        for seed in smoke.seeds:
+            assert res.done_keys(rows, arm, seed) == plan.expected_keys(arm, smoke), (arm, seed)
+    assert not any(r["arm"] == "aclus_asam" for r in rows)
+    settings = json.loads((results / "settings.json").read_text())
+    assert "aclus_asam" in settings["missing_arms"] and settings["pending"] == []
+    assert settings["corpus"]["frames"] == 8 and settings["steps"] == 2 * (8 // 4)
+    runs = res.read_rows(results / "runs.csv", res.RUN_COLUMNS)
+    assert {(x["arm"], x["seed"]) for x in runs} == {("detcon_superpixel", 0), ("detcon_superpixel", 1)}
+    assert res.read_rows(results / "loss.csv", res.LOSS_COLUMNS)
+    stats = json.loads((results / "mask_stats.json").read_text())
+    assert stats["superpixel"]["frames"] == 8
+    assert (results / "results.md").is_file() and (results / "accuracy_knn.png").is_file()
+    # the same folders again: every stage is skipped
     assert srd.main(args) == 0
     printed = capsys.readouterr().out
-    assert "[run ]" not in printed and "[skip] pretrain_detcon_superpixel" in printed
-    (out / "results.md").unlink()
-    assert srd.main(["--report_only", "--out", str(out)]) == 0
-    assert "| detcon_superpixel | detcon | Felzenszwalb superpixels | 8 |" in (out / "results.md").read_text()
-    assert "[run ]" not in capsys.readouterr().out
-    # the same folder with another budget is refused, naming the stage
-    assert srd.main(args + ["--seed", "5"]) == 1
-    assert "fixed_budget.seed=0, now 5" in capsys.readouterr().err
-    assert json.loads((out / "settings.json").read_text())["args"]["seed"] == 0
+    assert "[run ]" not in printed
+    # another machine: no checkpoints, evaluations or their stage records, only the committed results
+    # folder (and, to keep the test short, the frames, masks and folds) -> nothing whose rows exist runs again
+    for gone in ("runs", "eval"):
+        shutil.rmtree(out / gone)
+    for rec in (out / "stages").glob("*.json"):
+        if rec.stem.startswith(("pretrain_", "eval_", "random_", "bn_control_")):
+            rec.unlink()
+    assert srd.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[run ] pretrain" not in printed and "[run ] eval" not in printed
+    assert "[skip] detcon_superpixel seed 1: its rows are in" in printed
+    # --render_only rebuilds the report from the results folder alone
+    (results / "results.md").unlink()
+    assert srd.main(["--render_only", "--results", str(results)]) == 0
+    assert "detcon_superpixel" in (results / "results.md").read_text()

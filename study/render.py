@@ -1,0 +1,286 @@
+"""Tables, verdicts and figures of the study, rendered from its committed CSV / JSON files.
+
+Nothing here is typed by hand: ``study_real_data.py --render_only`` reads
+``per_fold.csv``, ``runs.csv``, ``loss.csv``, ``mask_stats.json`` and ``settings.json``
+from the results folder and writes ``results.md``, the figures beside it, and the block
+between ``<!-- study:begin -->`` and ``<!-- study:end -->`` of README.md and docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from study import stats
+from study.plan import BASELINES
+
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+REFERENCES = ("random", "byol")
+PROTOCOL_LABELS = {"linear": "linear probe (logistic regression on frozen features)",
+                   "knn": "kNN probe (cosine, k = 20, frozen features)",
+                   "finetune": "fine-tune (paper protocol: layer4.1 + head)",
+                   "finetune_cached": "fine-tune, layer4.1 + head on cached frozen features (no augmentation)"}
+
+
+def final_rows(rows: list[dict]) -> list[dict]:
+    """The rows each arm is compared by: baselines at their start, pre-trained arms at the end."""
+    return [r for r in rows if (r["arm"] in BASELINES and r["fraction"] == 0.0) or r["fraction"] == 1.0]
+
+
+def at_fraction(rows: list[dict], fraction: float) -> list[dict]:
+    """Pre-trained arms after ``fraction`` of their steps, with the baselines (their start)."""
+    return [r for r in rows if r["arm"] in BASELINES or r["fraction"] == fraction]
+
+
+def arm_order(rows: list[dict]) -> list[str]:
+    seen = list(dict.fromkeys(r["arm"] for r in rows))
+    return [a for a in BASELINES if a in seen] + [a for a in seen if a not in BASELINES]
+
+
+def protocols_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["protocol"] for r in rows))
+
+
+def verdicts(rows: list[dict], protocol: str) -> list[str]:
+    """One line per arm (random init aside) and reference: higher / lower with the interval,
+    or "not distinguishable"."""
+    fin = final_rows(rows)
+    out = []
+    for arm in arm_order(fin):
+        if arm == "random":
+            continue
+        parts = []
+        for ref in REFERENCES:
+            if ref == arm:
+                continue
+            d = stats.paired_difference(fin, arm, ref, protocol)
+            if d.n_pairs:
+                parts.append(f"vs {ref}: {stats.describe(d)} ({d.n_pairs} seed x fold pairs)")
+        if parts:
+            out.append(f"- **{arm}** " + "; ".join(parts))
+    return out
+
+
+def curve_table(rows: list[dict], protocol: str) -> str:
+    """Accuracy after each share of the steps (mean ± sd over seeds x folds) and its paired
+    difference from random init at that point."""
+    fractions = sorted({r["fraction"] for r in rows if r["arm"] not in BASELINES and r["protocol"] == protocol})
+    arms = [a for a in arm_order(rows) if a not in BASELINES]
+    if not fractions or not arms:
+        return ""
+    head = "| arm | " + " | ".join(f"{f:.0%} of steps" for f in fractions) + " |"
+    lines = [head, "|" + "---|" * (1 + len(fractions))]
+    for arm in arms:
+        cells = []
+        for f in fractions:
+            sub = at_fraction(rows, f)
+            s = stats.summarize(sub, arm, protocol)
+            if s["n"] == 0:
+                cells.append("–")
+                continue
+            d = stats.paired_difference(sub, arm, "random", protocol)
+            sd = "–" if math.isnan(s["sd"]) else f"{s['sd']:.3f}"
+            cells.append(f"{s['mean']:.3f} ± {sd}; vs random {stats.describe(d)}" if d.n_pairs else
+                         f"{s['mean']:.3f} ± {sd}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(runs: list[dict]) -> str:
+    if not runs:
+        return ""
+    lines = ["| arm | seed | frames | steps x batch | images | encoder passes (online / target) | "
+             "training time |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        t = "–" if r.get("train_s") is None else f"{r['train_s'] / 60:.1f} min"
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['frames']} | {r['steps']} x {r['batch_size']} | "
+                     f"{r['images']} | {r['online_passes']} / {r['target_passes']} | {t} |")
+    return "\n".join(lines) + "\n"
+
+
+def mask_table(mask_stats: dict) -> str:
+    """Per mask source, the :func:`utils.mask_stats.summarise` of its label maps."""
+    def num(v, d=3):
+        return "–" if v is None else f"{v:.{d}f}"
+    lines = ["| mask source | frames | share of frames with a region | regions per frame (mean ± sd) | "
+             "pixel share per region (mean) | regions owning a C5 cell (112 px view) |", "|---|---|---|---|---|---|"]
+    for source, s in mask_stats.items():
+        if not s.get("frames"):
+            continue
+        rpf = s["regions_per_frame"]
+        lines.append(f"| {source} | {s['frames']} | {num(s['fires'])} | {num(rpf['mean'], 2)} ± {num(rpf['std'], 2)} | "
+                     f"{num(s['region_share']['mean'])} | {num(s['c5_survival']['share'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_block(rows: list[dict], settings: dict) -> str:
+    """The README / RESULTS block: per protocol, the table at the end of the steps and the verdicts."""
+    where = settings.get("where", "?")
+    preset = settings.get("preset", {})
+    seeds = sorted({int(r["seed"]) for r in rows})
+    parts = [f"Preset `{preset.get('name', '?')}` on {where}: {preset.get('img_size')} px, batch "
+             f"{preset.get('batch_size')}, {settings.get('steps', '?')} steps per pre-trained arm; seeds "
+             f"{seeds}; the same 5 POCUS folds (split by video) for every arm. Mean ± sample sd over seeds x folds; "
+             "differences paired by (seed, fold), 95 % bootstrap interval. Rendered by "
+             "`python study_real_data.py --render_only` from `per_fold.csv` of the results folder."]
+    missing = settings.get("missing_arms") or {}
+    if missing:
+        parts.append("Not run: " + "; ".join(f"{a} ({why})" for a, why in missing.items()) + ".")
+    pending = settings.get("pending") or []
+    if pending:
+        parts.append(f"Incomplete: {len(pending)} (arm, seed) pairs have no rows yet "
+                     f"({', '.join(pending[:8])}{' ...' if len(pending) > 8 else ''}); re-running the study "
+                     "command continues with them.")
+    for protocol in protocols_of(rows):
+        fin = final_rows(rows)
+        arms = arm_order(fin)
+        parts.append(f"**{PROTOCOL_LABELS.get(protocol, protocol)}**, end of pre-training:\n\n"
+                     + stats.markdown_table(fin, protocol, arms, [r for r in REFERENCES if r in arms]).rstrip())
+        v = verdicts(rows, protocol)
+        if v:
+            parts.append("\n".join(v))
+    return "\n\n".join(parts) + "\n"
+
+
+def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, settings: dict,
+                     figures: list[str]) -> str:
+    md = ["# Pre-training study: COVID-BLUES -> POCUS (5 folds)", "", summary_block(rows, settings)]
+    for protocol in protocols_of(rows):
+        t = curve_table(rows, protocol)
+        if t:
+            md += [f"## Over the steps: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
+    if runs:
+        md += ["## Cost of each pre-trained arm", "", runs_table(runs)]
+    if mask_stats:
+        md += ["## Masks of the pre-training frames", "", mask_table(mask_stats)]
+    if figures:
+        md += ["## Figures", "", *[f"![{Path(f).stem}]({Path(f).name})" for f in figures], ""]
+    return "\n".join(md)
+
+
+def splice(text: str, block: str, where: str) -> str:
+    """``text`` with the part between :data:`BEGIN` and :data:`END` replaced by ``block``."""
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"{where}: no '{BEGIN}' ... '{END}' block")
+    return text[: i + len(BEGIN)] + "\n" + block.rstrip() + "\n" + text[j:]
+
+
+# --------------------------------------------------------------------------- #
+# figures
+# --------------------------------------------------------------------------- #
+def _ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    if values.size < 2:
+        return float(values.mean()), float(values.mean())
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def accuracy_figure(rows: list[dict], protocol: str, path: Path) -> Path:
+    """Per arm: each seed's mean over folds (points), the mean over seeds x folds and its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fin = [r for r in final_rows(rows) if r["protocol"] == protocol]
+    arms = arm_order(fin)
+    fig, ax = plt.subplots(figsize=(1.4 * len(arms) + 2, 3.6))
+    for i, arm in enumerate(arms):
+        mine = [r for r in fin if r["arm"] == arm]
+        v = np.array([r["accuracy"] for r in mine])
+        lo, hi = _ci(v)
+        ax.errorbar([i], [v.mean()], yerr=[[v.mean() - lo], [hi - v.mean()]], fmt="o", color="k", capsize=5, ms=7)
+        for s in sorted({r["seed"] for r in mine}):
+            sv = np.mean([r["accuracy"] for r in mine if r["seed"] == s])
+            ax.plot([i + 0.15], [sv], "o", ms=4, alpha=0.7, color=f"C{s % 10}")
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel("POCUS accuracy")
+    ax.set_title(f"{protocol}: mean and 95 % interval (black), per-seed means (colour)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curve_figure(rows: list[dict], protocol: str, path: Path) -> Path:
+    """Accuracy against the share of pre-training steps (mean ± sd over seeds x folds); baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r["protocol"] == protocol]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for k, arm in enumerate(arm_order(mine)):
+        rs = [r for r in mine if r["arm"] == arm]
+        if arm in BASELINES:
+            ax.axhline(np.mean([r["accuracy"] for r in rs]), ls="--" if arm == "random" else ":", color="gray",
+                       label=arm)
+            continue
+        fr = sorted({r["fraction"] for r in rs})
+        m = [np.mean([r["accuracy"] for r in rs if r["fraction"] == f]) for f in fr]
+        sd = [np.std([r["accuracy"] for r in rs if r["fraction"] == f], ddof=1) if
+              sum(r["fraction"] == f for r in rs) > 1 else 0.0 for f in fr]
+        ax.errorbar(fr, m, yerr=sd, marker="o", capsize=3, label=arm, color=f"C{k}")
+    ax.set_xlabel("share of the pre-training steps")
+    ax.set_ylabel("POCUS accuracy")
+    ax.set_title(f"{protocol}: accuracy over pre-training (mean ± sd)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_figure(loss: list[dict], path: Path) -> Path | None:
+    """One panel per pre-trained arm: each loss term against the step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = [r for r in loss if not r["term"].startswith("regions/")]
+    arms = list(dict.fromkeys(r["arm"] for r in loss))
+    if not arms:
+        return None
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.4), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        rs = [r for r in loss if r["arm"] == arm]
+        for t, term in enumerate(dict.fromkeys(r["term"] for r in rs)):
+            for s in sorted({r["seed"] for r in rs}):
+                pts = sorted((r["step"], r["value"]) for r in rs if r["term"] == term and r["seed"] == s)
+                ax.plot(*zip(*pts), color=f"C{t % 10}", lw=1, alpha=0.8, label=term if s == rs[0]["seed"] else None)
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=5, ncol=2)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_all(results: Path, rows: list[dict], runs: list[dict], loss: list[dict], mask_stats: dict,
+               settings: dict, docs: tuple[Path, ...] = ()) -> Path:
+    """Write figures and ``results.md`` into ``results``; splice the summary block into ``docs``."""
+    figures = []
+    for protocol in protocols_of(rows):
+        figures.append(str(accuracy_figure(rows, protocol, results / f"accuracy_{protocol}.png")))
+        if any(r["arm"] not in BASELINES for r in rows):
+            figures.append(str(curve_figure(rows, protocol, results / f"curve_{protocol}.png")))
+    lf = loss_figure(loss, results / "loss_terms.png")
+    if lf:
+        figures.append(str(lf))
+    md = results_markdown(rows, runs, mask_stats, settings, figures)
+    (results / "results.md").write_text(md)
+    block = summary_block(rows, settings)
+    for doc in docs:
+        if doc.is_file() and BEGIN in doc.read_text():
+            doc.write_text(splice(doc.read_text(), block, str(doc)))
+    return results / "results.md"
