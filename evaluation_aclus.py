@@ -28,7 +28,7 @@ Protocols (METHOD.md §4):
   (default 20) training images of its fold with the highest cosine similarity, majority
   vote, ties to the larger summed similarity, then the lower class index. k is fixed:
   ``--selection`` chooses nothing for knn (said in the JSON's ``selection_note``).
-* ``finetune_cached`` — ``finetune`` made affordable on a CPU. Same network, initialisation,
+* ``finetune_cached`` — ``finetune`` made ~5x cheaper per epoch on a CPU. Same network, initialisation,
   trainable part (``layer4.1`` + new head), loss, Adam lr/wd, cosine schedule over
   ``--epochs``, batch size, seed and ``--selection`` rules. conv1 .. ``layer4.0`` are frozen
   AND in eval mode, so their output for an image is fixed: it is computed once per image
@@ -46,12 +46,17 @@ Protocols (METHOD.md §4):
      seeds from it, so the orders differ);
   4. epochs as given by ``--epochs`` (the paper: 30).
 
-  Why: on the 2-core CPU of this project the full protocol cost about 60 s per fold and
-  epoch at 112 px (1933 POCUS frames, 16 per video; measured with ``--epochs 1`` under a
-  load of ~5), i.e. ~2.5 h per encoder for 30 epochs at 112 px and ~4x that at 224 px, most
-  of it in the forward/backward pass through the frozen layers; finetune_cached trains
-  30 epochs x 5 folds in about a minute after a shared encoding pass of seconds
-  (figures in RESULTS of the study; ``wall_time_s`` and ``timing`` in each JSON).
+  Why (measured on this project's 2-core CPU, 112 px, 1933 POCUS frames, under a load of
+  5-10 from other jobs, so the absolute times are inflated): the full protocol cost 60 s
+  per fold and epoch (``--epochs 1``: 300 s for 5 folds), i.e. ~2.5 h per encoder for 30
+  epochs at 112 px and ~4x that at 224 px. Most of it is the forward pass through the
+  frozen layers, recomputed for every augmented image in every epoch: one training batch
+  of 32 (forward + backward) took 5.9 s for the full network and 1.1 s for layer4.1 + head
+  on cached maps, under the same load (5.4x less). What remains is inherent to training
+  layer4.1 (estimated ~0.19 GMAC per image and epoch at 112 px): finetune_cached still
+  took ~62 s per fold and epoch at load ~9 (the full protocol would take ~5x that under
+  the same load); ``--epochs`` below 30 is the other lever.
+  Encoding all images once (shared with linear/knn) took 106 s at load ~9.
   Grad-CAM and ``--save_classifiers`` work: the trained ``layer4.1`` + head sit in a full
   ResNet-18 with the frozen layers (eval mode), which gives the cached pipeline's logits.
 
