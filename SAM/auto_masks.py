@@ -30,8 +30,9 @@ on a CPU). So the prompts here are a multi-scale grid of boxes over the image co
    (by area, largest first); ids renumbered 1..n in painting order (1 = the largest).
 
 Resumable: a label that exists is complete (writes are atomic) and is skipped. A bad image
-is reported by name and skipped. ``<out_dir>/auto_masks.scores.json`` holds the settings and,
-per label written, how many masks each step removed (merged across resumed runs).
+is reported by name and skipped. ``<out_dir>/auto_masks.scores.json`` holds the settings of
+the last run and, per label written, how many masks each step removed (merged across resumed
+runs: a label kept from an earlier run keeps that run's counts).
 """
 from __future__ import annotations
 
