@@ -48,11 +48,12 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # 2-core CPU, ~2.5 h: 3,100 frames at 112 px, 2 epochs of batch 32 (~190 steps) per arm and seed,
-    # probed after 25 / 50 / 100 % of the steps; fine-tune on cached frozen features, 10 epochs
+    # 2-core CPU, ~2.5 h: 3,175 frames at 112 px, 2 epochs of batch 32 (198 steps) per arm and seed,
+    # probed after 25 / 50 / 100 % of the steps; fine-tune on cached frozen features, 10 epochs;
+    # 8 frames per POCUS video (the folds split by video; more frames of one video add little)
     Preset("cpu", frame_stride=10, frames_per_video=0, img_size=112, batch_size=32, epochs=2,
            warmup_epochs=0.2, seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0),
-           protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=16,
+           protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=8,
            base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",)),
     # one H100-class GPU: paper-like views and batch, 100 epochs (3 warm-up), the paper's fine-tune
     Preset("gpu", frame_stride=10, frames_per_video=0, img_size=224, batch_size=192, epochs=100,
