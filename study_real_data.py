@@ -10,7 +10,8 @@
 
 Arms (``--arms``): ``random`` (the seed's random start), ``bn_control`` (that start with the
 corpus's BatchNorm statistics, study/bn_control.py), ``byol`` (classic, whole image),
-``<detcon|aclus>_<superpixel|asam>``. Every arm runs for every seed of the preset, and every
+``<detcon|aclus>_<superpixel|asam|sam_auto>`` (sam_auto: SAM's everything mode,
+SAM/auto_masks.py). Every arm runs for every seed of the preset, and every
 pre-trained arm takes the same optimizer steps at the same batch; each is probed after
 25 / 50 / 100 % of its steps (``checkpoint.snapshot_fractions``) by every protocol of the
 preset (``evaluation_aclus.py``: linear, kNN, fine-tune), on the same 5 POCUS folds (split by
@@ -151,6 +152,10 @@ def build_masks(a, st: ResumableStages, out: Path, frames: Path, sources: set[st
                                         "--out_dir", str(labels), "--scale", str(a.sp_scale),
                                         "--min_area", str(a.sp_min_area), "--max_segments", str(a.sp_max_segments)],
                    [labels / SUB / layout.LABEL_DIR])
+        elif source == "sam_auto":
+            st.run("masks_sam_auto", [py, "SAM/auto_masks.py", "--data_dir", str(frames), "--out_dir", str(labels),
+                                      "--device", "cpu", "--montage", "none"], [labels / SUB / layout.LABEL_DIR],
+                   note="SAM everything mode (LiteMedSAM), slow on a CPU")
         elif a.asam_masks:
             src = Path(a.asam_masks).resolve() / SUB / layout.LABEL_DIR
             if not src.is_dir():
@@ -373,7 +378,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None,
                    help="committed results folder (default docs/results/study, or docs/results/study_<preset>)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam>")
+                   help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam|sam_auto>")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
     p.add_argument("--frame_stride", type=int, default=None, help="every k-th COVID-BLUES frame (default: the preset's)")
     p.add_argument("--asam_ckpt", default=None, help="A-SAM stage-2 checkpoint for SAM/infer_masks.py")
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2
-    if MASK_SOURCES != ("superpixel", "asam"):  # build_masks knows these two
+    if set(MASK_SOURCES) != {"superpixel", "asam", "sam_auto"}:  # what build_masks knows
         raise AssertionError(MASK_SOURCES)
     return _one_line_errors(lambda: study(a))
 

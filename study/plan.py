@@ -10,9 +10,10 @@ from study import StudyError
 
 #: the sub-folder name of the COVID-BLUES frames in every layout of the study
 SUB = "COVID-BLUES"
-MASK_SOURCES = ("superpixel", "asam")
+MASK_SOURCES = ("superpixel", "asam", "sam_auto")
 DEFAULT_RUNS = ("byol", "detcon_superpixel", "detcon_asam", "aclus_asam")
-SOURCE_LABELS = {"superpixel": "Felzenszwalb superpixels", "asam": "A-SAM", None: "- (whole image)"}
+SOURCE_LABELS = {"superpixel": "Felzenszwalb superpixels", "asam": "A-SAM",
+                 "sam_auto": "SAM everything mode (LiteMedSAM, box grid)", None: "- (whole image)"}
 #: arms without pre-training: the random start of a seed, and that start with the corpus's
 #: BatchNorm statistics (study/bn_control.py); both are probed once, at step 0
 BASELINES = ("random", "bn_control")
@@ -89,7 +90,7 @@ class Run:
 
 
 def parse_run(name: str) -> Run:
-    """``byol`` or ``<detcon|aclus>_<superpixel|asam>`` -> :class:`Run`; ValueError otherwise."""
+    """``byol`` or ``<detcon|aclus>_<superpixel|asam|sam_auto>`` -> :class:`Run`; ValueError otherwise."""
     if name in METHODS and METHODS[name].whole_image:   # byol, byol_fpn: the mask source is irrelevant
         return Run(name, name, None, "superpixel")
     method, _, source = name.partition("_")

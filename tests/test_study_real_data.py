@@ -16,6 +16,7 @@ from study import results as res
 def test_parse_runs():
     assert plan.parse_run("byol") == plan.Run("byol", "byol", None, "superpixel")
     assert plan.parse_run("aclus_asam").mask_source == "asam"
+    assert plan.parse_run("detcon_sam_auto") == plan.Run("detcon_sam_auto", "detcon", "sam_auto", "sam_auto")
     with pytest.raises(ValueError, match="unknown run 'detcon_sam'"):
         plan.parse_run("detcon_sam")
 
