@@ -322,7 +322,7 @@ def main(argv=None) -> int:
                         "a structure inside a larger region stays visible)")
     p.add_argument("--max_regions", type=int, default=d.max_regions, help=f"region cap (<= {MAX_IDS})")
     p.add_argument("--montage", default=None,
-                   help="overlay montage PNG of the first images masked (default: none)")
+                   help="overlay montage PNG of the first images masked (default and 'none': no montage)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (smoke runs)")
     a = p.parse_args(argv)
     try:
@@ -334,8 +334,8 @@ def main(argv=None) -> int:
     data_dir = Path(a.data_dir)
     out_dir = Path(a.out_dir) if a.out_dir else data_dir
     try:
-        r = run(data_dir, out_dir, params, a.device, a.weights, Path(a.montage) if a.montage else None,
-                limit=a.limit)
+        montage_png = Path(a.montage) if a.montage and a.montage.lower() != "none" else None
+        r = run(data_dir, out_dir, params, a.device, a.weights, montage_png, limit=a.limit)
     except DataError as e:
         print(f"auto_masks.py: error: {e}", file=sys.stderr)
         return 2

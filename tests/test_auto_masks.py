@@ -160,7 +160,7 @@ def scans(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~10 s on an idle 2-core CPU, 34 s measured under a load average of 9
-def test_script_end_to_end_and_resume(scans, tmp_path, capsys):
+def test_script_end_to_end_and_resume(scans, tmp_path, capsys, monkeypatch):
     from utils.io import read_label
     from utils.mask_layout import label_jobs
 
@@ -186,6 +186,12 @@ def test_script_end_to_end_and_resume(scans, tmp_path, capsys):
     assert "0 labels written" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for _, p in jobs} == before
     assert len(json.loads((out / SCORES_FILE).read_text())["images"]) == 2
+    # a deleted label is made again, the other kept; '--montage none' writes no file 'none'
+    monkeypatch.chdir(tmp_path)
+    jobs[1][1].unlink()
+    assert main(argv[:-2] + ["--montage", "none"]) == 0
+    assert "1 labels written" in capsys.readouterr().out and jobs[1][1].is_file()
+    assert jobs[0][1].stat().st_mtime_ns == before[jobs[0][1]] and not (tmp_path / "none").exists()
 
 
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
