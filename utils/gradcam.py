@@ -484,7 +484,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[nn.Module, tuple[str, ...]
 
 def write_synthetic_cam_masks(root: str | os.PathLike, videos_per_class_per_fold: int = 2,
                               frames_per_video: int = 4, size: int = 64, seed: int = 0,
-                              finding_strength: float = 1.0) -> list[Path]:
+                              finding_strength: float = 1.0, local_findings: bool = False) -> list[Path]:
     """``root/covid_data<k>_cam_masks.npz`` for the synthetic folds that
     ``utils.synthetic_us.write_pocus_folds`` writes with the same arguments: per fold
     ``sector`` (label != 0) and ``region`` (:func:`synthetic_class_region`), each
@@ -496,7 +496,8 @@ def write_synthetic_cam_masks(root: str | os.PathLike, videos_per_class_per_fold
 
     paths = []
     folds = make_pocus_folds(videos_per_class_per_fold, frames_per_video, size, seed,
-                             finding_strength=finding_strength, return_findings=True)
+                             finding_strength=finding_strength, return_findings=True,
+                             local_findings=local_findings)
     for k, (_, _, _, y_test, found) in enumerate(folds, start=1):
         buf = io.BytesIO()
         np.savez_compressed(buf, sector=found["label"] != 0,

@@ -159,7 +159,7 @@ def _band(dist: np.ndarray, half: float) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex",
               scan_class: int = 2, frame: int = 0, finding_strength: float = 1.0,
-              return_findings: bool = False) -> tuple[np.ndarray, ...]:
+              return_findings: bool = False, local_findings: bool = False) -> tuple[np.ndarray, ...]:
     """One synthetic lung ultrasound frame and its anatomy label map.
 
     Args:
@@ -184,6 +184,12 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
             the aerated-lung pixels (label 4) within the half-maximum width of a B-line
             (covid19 only; all False otherwise) or of an A-line (every class). Geometric:
             they do not fade with ``finding_strength``.
+        local_findings: the class shows ONLY where its findings are (off by default, which
+            keeps every scan as it was): the A-lines keep a regular lung's amplitude, depth
+            and width in every class and fade only under the B-lines and the consolidation,
+            so neither the overall A-line brightness nor the A-lines' shape tells the class;
+            a classifier has to find the B-lines, the irregular pleura or the consolidation
+            (the Grad-CAM test of ``tests/test_gradcam.py`` relies on this).
     """
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
@@ -215,6 +221,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     p_wave = _smooth_noise(geo, 3, 2.5, 0.02)
     pleura_d = p0 + p_wave(u) + d_shift                     # HxW
     irregular = scan_class == 0
+    smooth_pleura_d = pleura_d                              # before the covid irregularity
     if irregular:                                           # covid: wavy, thickened pleura
         pleura_d = pleura_d + fs * _smooth_noise(cls_rng, 6, 0.25, 0.018)(u)
     p_half = max(0.007, 1.3 * px) * (1.0 + 0.8 * fs if irregular else 1.0)  # half thickness
@@ -270,10 +277,13 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     lung_echo = 0.06 + 0.05 * np.exp(-(dist_pl) / 0.15)    # faint haze, strongest near pleura
     a_lines = np.zeros((h, w), np.float32)
     a_amp = fs * {2: 0.75, 1: 0.35, 0: 0.06}[scan_class] + (1.0 - fs) * 0.75
+    a_base, a_half = pleura_d, p_half * 1.1
+    if local_findings:                                      # a regular lung's A-lines in every class
+        a_amp, a_base, a_half = 0.75, smooth_pleura_d, max(0.007, 1.3 * px) * 1.1
     a_where = np.zeros((h, w), np.float32)                  # A-line profiles, amplitude 1 (findings)
     for k in range(2, 8):                                   # A-lines at multiples of the pleura depth
-        dk = k * pleura_d
-        a_band = _band(d - dk, p_half * 1.1)
+        dk = k * a_base
+        a_band = _band(d - dk, a_half)
         a_lines += a_amp * 0.72 ** (k - 2) * a_band
         a_where = np.maximum(a_where, a_band)
     b_where = np.zeros((h, w), np.float32)                  # B-line profiles, amplitude 1 (findings)
@@ -287,6 +297,8 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
             b_band = _band(u - bu, bw)
             bl = np.maximum(bl, ba * b_band)
             b_where = np.maximum(b_where, b_band)
+        if local_findings:                                  # a B-line erases the A-lines it crosses
+            a_lines *= 1.0 - fs * b_where
         lung_echo = lung_echo + bl * (1.0 + 0.8 * np.clip(d - pleura_d, 0, 1))  # offsets attenuation
 
     # ---- consolidation (pneumonia) -----------------------------------------------
@@ -398,8 +410,8 @@ def pocus_fold_video_ids(videos_per_class_per_fold: int = 2, frames_per_video: i
 
 def make_pocus_folds(videos_per_class_per_fold: int = 2, frames_per_video: int = 4, size: int = 64,
                      seed: int = 0, n_folds: int = 5, finding_strength: float = 1.0,
-                     return_findings: bool = False) -> list[tuple]:
-    """The USCL 5-fold tuples in memory (``finding_strength``: see :func:`make_scan`).
+                     return_findings: bool = False, local_findings: bool = False) -> list[tuple]:
+    """The USCL 5-fold tuples in memory (``finding_strength``, ``local_findings``: see :func:`make_scan`).
 
     Returns:
         Per fold ``(X_train, y_train, X_test, y_test)``: X is Nx3xHxW uint8 (gray replicated),
@@ -416,7 +428,8 @@ def make_pocus_folds(videos_per_class_per_fold: int = 2, frames_per_video: int =
     for v in plan:
         for f in range(frames_per_video):
             img, lab, *extra = make_scan(v["seed"], size, v["probe"], v["scan_class"], frame=f,
-                                         finding_strength=finding_strength, return_findings=return_findings)
+                                         finding_strength=finding_strength, return_findings=return_findings,
+                                         local_findings=local_findings)
             xs[v["fold"]].append(np.repeat(img[None], 3, axis=0))   # 3xHxW
             ys[v["fold"]].append(v["scan_class"])
             if return_findings:
@@ -520,7 +533,8 @@ def write_samus_layout(root, n_images: int = 40, size: int | tuple[int, int] = 1
 
 
 def write_pocus_folds(root, videos_per_class_per_fold: int = 2, frames_per_video: int = 4,
-                      size: int = 64, seed: int = 0, finding_strength: float = 1.0) -> list[Path]:
+                      size: int = 64, seed: int = 0, finding_strength: float = 1.0,
+                      local_findings: bool = False) -> list[Path]:
     """Write ``root/covid_data{1..5}.pkl`` in the USCL format (see :func:`make_pocus_folds`).
 
     Pickled with protocol 4 (as the USCL files) through the atomic writer of utils.io;
@@ -530,7 +544,7 @@ def write_pocus_folds(root, videos_per_class_per_fold: int = 2, frames_per_video
     root = Path(root)
     paths = []
     folds = make_pocus_folds(videos_per_class_per_fold, frames_per_video, size, seed,
-                             finding_strength=finding_strength)
+                             finding_strength=finding_strength, local_findings=local_findings)
     for k, fold in enumerate(folds):
         p = root / f"covid_data{k + 1}.pkl"
         atomic_write(p, lambda f, o=fold: pickle.dump(o, f, protocol=4))
