@@ -49,7 +49,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # 2-core CPU, ~2.5 h: 3,175 frames at 112 px, 2 epochs of batch 32 (198 steps) per arm and seed,
+    # 2-core CPU, ~2.5 h: 3,323 frames at 112 px, 2 epochs of batch 32 (206 steps) per arm and seed,
     # probed after 25 / 50 / 100 % of the steps; fine-tune on cached frozen features, 10 epochs;
     # 8 frames per POCUS video (the folds split by video; more frames of one video add little)
     Preset("cpu", frame_stride=10, frames_per_video=0, img_size=112, batch_size=32, epochs=2,
