@@ -438,13 +438,14 @@ def test_learned_encoder_puts_more_of_its_map_on_the_class_anatomy(tmp_path):
     encoder puts more of its Grad-CAM energy on that anatomy than the same ResNet-18 at random
     init, both explained by the evaluation's linear protocol.
 
-    Seeds 0 / 1 / 2 (figs/draw_gradcam.py writes them to docs/results/gradcam_synthetic.json):
-    learned 0.136 / 0.151 / 0.116, random 0.123 / 0.124 / 0.082, uniform 0.094 / 0.098 / 0.086,
-    learned explaining a wrong class 0.103 / 0.040 / 0.070. The margins below are about half
-    the smallest gap seen (0.013, 0.030, 0.033).
+    Seeds 0 / 1 / 2 (figs/draw_gradcam.py -> docs/results/gradcam_synthetic.json, 2 threads):
+    learned 0.134 / 0.137 / 0.129, random 0.123 / 0.124 / 0.082, uniform 0.094 / 0.098 / 0.086,
+    learned explaining a wrong class 0.103 / 0.000 / 0.078 (with 1 thread, training differs
+    slightly: learned 0.136 / 0.151 / 0.116, random 0.123 / 0.124 / 0.082). The margins below
+    are about half the smallest gap seen (0.011, 0.030, 0.031).
 
     Bugs caught: gradients of the wrong class (targets not the true labels, or shifted
-    against the images): measured, the learned maps then leave the anatomy (0.040-0.103, more
+    against the images): measured, the learned maps then leave the anatomy (0.000-0.103, more
     than 0.02 below the true class's); the explained module not being the trained encoder
     (weights not loaded/applied: learned = random, no gap). NOT caught (measured at 96 px):
     X_test rows vs mask rows off by one (every scan has a similar pleura band: 0.126 -> 0.123,
