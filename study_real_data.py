@@ -423,9 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bad = [p for p in PRESETS[a.preset].protocols if p not in PROTOCOLS]
     assert not bad, bad  # a preset names a protocol evaluation_aclus.py has
-    if a.gradcam < 0:
-        print("study_real_data.py: error: --gradcam must be >= 0", file=sys.stderr)
-        return 2
+    if a.gradcam:  # the evaluation would refuse it, but only after frames, masks and pre-training
+        from evaluation_aclus import check_gradcam_args
+        from utils.io import DataError
+
+        try:
+            check_gradcam_args(argparse.Namespace(gradcam=a.gradcam, img_size=PRESETS[a.preset].img_size))
+        except DataError as e:
+            print(f"study_real_data.py: error: {e} (preset {a.preset})", file=sys.stderr)
+            return 2
     for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--asam_ckpt", a.asam_ckpt),
                        ("--asam_masks", a.asam_masks), ("--asam_build", a.asam_build)):
         if path and not Path(path).exists():

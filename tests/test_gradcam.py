@@ -324,7 +324,7 @@ def test_study_passes_gradcam_and_refuses_bad_values_before_any_stage(tmp_path, 
 
     assert srd.get_args_parser().parse_args(["--out", "x", "--gradcam", "3"]).gradcam == 3
     assert srd.get_args_parser().parse_args(["--out", "x"]).gradcam == 0
-    for extra, expect in ((["--gradcam", "-1"], "--gradcam -1"), (["--gradcam", "2", "--smoke"], "--img_size 32")):
+    for extra, expect in ((["--gradcam", "-1"], "--gradcam -1"), (["--gradcam", "2", "--preset", "smoke"], "--img_size 32")):
         code = srd.main(["--covid_blues", str(tmp_path), "--pocus", str(tmp_path), "--out", str(tmp_path / "s"), *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
