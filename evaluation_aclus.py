@@ -350,6 +350,20 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> np.nd
     return np.concatenate([model(x.to(device)).argmax(1).cpu().numpy() for x, _ in loader])
 
 
+def fit_epoch(model: nn.Module, batches, loss_fn, opt, where: str) -> float:
+    """One pass of ``opt`` over ``batches`` ((input, label) pairs on the device); the mean loss."""
+    total, seen = 0.0, 0
+    for x, y in batches:
+        loss = loss_fn(model(x), y)  # logits: B x C
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{where}: non-finite loss {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, seen = total + loss.item() * len(y), seen + len(y)
+    return total / max(seen, 1)
+
+
 def train_and_select(model: nn.Module, train_epoch, sched, predict_test, y_test: np.ndarray,
                      predict_val=None, y_val: np.ndarray | None = None, args=None, desc: str = "") -> dict:
     """The epoch loop and epoch selection of both fine-tune protocols.
@@ -426,17 +440,8 @@ def run_finetune_fold(fold: Fold, state: dict | None, args, device: torch.device
     def train_epoch(epoch: int) -> float:
         # train() as upstream: BatchNorm statistics of the frozen layers adapt to POCUS too
         model.train()
-        total, seen = 0.0, 0
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)  # logits: B x 3
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"fold {fold.index} epoch {epoch}: non-finite loss {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
-        return total / max(seen, 1)
+        return fit_epoch(model, ((x.to(device), y.to(device)) for x, y in train_loader), loss_fn, opt,
+                         f"fold {fold.index} epoch {epoch}")
 
     return train_and_select(
         model, train_epoch, sched, lambda: predict(model, test_loader, device), fold.y_test,
@@ -584,17 +589,8 @@ def run_finetune_cached_fold(fold: Fold, features: FeatureCache, args, device: t
         batches = torch.randperm(len(tr_idx), generator=g).split(args.batch_size)
         if len(tr_idx) > args.batch_size and len(batches[-1]) < args.batch_size:
             batches = batches[:-1]  # drop_last, as run_finetune_fold: no 1-sample batch for BatchNorm
-        total, seen = 0.0, 0
-        for b in batches:
-            x, y = maps_train[tr_idx[b.numpy()]].to(device), y_tr[b].to(device)
-            loss = loss_fn(head(x), y)  # logits: B x C
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"fold {fold.index} epoch {epoch}: non-finite loss {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
-        return total / max(seen, 1)
+        return fit_epoch(head, ((maps_train[tr_idx[b.numpy()]].to(device), y_tr[b].to(device)) for b in batches),
+                         loss_fn, opt, f"fold {fold.index} epoch {epoch}")
 
     out = train_and_select(
         model, train_epoch, sched, lambda: predict_maps(maps_test), fold.y_test,

@@ -84,6 +84,18 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def both_sources(seg, img: np.ndarray, params: AutoMaskParams, sp: SuperpixelParams, secs: dict):
+    """``img`` through SAM's everything mode and the superpixels, timing each into ``secs``;
+    returns (sam_auto label map, its filter counts, its masks before painting, superpixel label map)."""
+    t = time.perf_counter()
+    lab, counts, masks = auto_label_map(seg, img, params, return_masks=True)
+    secs["sam_auto"].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    spl = superpixel_labels(img, sp)
+    secs["superpixel"].append(time.perf_counter() - t)
+    return lab, counts, masks, spl
+
+
 def measure_seg(seg, root: Path, n: int, params: AutoMaskParams, sp: SuperpixelParams, seed: int) -> dict:
     """(a): recall / mean best IoU per data set of the test split, plus seconds per image."""
     lines = read_split(root, "test")
@@ -102,12 +114,7 @@ def measure_seg(seg, root: Path, n: int, params: AutoMaskParams, sp: SuperpixelP
             d, name = keys[i]
             img = read_image(root / d / "img" / f"{name}.png", "rgb")
             gt = read_label(root / d / "label" / f"{name}.png")
-            t = time.perf_counter()
-            lab, counts, masks = auto_label_map(seg, img, params, return_masks=True)
-            secs["sam_auto"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            spl = superpixel_labels(img, sp)
-            secs["superpixel"].append(time.perf_counter() - t)
+            lab, counts, masks, spl = both_sources(seg, img, params, sp, secs)
             regions["sam_auto"].append(int(lab.max()))
             regions["superpixel"].append(int(spl.max()))
             other = other_order(masks, params, img.shape[:2])
@@ -152,12 +159,7 @@ def measure_lung(seg, frames: list[Path], params: AutoMaskParams, sp: Superpixel
     tiles = {k: [] for k in stats}
     for f in frames:
         img = read_image(f, "rgb")
-        t = time.perf_counter()
-        lab, counts, masks = auto_label_map(seg, img, params, return_masks=True)
-        secs["sam_auto"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        spl = superpixel_labels(img, sp)
-        secs["superpixel"].append(time.perf_counter() - t)
+        lab, counts, masks, spl = both_sources(seg, img, params, sp, secs)
         other = other_order(masks, params, img.shape[:2])
         for source, m in (("sam_auto", lab), ("sam_auto_large_on_top", other), ("superpixel", spl)):
             stats[source].append(frame_stats(m, 112))
