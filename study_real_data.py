@@ -22,7 +22,7 @@ Two folders:
 * ``--out`` (local, never committed: frames, masks, checkpoints, evaluation JSONs, logs).
   Every stage is a real stage script run as a subprocess and skipped when its output exists.
 * ``--results`` (committed; default ``docs/results/study`` for the CPU preset,
-  ``docs/results/study_gpu`` for the GPU one): ``per_fold.csv``, ``runs.csv``, ``loss.csv``,
+  ``docs/results/study_gpu`` for the GPU one, ``<out>/results`` for the smoke preset): ``per_fold.csv``, ``runs.csv``, ``loss.csv``,
   ``mask_stats.json``, ``settings.json``, ``results.md`` and figures. The files are rewritten
   after every evaluation; an (arm, seed) whose rows are all in ``per_fold.csv`` is not run again,
   so a study stopped on one machine continues on another from the committed files. Rows made
@@ -221,11 +221,17 @@ def snapshot_paths(run_dir: Path, fractions: tuple[float, ...], total_steps: int
 # --------------------------------------------------------------------------- #
 # study
 # --------------------------------------------------------------------------- #
+def default_results(preset: str, out: Path) -> Path:
+    """docs/results/study (cpu), docs/results/study_gpu (gpu); a smoke run's rows stay in <out>/results."""
+    if preset == "smoke":
+        return out / "results"
+    return REPO / "docs" / "results" / ("study" if preset == "cpu" else f"study_{preset}")
+
+
 def study(a: argparse.Namespace) -> int:
     preset = preset_of(a)
     out = Path(a.out or f"outputs/study/{preset.name}").resolve()
-    results = Path(a.results or (REPO / "docs/results" / ("study" if preset.name == "cpu" else f"study_{preset.name}")))
-    results = results.resolve()
+    results = Path(a.results or default_results(preset.name, out)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     check_results_folder(results, preset)
@@ -379,7 +385,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --render_only")
     p.add_argument("--out", default=None, help="local study folder (default outputs/study/<preset>; never committed)")
     p.add_argument("--results", default=None,
-                   help="committed results folder (default docs/results/study, or docs/results/study_<preset>)")
+                   help="committed results folder (default docs/results/study, docs/results/study_gpu; "
+                        "smoke: <out>/results)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                    help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam|sam_auto>")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")

@@ -220,3 +220,10 @@ def test_smoke_preset_on_real_data(shared_data, tmp_path, capsys):
     (results / "results.md").unlink()
     assert srd.main(["--render_only", "--results", str(results)]) == 0
     assert "detcon_superpixel" in (results / "results.md").read_text()
+
+
+def test_default_results_folders(tmp_path):
+    """The CPU and GPU presets commit to docs/results; a smoke run never writes into the repository."""
+    assert srd.default_results("cpu", tmp_path) == srd.REPO / "docs/results/study"
+    assert srd.default_results("gpu", tmp_path) == srd.REPO / "docs/results/study_gpu"
+    assert srd.default_results("smoke", tmp_path) == tmp_path / "results"
