@@ -221,6 +221,12 @@ def snapshot_paths(run_dir: Path, fractions: tuple[float, ...], total_steps: int
 # --------------------------------------------------------------------------- #
 # study
 # --------------------------------------------------------------------------- #
+def portable(arg: str) -> str:
+    """An absolute path as seen from the repository root (settings.json is committed: no machine's
+    own folders in it); any other argument as it is."""
+    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
+
+
 def default_results(preset: str, out: Path) -> Path:
     """docs/results/study (cpu), docs/results/study_gpu (gpu); a smoke run's rows stay in <out>/results."""
     if preset == "smoke":
@@ -244,9 +250,9 @@ def study(a: argparse.Namespace) -> int:
     runs = {arm: parse_run(arm) for arm in arms if arm not in BASELINES}
     t0 = time.time()
     settings = {"preset": preset.to_dict(), "arms": arms, "where": machine(preset.device),
-                "selection": SELECTION, "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                "selection": SELECTION, "command": [Path(sys.argv[0]).name, *map(portable, sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
-                "git": git_state(), "sources": {"covid_blues": str(a.covid_blues), "pocus": str(a.pocus)}}
+                "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)}}
     try:
         # frames of the corpus (never a POCUS frame)
         frames = out / "frames"

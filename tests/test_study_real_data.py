@@ -227,3 +227,9 @@ def test_default_results_folders(tmp_path):
     assert srd.default_results("cpu", tmp_path) == srd.REPO / "docs/results/study"
     assert srd.default_results("gpu", tmp_path) == srd.REPO / "docs/results/study_gpu"
     assert srd.default_results("smoke", tmp_path) == tmp_path / "results"
+
+
+def test_settings_record_paths_from_the_repository_root():
+    assert srd.portable(str(srd.REPO.parent / "shared" / "data")) == "../shared/data"
+    assert srd.portable(str(srd.REPO / "docs" / "results")) == "docs/results"
+    assert srd.portable("--preset") == "--preset" and srd.portable("relative/x") == "relative/x"
