@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from study import StudyError  # noqa: E402
 from study import results as res  # noqa: E402
 from study.results import read_json, write_json  # noqa: E402
-from study.plan import (BASELINES, DEFAULT_ARMS, MASK_SOURCES, PRESETS, PROTOCOLS, SUB, Preset,  # noqa: E402
+from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SUB, Preset,  # noqa: E402
                         arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides)
 from study.provenance import git_state, machine, package_versions  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
@@ -434,8 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", a.seeds):
         print(f"study_real_data.py: error: --seeds {a.seeds!r}: expected a comma list of integers", file=sys.stderr)
         return 2
-    bad = [p for p in PRESETS[a.preset].protocols if p not in PROTOCOLS]
-    assert not bad, bad  # a preset names a protocol evaluation_aclus.py has
     if a.gradcam:  # the evaluation would refuse it, but only after frames, masks and pre-training
         from evaluation_aclus import check_gradcam_args
         from utils.io import DataError
@@ -450,8 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2
-    if set(MASK_SOURCES) != {"superpixel", "asam", "sam_auto"}:  # what build_masks knows
-        raise AssertionError(MASK_SOURCES)
     return _one_line_errors(lambda: study(a))
 
 

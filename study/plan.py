@@ -18,7 +18,6 @@ SOURCE_LABELS = {"superpixel": "Felzenszwalb superpixels", "asam": "A-SAM",
 #: BatchNorm statistics (study/bn_control.py); both are probed once, at step 0
 BASELINES = ("random", "bn_control")
 DEFAULT_ARMS = BASELINES + DEFAULT_RUNS
-PROTOCOLS = ("linear", "knn", "finetune", "finetune_cached")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,19 @@ def test_parse_runs():
         plan.parse_run("detcon_sam")
 
 
+def test_presets_name_only_protocols_and_sources_the_stages_know():
+    """A preset protocol evaluation_aclus.py lacks, or a mask source build_masks has no branch for,
+    would fail hours into a study."""
+    import inspect
+
+    import evaluation_aclus
+
+    for preset in plan.PRESETS.values():
+        assert set(preset.protocols) <= set(evaluation_aclus.PROTOCOLS), preset.name
+    body = inspect.getsource(srd.build_masks)
+    assert all(f'"{s}"' in body or s == "asam" for s in plan.MASK_SOURCES)
+
+
 def test_cpu_and_gpu_presets_plan_what_the_issue_asks():
     """The CPU preset: stride-10 corpus, 3 seeds, probes at 25/50/100 %, three protocols; the GPU preset:
     224 px, batch >= 192, >= 100 epochs with 3 warm-up, autocast on CUDA, the paper's fine-tune."""
