@@ -229,3 +229,44 @@ def test_cli(tmp_path, capsys):
     assert len(list((out / "pocus").glob("covid_data*.pkl"))) == 5
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--layouts", "nope"])
+
+
+# --------------------------------------------------------------------------- #
+# scan styles and the lung anatomy layout
+# --------------------------------------------------------------------------- #
+def test_style_changes_the_look_not_the_anatomy():
+    from utils.synthetic_us import CLASSIC, REALISTIC, STYLES, make_scan
+
+    assert STYLES["classic"] == CLASSIC and REALISTIC != CLASSIC
+    for seed in range(3):
+        a_img, a_lab = make_scan(seed, 64, "linear", seed % 3)
+        b_img, b_lab = make_scan(seed, 64, "linear", seed % 3, style="realistic")
+        c_img, _ = make_scan(seed, 64, "linear", seed % 3, style=CLASSIC)
+        np.testing.assert_array_equal(a_lab, b_lab)          # linear: no fan, the same labels
+        np.testing.assert_array_equal(a_img, c_img)          # the default is the classic look
+        assert np.abs(a_img.astype(int) - b_img.astype(int)).mean() > 5
+    with pytest.raises(ValueError, match="unknown scan style 'glossy'"):
+        make_scan(0, 32, style="glossy")
+
+
+def test_lung_layout_labels_are_the_anatomy_ids(tmp_path):
+    from utils.synthetic_us import LUNG_DATASET, write_lung_layout
+
+    seg = write_samus_layout(tmp_path / "seg", n_images=5, size=32, seed=1)
+    root = write_lung_layout(tmp_path / "lung", n_images=8, size=48, seed=0, style="classic", seg_root=seg)
+    classes = json.loads((root / "MainPatient" / "class.json").read_text())
+    assert classes == {**SAMUS_DATASETS, LUNG_DATASET: 7}
+    for ds in SAMUS_DATASETS:                                  # linked, not copied
+        assert (root / ds).is_symlink() and (root / ds / "img").is_dir()
+    lines = {s: (root / "MainPatient" / f"{s}.txt").read_text().split() for s in ("train", "val", "test")}
+    seg_lines = {s: (seg / "MainPatient" / f"{s}.txt").read_text().split() for s in lines}
+    for s in lines:
+        assert lines[s][:len(seg_lines[s])] == seg_lines[s]
+    lung = [l for s in lines for l in lines[s] if f"/{LUNG_DATASET}/" in l]
+    names = {l.split("/")[-1] for l in lung}
+    assert len(names) == 8 and sum(len(lines[s]) for s in lines) == len(lung) + sum(map(len, seg_lines.values()))
+    for i, name in enumerate(sorted(names)):
+        lab = read_label(root / LUNG_DATASET / "label" / f"{name}.png")
+        expect = make_scan(derive_seed(0, 4, i), 48, "linear" if i % 4 == 3 else "convex", i % 3, style="classic")[1]
+        np.testing.assert_array_equal(lab, expect)
+        assert {int(l.split("/")[0]) for l in lung if l.endswith(f"/{name}")} == set(np.unique(expect)) - {0}

@@ -37,6 +37,7 @@ import argparse
 import json
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -69,6 +70,50 @@ _BG, _TISSUE, _RIB, _PLEURA, _LUNG, _CONSOL, _SHADOW = (ANATOMY_IDS[k] for k in 
     "background", "soft_tissue", "rib", "pleura", "lung", "consolidation", "rib_shadow"))
 
 
+@dataclass(frozen=True)
+class ScanStyle:
+    """How a scan looks, apart from its anatomy: fan geometry, echo levels, speckle, display.
+
+    The default is the original look (high contrast, fine speckle: anatomy easy to see, every
+    test written against it); :data:`REALISTIC` is fitted to real convex lung frames by
+    ``benchmarks/measure_synthetic_realism.py --fit`` (its JSON holds the distances before and
+    after). Ranges are (low, high) of a uniform draw per scene; the geometry draws happen in
+    the same order under every style, so a seed keeps its anatomy (in beam coordinates) when
+    the style changes.
+    """
+
+    half_angle: tuple[float, float] = (0.50, 0.62)   # convex fan half-opening, radians
+    apex: tuple[float, float] = (0.25, 0.45)         # convex apex height above row 0, x image height
+    tissue_echo: float = 0.30                        # chest-wall echogenicity
+    pleura_echo: float = 0.95                        # pleural line brightness
+    a_line_gain: float = 1.0                         # scales every A-line
+    rib_rim: float = 1.0                             # rib cortex brightness
+    lung_haze: float = 0.0                           # diffuse echo added below the pleura
+    speckle_size: float = 1.0                        # scales the (axial, lateral) speckle grain
+    speckle_power: float = 0.8                       # display exponent of the Rayleigh magnitude
+    psf: float = 0.6                                 # point-spread blur, px at 128 px
+    attenuation: tuple[float, float] = (0.9, 1.6)    # exp(-alpha * depth) after partial TGC
+    gain: float = 1.0                                # overall amplitude before compression
+    compression: float = 6.0                         # log1p(k * amplitude) display map
+
+
+CLASSIC = ScanStyle()
+# fitted by `python benchmarks/measure_synthetic_realism.py --fit` (docs/results/synthetic_realism.json)
+REALISTIC = ScanStyle(half_angle=(0.571, 0.691), apex=(0.2, 0.4), tissue_echo=0.479, pleura_echo=0.677,
+                      a_line_gain=0.38, rib_rim=0.267, lung_haze=0.213, speckle_size=2.383, speckle_power=0.739,
+                      psf=1.885, attenuation=(1.909, 2.609), gain=0.751, compression=2.206)
+STYLES: dict[str, ScanStyle] = {"classic": CLASSIC, "realistic": REALISTIC}
+
+
+def scan_style(style: ScanStyle | str) -> ScanStyle:
+    """A :class:`ScanStyle` or its name in :data:`STYLES` -> the style."""
+    if isinstance(style, ScanStyle):
+        return style
+    if style not in STYLES:
+        raise ValueError(f"unknown scan style {style!r}; known: {', '.join(STYLES)}")
+    return STYLES[style]
+
+
 # --------------------------------------------------------------------------- #
 # helpers (pure)
 # --------------------------------------------------------------------------- #
@@ -88,7 +133,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def _beam_coords(h: int, w: int, probe: str, rng: np.random.Generator):
+def _beam_coords(h: int, w: int, probe: str, rng: np.random.Generator, style: ScanStyle = CLASSIC):
     """Beam coordinates of every pixel.
 
     Returns:
@@ -105,8 +150,8 @@ def _beam_coords(h: int, w: int, probe: str, rng: np.random.Generator):
         return u, d, np.ones((h, w), bool)
     # convex: apex above the image centre; the fan is clipped by the image sides, its top
     # arc and its bottom arc leave all four corners black
-    half_angle = rng.uniform(0.50, 0.62)                    # radians
-    apex = rng.uniform(0.25, 0.45) * h                      # apex height above row 0
+    half_angle = rng.uniform(*style.half_angle)             # radians
+    apex = rng.uniform(*style.apex) * h                     # apex height above row 0
     r0 = apex + 0.02 * h                                    # skin line (top arc)
     r1 = apex + 0.97 * h                                    # deepest sample (bottom arc)
     dx, dy = xs - w / 2.0, ys + apex
@@ -159,7 +204,8 @@ def _band(dist: np.ndarray, half: float) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex",
               scan_class: int = 2, frame: int = 0, finding_strength: float = 1.0,
-              return_findings: bool = False, local_findings: bool = False) -> tuple[np.ndarray, ...]:
+              return_findings: bool = False, local_findings: bool = False,
+              style: ScanStyle | str = CLASSIC) -> tuple[np.ndarray, ...]:
     """One synthetic lung ultrasound frame and its anatomy label map.
 
     Args:
@@ -190,6 +236,9 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
             so neither the overall A-line brightness nor the A-lines' shape tells the class;
             a classifier has to find the B-lines, the irregular pleura or the consolidation
             (the Grad-CAM test of ``tests/test_gradcam.py`` relies on this).
+        style: a :class:`ScanStyle` or a name in :data:`STYLES` ("classic", "realistic"):
+            the look, and for a convex probe the fan's opening; where the anatomy lies in beam
+            coordinates does not change (a linear scan keeps its label map exactly).
     """
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
@@ -200,12 +249,13 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     if not 0.0 <= finding_strength <= 1.0:
         raise ValueError(f"finding_strength must be in [0, 1], got {finding_strength!r}")
     fs = float(finding_strength)
+    st = scan_style(style)
     h, w = _hw(size)
     geo = np.random.default_rng([int(seed), PROBES.index(probe), 0x5CA9])   # scene geometry
     cls_rng = np.random.default_rng([int(seed), PROBES.index(probe), int(scan_class), 0xC1A5])
     frame_rng = np.random.default_rng([int(seed), PROBES.index(probe), int(scan_class), int(frame), 0xF4A3])
 
-    u, d, inside = _beam_coords(h, w, probe, geo)
+    u, d, inside = _beam_coords(h, w, probe, geo, st)
     px = 1.0 / h                                            # one pixel in depth units
     linear = probe == "linear"
 
@@ -264,7 +314,7 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     # ---- chest wall layers ----------------------------------------------------------
     n_layers = int(geo.integers(2, 5))
     layer_d = np.sort(geo.uniform(0.05, 0.85, n_layers)) * p0
-    echo = np.full((h, w), 0.30, np.float32)
+    echo = np.full((h, w), st.tissue_echo, np.float32)
     echo += 0.08 * np.sin(2 * np.pi * d / geo.uniform(0.03, 0.06) + geo.uniform(0, 6.3))  # muscle striation
     echo += 0.35 * _band(d - 0.012, 0.006)                  # skin
     fat_end = layer_d[0]
@@ -274,12 +324,12 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
         echo += 0.30 * _band(d - ld - wave(u), max(0.005, 0.9 * px))   # fascia lines
 
     # ---- lung (below the pleura) ----------------------------------------------------
-    lung_echo = 0.06 + 0.05 * np.exp(-(dist_pl) / 0.15)    # faint haze, strongest near pleura
+    lung_echo = 0.06 + st.lung_haze + 0.05 * np.exp(-(dist_pl) / 0.15)  # faint haze, strongest near pleura
     a_lines = np.zeros((h, w), np.float32)
-    a_amp = fs * {2: 0.75, 1: 0.35, 0: 0.06}[scan_class] + (1.0 - fs) * 0.75
+    a_amp = (fs * {2: 0.75, 1: 0.35, 0: 0.06}[scan_class] + (1.0 - fs) * 0.75) * st.a_line_gain
     a_base, a_half = pleura_d, p_half * 1.1
     if local_findings:                                      # a regular lung's A-lines in every class
-        a_amp, a_base, a_half = 0.75, smooth_pleura_d, max(0.007, 1.3 * px) * 1.1
+        a_amp, a_base, a_half = 0.75 * st.a_line_gain, smooth_pleura_d, max(0.007, 1.3 * px) * 1.1
     a_where = np.zeros((h, w), np.float32)                  # A-line profiles, amplitude 1 (findings)
     for k in range(2, 8):                                   # A-lines at multiples of the pleura depth
         dk = k * a_base
@@ -336,24 +386,24 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     label[below] = _LUNG
     label[pleura_mask] = _PLEURA
     echo = np.where(below, lung_echo, echo)
-    pl_bright = 0.95
+    pl_bright = st.pleura_echo
     if irregular:                                           # fragmented pleura: gaps and dim pieces
         frag = _smooth_noise(cls_rng, 8, 0.12, 1.0)(u)
         pl_bright = np.where(frag > -0.25, 0.9, 0.25) * (0.8 + 0.2 * np.cos(9 * u))
-        pl_bright = fs * pl_bright + (1.0 - fs) * 0.95
+        pl_bright = (fs * pl_bright + (1.0 - fs) * 0.95) * st.pleura_echo / 0.95
     echo = echo + pl_bright * _band(dist_pl, p_half) * (~below | pleura_mask)
     if scan_class == 1:
         label[consol_mask] = _CONSOL
         echo = np.where(consol_mask, consol_echo, echo)
     echo = echo * (1.0 - 0.92 * shadow)
     label[shadow_mask] = _SHADOW
-    echo = np.where(rib_mask, 0.08, echo) + 1.0 * rib_rim
+    echo = np.where(rib_mask, 0.08, echo) + st.rib_rim * rib_rim
     label[rib_mask] = _RIB
     label[~inside] = _BG
 
     # ---- speckle, attenuation, compression ------------------------------------
     s = h / 128.0
-    sig = (0.6 * s, 1.3 * s)                                # axial, lateral speckle size
+    sig = (0.6 * s * st.speckle_size, 1.3 * s * st.speckle_size)  # axial, lateral speckle size
     z = _speckle_field(geo, h, w, sig)
     z_t = _speckle_field(frame_rng, h, w, sig)
     mix = np.where(below, 0.45, 0.08).astype(np.float32)    # the lung decorrelates faster
@@ -361,13 +411,14 @@ def make_scan(seed: int, size: int | tuple[int, int] = 128, probe: str = "convex
     z_pix = _to_beam_grid(z_beam, u, d)
     zr = np.sqrt(1 - mix) * z_pix[..., 0] + np.sqrt(mix) * z_pix[..., 2]
     zi = np.sqrt(1 - mix) * z_pix[..., 1] + np.sqrt(mix) * z_pix[..., 3]
-    speckle = np.sqrt(zr * zr + zi * zi) ** 0.8             # Rayleigh, softened (log display)
-    alpha = geo.uniform(0.9, 1.6)
-    gain = geo.uniform(0.9, 1.1)
+    speckle = np.sqrt(zr * zr + zi * zi) ** st.speckle_power  # Rayleigh, softened (log display)
+    alpha = geo.uniform(*st.attenuation)
+    gain = geo.uniform(0.9, 1.1) * st.gain
     atten = np.exp(-alpha * d) * (1.0 + 0.6 * d)            # attenuation, partly compensated by TGC
     amp = np.clip(echo, 0, None) * speckle * atten * gain
-    img = np.log1p(6.0 * amp) / np.log1p(6.0 * 1.2)         # log-like compression
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.6 * s)  # point-spread blur
+    k = st.compression
+    img = np.log1p(k * amp) / np.log1p(k * 1.2)             # log-like compression
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), st.psf * s)  # point-spread blur
     img = np.clip(img * 255.0, 0, 255).astype(np.uint8)
     img[~inside] = 0
     if return_findings:
@@ -532,6 +583,57 @@ def write_samus_layout(root, n_images: int = 40, size: int | tuple[int, int] = 1
     return root
 
 
+LUNG_DATASET = "SynLung-Lung"  # every anatomy id of ANATOMY_IDS but background is a class
+#: the A-SAM prompt keys of the lung anatomies, in anatomy-id order (soft tissue .. rib shadow)
+LUNG_PROMPTS: tuple[str, ...] = tuple(f"{LUNG_DATASET}/{i}" for i in range(1, len(ANATOMY_IDS)))
+
+
+def write_lung_layout(root, n_images: int = 200, size: int = 256, seed: int = 0,
+                      style: ScanStyle | str = "realistic", seg_root=None) -> Path:
+    """SAMUS layout of one data set, ``SynLung-Lung``, whose label maps are the anatomy ids
+    themselves (1 soft tissue, 2 rib, 3 pleura, 4 lung, 5 consolidation, 6 rib shadow; 0 outside
+    the fan): one A-SAM prompt per lung anatomy. Three scans in four are convex (as the
+    COVID-BLUES and most POCUS videos), classes cycle; split 70/10/20 by image.
+
+    ``seg_root``: another SAMUS root (e.g. HC18 + USGRA) whose data sets are linked into
+    ``root`` (symbolic links, nothing copied) and whose split lines and class.json entries are
+    merged in, so one stage 2 trains on both.
+    Returns ``root``.
+    """
+    root = Path(root)
+    lines: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    classes: dict[str, int] = {}
+    if seg_root is not None:
+        seg_root = Path(seg_root).resolve()
+        classes.update(json.loads((seg_root / "MainPatient" / "class.json").read_text()))
+        for ds in classes:
+            link = root / ds
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(seg_root / ds, target_is_directory=True)
+        for split in lines:
+            f = seg_root / "MainPatient" / f"{split}.txt"
+            if f.is_file():
+                lines[split] += [l.strip() for l in f.read_text().splitlines() if l.strip()]
+    present: dict[str, list[int]] = {}
+    for i in range(n_images):
+        probe = "linear" if i % 4 == 3 else "convex"
+        img, lab = make_scan(derive_seed(seed, 4, i), size, probe, i % 3, style=style)
+        name = f"lung_{i:05d}"
+        atomic_write_png(img, root / LUNG_DATASET / "img" / f"{name}.png")
+        atomic_write_png(lab.astype(np.uint8), root / LUNG_DATASET / "label" / f"{name}.png")
+        present[name] = [int(c) for c in np.unique(lab) if c != _BG]
+    for split, names in split_names(list(present), seed).items():
+        lines[split] += [f"{c}/{LUNG_DATASET}/{n}" for n in names for c in present[n]]
+    classes[LUNG_DATASET] = len(ANATOMY_IDS)
+    for split, ls in lines.items():
+        text = "".join(l + "\n" for l in ls).encode()
+        atomic_write(root / "MainPatient" / f"{split}.txt", lambda f, t=text: f.write(t))
+    cls_json = (json.dumps(classes, indent=4) + "\n").encode()
+    atomic_write(root / "MainPatient" / "class.json", lambda f: f.write(cls_json))
+    return root
+
+
 def write_pocus_folds(root, videos_per_class_per_fold: int = 2, frames_per_video: int = 4,
                       size: int = 64, seed: int = 0, finding_strength: float = 1.0,
                       local_findings: bool = False) -> list[Path]:
@@ -561,9 +663,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write synthetic lung ultrasound data sets in the layouts the ACLUS stages read.")
     ap.add_argument("--out", default="dataset",
                     help="output folder: pretrain -> OUT/train/<Sub>/{img,label}, samus -> OUT/samus, "
-                         "pocus -> OUT/pocus (default: dataset)")
+                         "pocus -> OUT/pocus, lung -> OUT/lung_seg (default: dataset)")
     ap.add_argument("--layouts", default="pretrain,samus,pocus",
-                    help="comma-separated subset of pretrain,samus,pocus (default: all three)")
+                    help="comma-separated subset of pretrain,samus,pocus,lung (default: the first three; "
+                         "lung: one SAMUS class per lung anatomy, write_lung_layout)")
+    ap.add_argument("--style", default="realistic", choices=sorted(STYLES),
+                    help="look of the lung layout's scans (default: realistic)")
+    ap.add_argument("--seg_root", default=None,
+                    help="lung layout: link this SAMUS root's data sets in beside it (e.g. HC18 + USGRA)")
     ap.add_argument("--n", type=int, default=64,
                     help="images per pretrain subset and per SAMUS dataset (default: 64)")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
@@ -574,9 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
-    unknown = set(layouts) - {"pretrain", "samus", "pocus"}
+    unknown = set(layouts) - {"pretrain", "samus", "pocus", "lung"}
     if unknown:
-        ap.error(f"unknown layout(s) {sorted(unknown)}; choose from pretrain, samus, pocus")
+        ap.error(f"unknown layout(s) {sorted(unknown)}; choose from pretrain, samus, pocus, lung")
+    if args.seg_root and not (Path(args.seg_root) / "MainPatient" / "class.json").is_file():
+        ap.error(f"--seg_root {args.seg_root}: no MainPatient/class.json there")
     out = Path(args.out)
     try:
         ensure_writable_dir(out, "--out")
@@ -592,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_pocus_folds(out / "pocus", args.pocus_videos, args.pocus_frames, args.size, args.seed)
         n_img = 5 * 3 * args.pocus_videos * args.pocus_frames
         print(f"pocus: {len(paths)} fold pickles ({n_img} images) in {out / 'pocus'}")
+    if "lung" in layouts:
+        root = write_lung_layout(out / "lung_seg", args.n, args.size, args.seed, args.style, args.seg_root)
+        print(f"lung: {args.n} {args.style} scans with one class per anatomy in {root / LUNG_DATASET}")
     return 0
 
 
