@@ -11,9 +11,20 @@
     python benchmarks/bench_asam.py --seg_root ../shared/data/seg --max_train 120 \\
         --max_val 12 --max_test 40 --epochs 6 --infer_images 16
 
-Encoder embeddings are computed once and cached under <work_dir>/cache (both the box
-baseline and stage 2 read them), so a re-run with other training settings is cheap.
-Results: <work_dir>/bench_asam.json and a Markdown table on stdout.
+4. with ``--negative_rates 0,R``: one stage 2 per rate on the same lines, cache and seed, so
+   "does a prompt stay silent where its anatomy is absent" is measured before (0: every
+   training image shows its anatomy) and after (R negatives per line: an image of the other
+   data set with this prompt and an empty target). Every test image also meets the other data
+   set's prompts; ``fp_rate`` is the share of those on which the prompt still marks something.
+
+    # what docs/results/asam_lite_cpu.json holds (2-core CPU, about 40 min)
+    python benchmarks/bench_asam.py --seg_root ../shared/data/seg --work_dir runs/bench_asam \
+        --max_train 120 --max_val 20 --max_test 60 --epochs 8 --prompter_grid 16 \
+        --balance_prompts true --negative_rates 0,0.5 --out docs/results/asam_lite_cpu.json
+
+Encoder embeddings are computed once and cached under <work_dir>/cache (the box baseline and
+every stage 2 read them), so a re-run with other training settings is cheap.
+Results: ``--out`` (default <work_dir>/bench_asam.json) and Markdown tables on stdout.
 """
 from __future__ import annotations
 
@@ -64,11 +75,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--infer_images", type=int, default=32,
                    help="images for the throughput test (32; at 16 start-up costs dominate)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
-    p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2/best.pt")
+    p.add_argument("--negative_rates", default="0",
+                   help="comma list: one stage 2 per stage-2 --negative_rate, each in "
+                        "<work_dir>/stage2_neg<rate> (0 = no negatives, the paper's training)")
+    p.add_argument("--out", default=None, help="results JSON (default <work_dir>/bench_asam.json)")
+    p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2_neg<rate>/best.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue stage 2 from <work_dir>/stage2/last.pt up to --epochs (an interrupted "
                         "run with --epochs = its finished epochs just evaluates best.pt)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.negative_rates = [float(r) for r in args.negative_rates.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--negative_rates: expected comma-separated numbers, got {args.negative_rates!r}")
+    if not args.negative_rates or min(args.negative_rates) < 0:
+        p.error(f"--negative_rates: expected one or more rates >= 0, got {args.negative_rates}")
+    return args
 
 
 def box_baseline(seg, cache: EmbeddingCache, ds: SAMUSDataset, keys: list[str], batch: int) -> dict:
@@ -195,39 +217,66 @@ def main(argv=None) -> dict:
     print(f"LiteMedSAM + ground-truth box ({time.perf_counter() - t0:.0f} s incl. encoding):\n"
           f"{format_summary(box)}")
 
-    stage2 = work / "stage2"
-    if not args.skip_train:
-        t0 = time.perf_counter()
-        train_auto_prompter.main([
-            "--task", "HC18_USGRA", "--data_root", str(root), "--backbone", "lite",
-            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
-            "--max_train", str(args.max_train), "--max_val", str(args.max_val),
-            "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
-            "--prompter_grid", str(args.prompter_grid), "--balance_prompts", str(args.balance_prompts),
-            "--encoder_lr", str(args.encoder_lr),
-            "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
-            + (["--resume"] if args.resume else []))
-        train_s = time.perf_counter() - t0
-    else:
+    runs = {}
+    for rate in args.negative_rates:
+        stage2 = work / f"stage2_neg{rate:g}"
         train_s = None
-    auto = json.loads((stage2 / "test_metrics.json").read_text())
-    speed = throughput(seg, stage2 / "best.pt", test_ds, args.infer_images, args.batch_size, work)
+        if not args.skip_train:
+            t0 = time.perf_counter()
+            train_auto_prompter.main([
+                "--task", "HC18_USGRA", "--data_root", str(root), "--backbone", "lite",
+                "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+                "--max_train", str(args.max_train), "--max_val", str(args.max_val),
+                "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
+                "--prompter_grid", str(args.prompter_grid), "--balance_prompts", str(args.balance_prompts),
+                "--encoder_lr", str(args.encoder_lr), "--negative_rate", str(rate),
+                "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
+                + (["--resume"] if args.resume else []))
+            train_s = time.perf_counter() - t0
+        runs[f"{rate:g}"] = {"negative_rate": rate, "checkpoint": repo_relative(stage2 / "best.pt"),
+                             "stage2_seconds": train_s,
+                             "test": json.loads((stage2 / "test_metrics.json").read_text())}
+    first = work / f"stage2_neg{args.negative_rates[0]:g}" / "best.pt"
+    speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work)
 
-    result = {"settings": vars(args), "test_lines": len(test_ds), "box_prompt": box,
-              "prompt_free": auto, "stage2_seconds": train_s, "throughput": speed,
-              "torch_threads": torch.get_num_threads()}
-    atomic_write(work / "bench_asam.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
-    rows = ["| prompt | n | box-prompted LiteMedSAM Dice | prompt-free A-SAM (lite) Dice | IoU | HD95 px |",
-            "|---|---|---|---|---|---|"]
-    for k in list(keys) + ["mean"]:
-        if k in auto:
-            rows.append(f"| {k} | {auto[k]['n']} | {box[k]['dice']:.4f} | {auto[k]['dice']:.4f} | "
-                        f"{auto[k]['iou']:.4f} | {auto[k]['hd95']:.2f} |")
-    print("\n".join(rows))
+    from benchmarks.measure_mask_sources import machine
+    result = {"what": "A-SAM (LiteMedSAM backbone, encoder frozen) on HC18 + USGRA: box-prompted "
+                      "baseline, prompt-free stage 2 per negative rate, mask-inference throughput",
+              "settings": {k: repo_relative(v) if k in ("seg_root", "work_dir", "out") and v else v
+                           for k, v in vars(args).items()},
+              "machine": machine(), "test_lines": len(test_ds),
+              "box_prompt": box, "prompt_free": runs, "throughput": speed}
+    result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
+    out = Path(args.out) if args.out else work / "bench_asam.json"
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print(results_table(box, runs, keys))
     print(f"throughput at batch {speed['batch_size']} on {speed['images']} images: infer_masks "
           f"{speed['infer_masks_img_per_s']:.3f} img/s, encoder alone {speed['encoder_img_per_s']:.3f} "
           f"img/s, pipeline overhead {speed['pipeline_overhead_pct']:.1f} %")
+    print(f"wrote {out}")
     return result
+
+
+def repo_relative(path) -> str:
+    """A path as seen from the repository root: a committed JSON names no machine's folders."""
+    return os.path.relpath(Path(path).resolve(), Path(__file__).resolve().parents[1])
+
+
+def results_table(box: dict, runs: dict, keys: list[str]) -> str:
+    """Markdown: per prompt, the box baseline's Dice, then Dice and false-positive rate of each
+    stage 2 (one column pair per negative rate)."""
+    head = "| prompt | n | box Dice |" + "".join(f" Dice (neg {r}) | FP rate (neg {r}) |" for r in runs)
+    rows = [head, "|---" * (3 + 2 * len(runs)) + "|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for k in list(keys) + ["mean"]:
+        if k not in box:
+            continue
+        row = f"| {k} | {box[k]['n']} | {box[k]['dice']:.3f} |"
+        for run in runs.values():
+            t = run["test"].get(k, {})
+            row += f" {fmt(t.get('dice'))} | {fmt(t.get('fp_rate'))} |"
+        rows.append(row)
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,20 @@ def test_index_maps_match_the_reference_up_to_ties():
         tie = ((top[-1] - top[-2]) < 1e-5) | (np.abs(best.numpy() - 0.3) < 1e-5)
         assert np.all(tie[differ])
         assert differ.mean() < 1e-3
+
+
+def test_bench_asam_negative_rates_and_table():
+    from benchmarks import bench_asam
+
+    a = bench_asam.parse_args(["--seg_root", "x", "--negative_rates", "0,0.5"])
+    assert a.negative_rates == [0.0, 0.5]
+    for bad in ("0,-1", "a", ","):
+        with pytest.raises(SystemExit):
+            bench_asam.parse_args(["--seg_root", "x", "--negative_rates", bad])
+    box = {"A/1": {"n": 3, "dice": 0.9}, "mean": {"n": 3, "dice": 0.9}}
+    runs = {"0": {"test": {"A/1": {"dice": 0.8, "fp_rate": 1.0}}},
+            "0.5": {"test": {"A/1": {"dice": 0.7, "fp_rate": 0.25}}}}
+    table = bench_asam.results_table(box, runs, ["A/1"]).splitlines()
+    assert table[0].count("FP rate") == 2 and len(table) == 4
+    assert table[2] == "| A/1 | 3 | 0.900 | 0.800 | 1.000 | 0.700 | 0.250 |"
+    assert table[3] == "| mean | 3 | 0.900 | - | - | - | - |"

@@ -1,0 +1,161 @@
+"""Markdown tables of the segmentation measurements, rendered from their JSON files only.
+
+    python benchmarks/render_results.py          # splice into README.md and docs/RESULTS.md
+    python benchmarks/render_results.py --print  # only print them
+
+Each block lives between ``<!-- results:NAME -->`` and ``<!-- results:NAME:end -->`` of the
+documents; a document without a block's markers is left alone for that block, and a block whose
+JSON is missing is not rendered. Blocks: ``asam`` (docs/results/asam_lite_cpu.json,
+benchmarks/bench_asam.py), ``realism`` (docs/results/synthetic_realism.json,
+benchmarks/measure_synthetic_realism.py), ``lung_asam`` (docs/results/lung_asam.json,
+benchmarks/measure_lung_asam.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+DOCS = (REPO / "README.md", REPO / "docs" / "RESULTS.md")
+
+
+def _f(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def where(d: dict) -> str:
+    m = d.get("machine", {})
+    dev = m.get("gpu") or f"CPU, {m.get('cpu_count')} cores"
+    return (f"{dev}, torch {m.get('torch')}, commit `{(m.get('commit') or '')[:7]}`; load average "
+            f"{_f(m.get('load_avg_1min_at_start'), 1)} at the start, {_f(m.get('load_avg_1min_now'), 1)} at the end")
+
+
+def asam_block(d: dict) -> str:
+    """Box-prompted LiteMedSAM and prompt-free A-SAM per negative rate, per prompt."""
+    s, runs, box = d["settings"], d["prompt_free"], d["box_prompt"]
+    keys = [k for k in box if k != "mean"] + ["mean"]
+    head = "| prompt | test images | box-prompted Dice |" + "".join(
+        f" A-SAM Dice, negatives {r} | FP rate, negatives {r} |" for r in runs)
+    rows = [head, "|---" * (3 + 2 * len(runs)) + "|"]
+    for k in keys:
+        row = f"| {k} | {box[k]['n']} | {_f(box[k]['dice'])} |"
+        for run in runs.values():
+            t = run["test"].get(k, {})
+            row += f" {_f(t.get('dice'))} | {_f(t.get('fp_rate'))} |"
+        rows.append(row)
+    tp = d["throughput"]
+    secs = ", ".join(f"negatives {r}: {_f((v.get('stage2_seconds') or 0) / 60, 1)} min" for r, v in runs.items())
+    return "\n".join([
+        f"LiteMedSAM backbone, encoder frozen; stage 2 for {s['epochs']} epochs on {s['max_train'] or 'all'} "
+        f"training lines per data set (prompter grid {s['prompter_grid']}, prompts balanced: "
+        f"{s['balance_prompts']}); test: {s['max_test'] or 'all'} lines per data set. Dice over the test "
+        "images that show the anatomy; FP rate = share of the other data set's test images on which the "
+        "prompt marks something (its anatomy is absent there). Negatives R = R images of another data set "
+        "per training line, with an empty target.", "", *rows, "",
+        f"Stage-2 time: {secs}. `SAM/infer_masks.py` {_f(tp['infer_masks_img_per_s'], 2)} images/s against "
+        f"{_f(tp['encoder_img_per_s'], 2)} for the bare encoder (batch {tp['batch_size']}, {tp['images']} images). "
+        f"Ran on {where(d)}. File: `docs/results/asam_lite_cpu.json` (`benchmarks/bench_asam.py`)."])
+
+
+def realism_block(d: dict) -> str:
+    rows = ["| style | real set | score | intensity W1 (grey levels) | depth profile MAD | speckle contrast diff "
+            "| logistic real-vs-synthetic | boosted trees real-vs-synthetic |", "|---|---|---|---|---|---|---|---|"]
+    for style, v in d["styles"].items():
+        for real, r in v["vs_real"].items():
+            dist, sep = r["distances"], r["separability"]
+            rows.append(f"| {style} | {real} | {_f(r['score'], 1)} | {_f(dist['histogram_w1'], 1)} | "
+                        f"{_f(dist['depth_profile_mad'], 1)} | {_f(dist['speckle_contrast_diff'])} | "
+                        f"{_f(sep['logistic']['accuracy'], 2)} ± {_f(sep['logistic']['std'], 2)} | "
+                        f"{_f(sep['boosted_trees']['accuracy'], 2)} ± {_f(sep['boosted_trees']['std'], 2)} |")
+    if "real_vs_real" in d:
+        r = d["real_vs_real"]
+        dist, sep = r["distances"], r["separability"]
+        rows.append(f"| (real) {r['sets'][1]} | {r['sets'][0]} | {_f(r['score'], 1)} | {_f(dist['histogram_w1'], 1)} | "
+                    f"{_f(dist['depth_profile_mad'], 1)} | {_f(dist['speckle_contrast_diff'])} | "
+                    f"{_f(sep['logistic']['accuracy'], 2)} ± {_f(sep['logistic']['std'], 2)} | "
+                    f"{_f(sep['boosted_trees']['accuracy'], 2)} ± {_f(sep['boosted_trees']['std'], 2)} |")
+    n = {k: f"{v['frames_held_out']} frames of {v['videos_held_out']} videos" for k, v in d["real"].items()}
+    return "\n".join([
+        "Held-out real frames (" + "; ".join(f"{k}: {v}" for k, v in n.items()) + f"), "
+        f"{d['settings']['n_synthetic']} synthetic convex scans per style, all at 128 px inside the field of view. "
+        "Score: the fit's weighted sum of the differences (lower is closer); classifier accuracy: 0.5 = the "
+        "features cannot tell real from synthetic, 1.0 = always can (5 folds, real videos never split). "
+        "The last row compares the two real sets with each other: the scale of a real-to-real difference.",
+        "", *rows, "", f"Ran on {where(d)}. File: `docs/results/synthetic_realism.json` "
+        "(`benchmarks/measure_synthetic_realism.py`)."])
+
+
+def lung_block(d: dict) -> str:
+    test = d["test"]
+    rows = ["| prompt | test images | Dice | FP rate on images without it |", "|---|---|---|---|"]
+    for k, v in test.items():
+        if k != "mean":
+            rows.append(f"| {k} | {v['n']} | {_f(v['dice'])} | {_f(v.get('fp_rate'))} |")
+    real = ["| source | frames | fires | regions / frame | pixel share | regions with a C5 cell | pleura centroid spread |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in d["real"].items():
+        o = r["overall"]
+        pl = r.get("pleura_centroid_spread")
+        spread = "-" if not pl or pl["mean_std"] is None else \
+            f"{_f(pl['mean_std'])} (mean std over {pl['videos_with_2_or_more']} videos)"
+        real.append(f"| {name} | {o['frames']} | {_f(o['fires'], 2)} | {_f(o['regions_per_frame']['mean'], 1)} | "
+                    f"{_f(o['total_share']['mean'], 2)} | {_f(o['c5_survival']['share'], 2)} | {spread} |")
+    fires = "; ".join(f"{name}: " + ", ".join(f"{k} {_f(v['fires'], 2)}" for k, v in r["per_prompt"].items())
+                      for name, r in d["real"].items())
+    s = d["settings"]
+    return "\n".join([
+        f"Stage 2 (LiteMedSAM, encoder frozen) on {', '.join(d['data']['datasets'])}: {s['max_train']} training "
+        f"lines per data set, {s['epochs']} epochs, negatives {s['negative_rate']}; synthetic scans in the "
+        f"`{s['style']}` style. Held-out test lines:", "", *rows, "",
+        f"Real lung frames ({d['real_frames']['frames']} frames of {d['real_frames']['videos']} COVID-BLUES "
+        "videos; no labels exist, so these describe the masks, they do not score them):", "", *real, "",
+        f"Share of frames where each prompt fires: {fires}.", "",
+        f"Ran on {where(d)}. File: `docs/results/lung_asam.json` (`benchmarks/measure_lung_asam.py`)."])
+
+
+BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block), "realism": ("synthetic_realism.json", realism_block),
+          "lung_asam": ("lung_asam.json", lung_block)}
+
+
+def splice(text: str, name: str, block: str) -> str:
+    """``text`` with the part between the markers of block ``name`` replaced; unchanged without them."""
+    begin, end = f"<!-- results:{name} -->", f"<!-- results:{name}:end -->"
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        return text
+    return text[: i + len(begin)] + "\n" + block.rstrip() + "\n" + text[j:]
+
+
+def render(results: Path = RESULTS) -> dict[str, str]:
+    out = {}
+    for name, (file, fn) in BLOCKS.items():
+        if (results / file).is_file():
+            out[name] = fn(json.loads((results / file).read_text()))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--print", action="store_true", help="print the blocks, write nothing")
+    a = p.parse_args(argv)
+    blocks = render()
+    if a.print:
+        for name, b in blocks.items():
+            print(f"## {name}\n\n{b}\n")
+        return 0
+    for doc in DOCS:
+        text = doc.read_text()
+        new = text
+        for name, b in blocks.items():
+            new = splice(new, name, b)
+        if new != text:
+            doc.write_text(new)
+            print(f"updated {doc.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
