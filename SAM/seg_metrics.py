@@ -57,24 +57,28 @@ class MetricTable:
     Convention for images without the anatomy (empty ground truth): they do not enter
     Dice, IoU or HD95, which are means over the images that show the anatomy; they give
     the false-positive rate instead, the share of them on which the prompt still marks
-    something. (The both-empty Dice of 1 of :func:`dice_iou` would otherwise reward a
-    prompt that never fires.)
+    something (a single pixel counts), and the false-positive area, the mean share of such an
+    image's pixels it marks (a speck and a head-sized blob differ there). (The both-empty Dice
+    of 1 of :func:`dice_iou` would otherwise reward a prompt that never fires.)
     """
 
     def __init__(self):
         self.rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         self.fired_on_empty: dict[str, list[bool]] = defaultdict(list)
+        self.area_on_empty: dict[str, list[float]] = defaultdict(list)
 
     def add(self, key: str, pred: np.ndarray, gt: np.ndarray) -> None:
         if not gt.any():
             self.fired_on_empty[key].append(bool(pred.any()))
+            self.area_on_empty[key].append(float(pred.astype(bool).mean()))
             return
         d, i = dice_iou(pred, gt)
         self.rows[key].append((d, i, hd95(pred, gt)))
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """{key: {dice, iou, hd95, n, hd95_undefined, n_without, fp_rate}} plus 'mean' over keys
-        (macro); ``n_without`` images lacked the anatomy, ``fp_rate`` is None when there were none."""
+        """{key: {dice, iou, hd95, n, hd95_undefined, n_without, fp_rate, fp_area}} plus 'mean' over
+        keys (macro); ``n_without`` images lacked the anatomy, ``fp_rate`` and ``fp_area`` are None
+        when there were none."""
         nan = float("nan")
         out = {}
         for key in sorted(set(self.rows) | set(self.fired_on_empty)):
@@ -84,15 +88,17 @@ class MetricTable:
                         "iou": float(a[:, 1].mean()) if len(a) else nan,
                         "hd95": float(np.nanmean(a[:, 2])) if np.isfinite(a[:, 2]).any() else nan,
                         "hd95_undefined": int(np.isnan(a[:, 2]).sum()), "n": len(a),
-                        "n_without": len(fired), "fp_rate": float(np.mean(fired)) if fired else None}
+                        "n_without": len(fired), "fp_rate": float(np.mean(fired)) if fired else None,
+                        "fp_area": float(np.mean(self.area_on_empty[key])) if fired else None}
         if out:
             vals = {m: np.array([v[m] for v in out.values()]) for m in ("dice", "iou", "hd95")}
             out["mean"] = {m: float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else nan
                            for m, a in vals.items()}
             out["mean"]["n"] = sum(v["n"] for k, v in out.items() if k != "mean")
-            rates = [v["fp_rate"] for k, v in out.items() if k != "mean" and v["fp_rate"] is not None]
             out["mean"]["n_without"] = sum(v["n_without"] for k, v in out.items() if k != "mean")
-            out["mean"]["fp_rate"] = float(np.mean(rates)) if rates else None
+            for m in ("fp_rate", "fp_area"):
+                vals = [v[m] for k, v in out.items() if k != "mean" and v[m] is not None]
+                out["mean"][m] = float(np.mean(vals)) if vals else None
         return out
 
 

@@ -233,8 +233,10 @@ def main(argv=None) -> dict:
                 "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
                 + (["--resume"] if args.resume else []))
             train_s = time.perf_counter() - t0
+        epochs = [json.loads(l) for l in (stage2 / "log.jsonl").read_text().splitlines() if l.strip()]
         runs[f"{rate:g}"] = {"negative_rate": rate, "checkpoint": repo_relative(stage2 / "best.pt"),
-                             "stage2_seconds": train_s,
+                             "stage2_seconds": train_s, "epochs": len(epochs),
+                             "epoch_seconds": sum(e.get("seconds", 0.0) for e in epochs),
                              "test": json.loads((stage2 / "test_metrics.json").read_text())}
     first = work / f"stage2_neg{args.negative_rates[0]:g}" / "best.pt"
     speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work)

@@ -38,24 +38,26 @@ def asam_block(d: dict) -> str:
     s, runs, box = d["settings"], d["prompt_free"], d["box_prompt"]
     keys = [k for k in box if k != "mean"] + ["mean"]
     head = "| prompt | test images | box-prompted Dice |" + "".join(
-        f" A-SAM Dice, negatives {r} | FP rate, negatives {r} |" for r in runs)
-    rows = [head, "|---" * (3 + 2 * len(runs)) + "|"]
+        f" A-SAM Dice, negatives {r} | FP rate, negatives {r} | FP area, negatives {r} |" for r in runs)
+    rows = [head, "|---" * (3 + 3 * len(runs)) + "|"]
     for k in keys:
         row = f"| {k} | {box[k]['n']} | {_f(box[k]['dice'])} |"
         for run in runs.values():
             t = run["test"].get(k, {})
-            row += f" {_f(t.get('dice'))} | {_f(t.get('fp_rate'))} |"
+            row += f" {_f(t.get('dice'))} | {_f(t.get('fp_rate'))} | {_f(t.get('fp_area'))} |"
         rows.append(row)
     tp = d["throughput"]
-    secs = ", ".join(f"negatives {r}: {_f((v.get('stage2_seconds') or 0) / 60, 1)} min" for r, v in runs.items())
+    secs = ", ".join(f"negatives {r}: {_f(v['epoch_seconds'] / 60, 1)} min for {v['epochs']} epochs"
+                     for r, v in runs.items())
     return "\n".join([
         f"LiteMedSAM backbone, encoder frozen; stage 2 for {s['epochs']} epochs on {s['max_train'] or 'all'} "
         f"training lines per data set (prompter grid {s['prompter_grid']}, prompts balanced: "
         f"{s['balance_prompts']}); test: {s['max_test'] or 'all'} lines per data set. Dice over the test "
         "images that show the anatomy; FP rate = share of the other data set's test images on which the "
-        "prompt marks something (its anatomy is absent there). Negatives R = R images of another data set "
-        "per training line, with an empty target.", "", *rows, "",
-        f"Stage-2 time: {secs}. `SAM/infer_masks.py` {_f(tp['infer_masks_img_per_s'], 2)} images/s against "
+        "prompt marks something (its anatomy is absent there; one pixel counts), FP area = the mean share "
+        "of such an image's pixels it marks. Negatives R = R images of another data set per training line, "
+        "with an empty target.", "", *rows, "",
+        f"Stage-2 training time (encoder embeddings cached beforehand): {secs}. `SAM/infer_masks.py` {_f(tp['infer_masks_img_per_s'], 2)} images/s against "
         f"{_f(tp['encoder_img_per_s'], 2)} for the bare encoder (batch {tp['batch_size']}, {tp['images']} images). "
         f"Ran on {where(d)}. File: `docs/results/asam_lite_cpu.json` (`benchmarks/bench_asam.py`)."])
 
@@ -90,10 +92,10 @@ def realism_block(d: dict) -> str:
 
 def lung_block(d: dict) -> str:
     test = d["test"]
-    rows = ["| prompt | test images | Dice | FP rate on images without it |", "|---|---|---|---|"]
+    rows = ["| prompt | test images | Dice | FP rate on images without it | FP area |", "|---|---|---|---|---|"]
     for k, v in test.items():
         if k != "mean":
-            rows.append(f"| {k} | {v['n']} | {_f(v['dice'])} | {_f(v.get('fp_rate'))} |")
+            rows.append(f"| {k} | {v['n']} | {_f(v['dice'])} | {_f(v.get('fp_rate'))} | {_f(v.get('fp_area'))} |")
     real = ["| source | frames | fires | regions / frame | pixel share | regions with a C5 cell | pleura centroid spread |",
             "|---|---|---|---|---|---|---|"]
     for name, r in d["real"].items():

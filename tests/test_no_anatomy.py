@@ -19,6 +19,7 @@ def test_empty_ground_truth_gives_a_false_positive_rate_not_a_dice():
     s = t.summary()["A/1"]
     assert s["dice"] == 1.0 and s["n"] == 1                # empty cases stay out of Dice
     assert s["n_without"] == 2 and s["fp_rate"] == 0.5
+    assert s["fp_area"] == pytest.approx((0 + 9 / 64) / 2)  # silent: 0; fires: 9 of 64 pixels
     t2 = MetricTable()
     t2.add("B/1", np.zeros_like(gt), np.zeros_like(gt))     # a prompt that never fires gets no Dice of 1
     assert np.isnan(t2.summary()["B/1"]["dice"]) and t2.summary()["B/1"]["fp_rate"] == 0.0
