@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Pre-training study: COVID-BLUES pre-training -> POCUS 5-fold, arms x seeds x checkpoints x protocols.
 
-    python study_real_data.py --covid_blues ../shared/data/covid_blues --pocus ../shared/data/pocus   # CPU, ~2.5 h
+    python study_real_data.py --covid_blues ../shared/data/covid_blues --pocus ../shared/data/pocus \\
+        --arms random,bn_control,byol,detcon_superpixel,aclus_superpixel   # the committed CPU run: 1.8 h on 2 cores
     python study_real_data.py ... --preset gpu                      # one H100-class GPU, paper-like settings
     python study_real_data.py ... --asam_ckpt runs/asam_lite/best.pt   # with the A-SAM arms
     python study_real_data.py ... --asam_build ../shared/data/seg      # train that A-SAM first (CPU: hours)
+    python study_real_data.py ... --arms aclus_asam_lung --asam_lung_ckpt runs/lung_asam/stage2/best.pt
     python study_real_data.py --render_only                         # tables + figures from docs/results/study
     python study_real_data.py ... --preset smoke --out /tmp/s --results /tmp/s/results   # minutes, measures nothing
 
 Arms (``--arms``): ``random`` (the seed's random start), ``bn_control`` (that start with the
 corpus's BatchNorm statistics, study/bn_control.py), ``byol`` (classic, whole image),
-``<detcon|aclus>_<superpixel|asam|sam_auto>`` (sam_auto: SAM's everything mode,
-SAM/auto_masks.py). Every arm runs for every seed of the preset, and every
+``<detcon|aclus>_<superpixel|asam|sam_auto|asam_lung>`` (sam_auto: SAM's everything mode,
+SAM/auto_masks.py; asam_lung: an A-SAM taught the lung anatomies on synthetic scans,
+benchmarks/measure_lung_asam.py, with its lung prompts only). Every arm runs for every seed of the preset, and every
 pre-trained arm takes the same optimizer steps at the same batch; each is probed after
 25 / 50 / 100 % of its steps (``checkpoint.snapshot_fractions``) by every protocol of the
 preset (``evaluation_aclus.py``: linear, kNN, fine-tune), on the same 5 POCUS folds (split by
@@ -47,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from study import StudyError  # noqa: E402
 from study import results as res  # noqa: E402
 from study.results import read_json, write_json  # noqa: E402
-from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SUB, Preset,  # noqa: E402
+from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SOURCE_FLAGS, SUB, Preset,  # noqa: E402
                         arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides)
 from study.provenance import git_state, machine, package_versions  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
@@ -159,6 +162,16 @@ def build_masks(a, st: ResumableStages, out: Path, frames: Path, sources: set[st
                                       "--max_regions", "32", "--overlap", "small_on_top"],
                    [labels / SUB / layout.LABEL_DIR],
                    note="SAM everything mode (LiteMedSAM): ~15 s per frame on a 2-core CPU")
+        elif source == "asam_lung":
+            if not a.asam_lung_ckpt:
+                missing[source] = "no lung A-SAM checkpoint (--asam_lung_ckpt; benchmarks/measure_lung_asam.py trains one)"
+                continue
+            from utils.synthetic_us import LUNG_PROMPTS
+            st.run("masks_asam_lung", [py, "SAM/infer_masks.py", "--ckpt", str(Path(a.asam_lung_ckpt).resolve()),
+                                       "--data_dir", str(frames), "--out_dir", str(labels), "--batch_size",
+                                       str(a.asam_batch), "--workers", "0", "--device", "cpu",
+                                       "--prompts", ",".join(LUNG_PROMPTS)],
+                   [labels / SUB / layout.LABEL_DIR], note="lung A-SAM inference (its lung-anatomy prompts)")
         elif a.asam_masks:
             src = Path(a.asam_masks).resolve() / SUB / layout.LABEL_DIR
             if not src.is_dir():
@@ -227,6 +240,33 @@ def portable(arg: str) -> str:
     return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
 
 
+def recorded_command(argv: list[str]) -> list[str]:
+    """The command line as settings.json keeps it: paths from the repository root, and the
+    local ``--out`` folder (machine-specific, never committed) as a placeholder."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            out.append("<local study folder>")
+        else:
+            out.append(portable(arg.split("=", 1)[0] + "=<local study folder>" if arg.startswith("--out=") else arg))
+        skip = arg == "--out"
+    return out
+
+
+def arms_not_run(arms: list[str], missing: dict[str, str], a: argparse.Namespace) -> dict[str, str]:
+    """Every default arm this study has no rows for, with the reason: its masks are missing, or it
+    was left out of ``--arms`` (then: what it would need)."""
+    given = {"asam": a.asam_ckpt or a.asam_masks or a.asam_build, "asam_lung": a.asam_lung_ckpt}
+    out = dict(missing)
+    for arm in DEFAULT_ARMS:
+        if arm in arms or arm in out:
+            continue
+        source = parse_run(arm).pairs_source if arm not in BASELINES else None
+        need = f"; it needs {SOURCE_FLAGS[source]}" if source in SOURCE_FLAGS and not given.get(source) else ""
+        out[arm] = f"not in this run's --arms{need}"
+    return out
+
+
 def default_results(preset: str, out: Path) -> Path:
     """docs/results/study (cpu), docs/results/study_gpu (gpu); a smoke run's rows stay in <out>/results."""
     if preset == "smoke":
@@ -250,7 +290,7 @@ def study(a: argparse.Namespace) -> int:
     runs = {arm: parse_run(arm) for arm in arms if arm not in BASELINES}
     t0 = time.time()
     settings = {"preset": preset.to_dict(), "arms": arms, "where": machine(preset.device),
-                "selection": SELECTION, "command": [Path(sys.argv[0]).name, *map(portable, sys.argv[1:])],
+                "selection": SELECTION, "command": [Path(sys.argv[0]).name, *recorded_command(sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
                 "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)}}
     try:
@@ -282,7 +322,8 @@ def study(a: argparse.Namespace) -> int:
         reference = max(frames_of.values()) if frames_of else n_frames
         steps = preset.epochs * (reference // preset.batch_size)
         settings.update(corpus={"videos": len(videos) if not preset.videos else preset.videos, "frames": n_frames,
-                                "pretrain_frames": frames_of}, steps=steps, missing_arms=missing_arms)
+                                "pretrain_frames": frames_of}, steps=steps,
+                        missing_arms=arms_not_run(arms, missing_arms, a))
         write_json(results / "settings.json", settings)
 
         def eval_cmd(protocols: str, encoder: Path, eval_dir: Path, seed: int) -> list[str]:
@@ -386,7 +427,7 @@ def render(results: Path) -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (2-core CPU, ~2.5 h), gpu (one H100-class GPU), smoke (minutes; checks the machinery)")
+                   help="cpu (2-core CPU: ~36 min per seed of the five arms without A-SAM), gpu (one H100-class GPU), smoke (minutes; checks the machinery)")
     p.add_argument("--covid_blues", help="COVID-BLUES folder (holding lus_videos/*.mp4); required unless --render_only")
     p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --render_only")
     p.add_argument("--out", default=None, help="local study folder (default outputs/study/<preset>; never committed)")
@@ -394,13 +435,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="committed results folder (default docs/results/study, docs/results/study_gpu; "
                         "smoke: <out>/results)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam|sam_auto>")
+                   help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam|sam_auto|asam_lung>")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
     p.add_argument("--frame_stride", type=int, default=None, help="every k-th COVID-BLUES frame (default: the preset's)")
     p.add_argument("--asam_ckpt", default=None, help="A-SAM stage-2 checkpoint for SAM/infer_masks.py")
     p.add_argument("--asam_masks", default=None, help="precomputed A-SAM label tree <DIR>/COVID-BLUES/label/*.png")
     p.add_argument("--asam_build", default=None, metavar="SEG_ROOT",
                    help="no A-SAM checkpoint: train one (lite backbone, HC18 + USGRA under SEG_ROOT) first")
+    p.add_argument("--asam_lung_ckpt", default=None,
+                   help="stage-2 checkpoint that knows the SynLung-Lung anatomies (source asam_lung; "
+                        "benchmarks/measure_lung_asam.py trains one)")
     p.add_argument("--asam_prompts", default=None, help="infer_masks --prompts (default: all of the checkpoint)")
     p.add_argument("--asam_batch", type=int, default=4, help="infer_masks --batch_size")
     p.add_argument("--gradcam", type=int, default=0, metavar="N",
@@ -444,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"study_real_data.py: error: {e} (preset {a.preset})", file=sys.stderr)
             return 2
     for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--asam_ckpt", a.asam_ckpt),
-                       ("--asam_masks", a.asam_masks), ("--asam_build", a.asam_build)):
+                       ("--asam_masks", a.asam_masks), ("--asam_build", a.asam_build),
+                       ("--asam_lung_ckpt", a.asam_lung_ckpt)):
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2

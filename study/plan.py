@@ -10,10 +10,13 @@ from study import StudyError
 
 #: the sub-folder name of the COVID-BLUES frames in every layout of the study
 SUB = "COVID-BLUES"
-MASK_SOURCES = ("superpixel", "asam", "sam_auto")
+MASK_SOURCES = ("superpixel", "asam", "sam_auto", "asam_lung")
 DEFAULT_RUNS = ("byol", "detcon_superpixel", "detcon_asam", "aclus_asam")
 SOURCE_LABELS = {"superpixel": "Felzenszwalb superpixels", "asam": "A-SAM",
-                 "sam_auto": "SAM everything mode (LiteMedSAM, box grid)", None: "- (whole image)"}
+                 "sam_auto": "SAM everything mode (LiteMedSAM, box grid)",
+                 "asam_lung": "A-SAM taught lung anatomy on synthetic scans", None: "- (whole image)"}
+#: the flag that provides each model-made source, for "not run" messages
+SOURCE_FLAGS = {"asam": "--asam_ckpt / --asam_masks", "asam_lung": "--asam_lung_ckpt"}
 #: arms without pre-training: the random start of a seed, and that start with the corpus's
 #: BatchNorm statistics (study/bn_control.py); both are probed once, at step 0
 BASELINES = ("random", "bn_control")
@@ -84,12 +87,13 @@ def expected_keys(arm: str, preset: Preset, folds: int = 5) -> set[tuple[float, 
 class Run:
     name: str                 # e.g. detcon_superpixel
     method: str               # byol | detcon | aclus
-    mask_source: str | None   # superpixel | asam | None (byol: whole image)
+    mask_source: str | None   # one of MASK_SOURCES, or None (byol: whole image)
     pairs_source: str         # which pair list gives the images
 
 
 def parse_run(name: str) -> Run:
-    """``byol`` or ``<detcon|aclus>_<superpixel|asam|sam_auto>`` -> :class:`Run`; ValueError otherwise."""
+    """``byol`` or ``<detcon|aclus>_<source>`` (a source of :data:`MASK_SOURCES`) -> :class:`Run`;
+    ValueError otherwise."""
     if name in METHODS and METHODS[name].whole_image:   # byol, byol_fpn: the mask source is irrelevant
         return Run(name, name, None, "superpixel")
     method, _, source = name.partition("_")
@@ -107,7 +111,7 @@ def plan_runs(names: list[str], available_sources: set[str]) -> tuple[list[Run],
             runs.append(run)
         else:
             missing[name] = (f"no {SOURCE_LABELS[run.pairs_source]} masks "
-                             f"({'--asam_ckpt / --asam_masks not given' if run.pairs_source == 'asam' else 'source not selected'})")
+                             f"({SOURCE_FLAGS[run.pairs_source] + ' not given' if run.pairs_source in SOURCE_FLAGS else 'source not selected'})")
     return runs, missing
 
 

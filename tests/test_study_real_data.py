@@ -17,8 +17,16 @@ def test_parse_runs():
     assert plan.parse_run("byol") == plan.Run("byol", "byol", None, "superpixel")
     assert plan.parse_run("aclus_asam").mask_source == "asam"
     assert plan.parse_run("detcon_sam_auto") == plan.Run("detcon_sam_auto", "detcon", "sam_auto", "sam_auto")
+    assert plan.parse_run("aclus_asam_lung") == plan.Run("aclus_asam_lung", "aclus", "asam_lung", "asam_lung")
     with pytest.raises(ValueError, match="unknown run 'detcon_sam'"):
         plan.parse_run("detcon_sam")
+
+
+def test_a_model_made_source_without_its_checkpoint_names_the_flag():
+    runs, missing = plan.plan_runs(["byol", "aclus_asam_lung", "detcon_asam"], {"superpixel"})
+    assert [r.name for r in runs] == ["byol"]
+    assert "--asam_lung_ckpt not given" in missing["aclus_asam_lung"]
+    assert "--asam_ckpt / --asam_masks not given" in missing["detcon_asam"]
 
 
 def test_presets_name_only_protocols_and_sources_the_stages_know():
@@ -246,3 +254,15 @@ def test_settings_record_paths_from_the_repository_root():
     assert srd.portable(str(srd.REPO.parent / "shared" / "data")) == "../shared/data"
     assert srd.portable(str(srd.REPO / "docs" / "results")) == "docs/results"
     assert srd.portable("--preset") == "--preset" and srd.portable("relative/x") == "relative/x"
+
+
+def test_settings_name_no_local_folder_and_every_default_arm_not_run():
+    assert srd.recorded_command(["--out", "/home/me/s", "--seeds", "0", "--out=/x"]) == \
+        ["--out", "<local study folder>", "--seeds", "0", "--out=<local study folder>"]
+    a = srd.get_args_parser().parse_args(["--arms", "random,byol"])
+    why = srd.arms_not_run(["random", "byol"], {}, a)
+    assert set(why) == set(plan.DEFAULT_ARMS) - {"random", "byol"}
+    assert why["aclus_asam"] == "not in this run's --arms; it needs --asam_ckpt / --asam_masks"
+    assert why["detcon_superpixel"] == "not in this run's --arms"
+    kept = srd.arms_not_run(["aclus_asam"], {"aclus_asam": "no A-SAM checkpoint"}, a)
+    assert kept["aclus_asam"] == "no A-SAM checkpoint"

@@ -1,0 +1,199 @@
+"""A-SAM that knows lung anatomy: stage 2 on synthetic lung scans with exact labels, together
+with HC18 and USGRA, measured on held-out synthetic scans and on real lung frames.
+
+    python benchmarks/measure_lung_asam.py --seg_root ../shared/data/seg \\
+        --lung_frames outputs/study/cpu/frames --compare runs/bench_asam/stage2_neg0/best.pt
+
+1. ``<work_dir>/data``: ``SynLung-Lung`` (:func:`utils.synthetic_us.write_lung_layout`, one
+   class per anatomy: soft tissue, rib, pleura, lung, consolidation, rib shadow; ``--style``)
+   beside links to the data sets of ``--seg_root``;
+2. ``SAM/train_auto_prompter.py`` (LiteMedSAM backbone, encoder frozen) on all of them,
+   ``--max_train`` lines per data set, ``--negative_rate`` negatives, ``--eval_test``: Dice per
+   anatomy on held-out synthetic scans, Dice on HC18 / USGRA, false-positive rates;
+3. real lung frames (no labels exist): ``--frames_per_video`` evenly spaced frames of
+   ``--n_videos`` videos of ``--lung_frames`` (a ``<Sub>/img/<video>_f<index>.png`` tree, e.g. the
+   study's frames); ``SAM/infer_masks.py`` with this checkpoint's lung prompts, and with every
+   prompt of ``--compare`` (an A-SAM that never saw a lung); per source and prompt: the share
+   of frames where it fires, regions per frame, pixel share, C5 survival
+   (:mod:`utils.mask_stats`), and the spread of the pleura's vertical centroid within a video.
+
+Writes ``--out`` (default docs/results/lung_asam.json) and ``--montage`` (the lung A-SAM on
+held-out synthetic scans); real-frame overlays stay in ``<work_dir>`` (COVID-BLUES licence).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.bench_asam import repo_relative  # noqa: E402
+from SAM import infer_masks, train_auto_prompter  # noqa: E402
+from utils.io import atomic_write, read_label  # noqa: E402
+from utils.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
+from utils.synthetic_us import ANATOMY_IDS, LUNG_DATASET, LUNG_PROMPTS, STYLES, write_lung_layout  # noqa: E402
+
+VIDEO_OF = re.compile(r"^(.*?)_+f\d+$")
+PLEURA = f"{LUNG_DATASET}/{ANATOMY_IDS['pleura']}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seg_root", required=True, help="SAMUS root with HC18 and USGRA")
+    p.add_argument("--lung_frames", required=True, help="<Sub>/img/<video>_f<index>.png tree of real frames")
+    p.add_argument("--compare", default=None, help="another stage-2 checkpoint to measure on the same frames")
+    p.add_argument("--work_dir", default="runs/lung_asam")
+    p.add_argument("--style", default="realistic", choices=sorted(STYLES))
+    p.add_argument("--n_synthetic", type=int, default=200, help="synthetic lung scans (200; 70/10/20 split)")
+    p.add_argument("--max_train", type=int, default=120, help="training lines per data set (120)")
+    p.add_argument("--max_val", type=int, default=20)
+    p.add_argument("--max_test", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--negative_rate", type=float, default=0.0,
+                   help="stage-2 negatives per line (0: METHOD.md's training, as the compared A-SAM)")
+    p.add_argument("--prompter_grid", type=int, default=16)
+    p.add_argument("--n_videos", type=int, default=12, help="real videos (12)")
+    p.add_argument("--frames_per_video", type=int, default=3, help="frames per real video (3)")
+    p.add_argument("--view", type=int, default=112, help="pre-training view side for C5 survival (112)")
+    p.add_argument("--out", default=str(REPO / "docs/results/lung_asam.json"))
+    p.add_argument("--montage", default=str(REPO / "figs/lung_asam_synthetic.png"))
+    a = p.parse_args(argv)
+    for flag in ("seg_root", "lung_frames"):
+        if not Path(getattr(a, flag)).is_dir():
+            p.error(f"--{flag} {getattr(a, flag)}: not a folder")
+    if a.compare and not Path(a.compare).is_file():
+        p.error(f"--compare {a.compare}: no such checkpoint")
+    return a
+
+
+def pick_real_frames(root: Path, n_videos: int, per_video: int, dest: Path) -> dict[str, list[str]]:
+    """Link ``per_video`` evenly spaced frames of ``n_videos`` evenly spread videos into
+    ``dest/<Sub>/img``; returns {video: [frame names]}."""
+    videos: dict[tuple[str, str], list[Path]] = {}
+    for f in sorted(root.glob("*/img/*.png")):
+        m = VIDEO_OF.match(f.stem)
+        videos.setdefault((f.parent.parent.name, m.group(1) if m else f.stem), []).append(f)
+    keys = sorted(videos)
+    chosen = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(n_videos, len(keys))).round().astype(int))]
+    out: dict[str, list[str]] = {}
+    for sub, video in chosen:
+        frames = videos[(sub, video)]
+        pick = [frames[j] for j in np.unique(np.linspace(0, len(frames) - 1, min(per_video, len(frames))).round().astype(int))]
+        for f in pick:
+            link = dest / sub / "img" / f.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(f.resolve())
+        out[f"{sub}/{video}"] = [f"{sub}/{f.stem}" for f in pick]
+    return out
+
+
+def measure_source(label_root: Path, videos: dict[str, list[str]], prompts: list[str], view: int) -> dict:
+    """Mask statistics of one source's label maps on the chosen real frames."""
+    maps = {name: read_label(label_root / name.split("/")[0] / "label" / f"{name.split('/')[1]}.png")
+            for names in videos.values() for name in names}
+    per_prompt = {}
+    for k, key in enumerate(prompts, start=1):
+        present = [m == k for m in maps.values()]
+        fired = [p for p in present if p.any()]
+        per_prompt[key] = {"fires": float(np.mean([p.any() for p in present])),
+                           "pixel_share_when_fired": float(np.mean([p.mean() for p in fired])) if fired else None}
+    out = {"frames": len(maps), "overall": summarise(frame_stats(m, view) for m in maps.values()),
+           "per_prompt": per_prompt}
+    if PLEURA in prompts:
+        k = prompts.index(PLEURA) + 1
+        spreads = [centroid_spread([maps[n] for n in names], k) for names in videos.values()]
+        stds = [s["std"] for s in spreads if s["std"] is not None]
+        out["pleura_centroid_spread"] = {
+            "videos": len(spreads), "videos_with_2_or_more": len(stds),
+            "mean_std": float(np.mean(stds)) if stds else None,
+            "max_std": float(np.max(stds)) if stds else None, "per_video": spreads}
+    return out
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    work = Path(a.work_dir)
+    t0 = time.perf_counter()
+    data = work / "data"
+    if not (data / "MainPatient" / "class.json").is_file():
+        write_lung_layout(data, a.n_synthetic, 256, seed=0, style=a.style, seg_root=a.seg_root)
+    datasets = ",".join(json.loads((data / "MainPatient" / "class.json").read_text()))
+    stage2 = work / "stage2"
+    t1 = time.perf_counter()
+    if not (stage2 / "test_metrics.json").is_file():
+        train_auto_prompter.main([
+            "--task", "SAMUS", "--data_root", str(data), "--datasets", datasets, "--backbone", "lite",
+            "--epochs", str(a.epochs), "--max_train", str(a.max_train), "--max_val", str(a.max_val),
+            "--max_test", str(a.max_test), "--negative_rate", str(a.negative_rate), "--workers", "1",
+            "--device", "cpu", "--prompter_grid", str(a.prompter_grid), "--balance_prompts", "true",
+            "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
+            + (["--resume"] if (stage2 / "last.pt").is_file() else []))
+    train_s = time.perf_counter() - t1
+    test = json.loads((stage2 / "test_metrics.json").read_text())
+
+    # the lung A-SAM on held-out synthetic scans: a montage for figs/
+    syn = work / "synthetic_test"
+    names = sorted(l.split("/")[-1] for l in (data / "MainPatient" / "test.txt").read_text().split()
+                   if f"/{LUNG_DATASET}/" in l)
+    for n in sorted(set(names))[:8]:
+        link = syn / LUNG_DATASET / "img" / f"{n}.png"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to((data / LUNG_DATASET / "img" / f"{n}.png").resolve())
+    shutil.rmtree(work / "synthetic_masks", ignore_errors=True)   # infer_masks skips finished maps
+    infer_masks.main(["--ckpt", str(stage2 / "best.pt"), "--data_dir", str(syn), "--out_dir", str(work / "synthetic_masks"),
+                      "--prompts", ",".join(LUNG_PROMPTS), "--device", "cpu", "--workers", "0",
+                      "--montage", a.montage])
+
+    real = work / "real"
+    videos = pick_real_frames(Path(a.lung_frames), a.n_videos, a.frames_per_video, real)
+    sources = {"asam_lung": (stage2 / "best.pt", list(LUNG_PROMPTS))}
+    if a.compare:
+        from SAM.checkpoint import load_checkpoint
+        sources["asam_hc18_usgra"] = (Path(a.compare), load_checkpoint(a.compare, ("asam_stage2",))["prompt_keys"])
+    real_stats = {}
+    for name, (ckpt, prompts) in sources.items():
+        shutil.rmtree(work / f"real_{name}", ignore_errors=True)  # timed afresh on every run
+        res = infer_masks.main(["--ckpt", str(ckpt), "--data_dir", str(real), "--out_dir", str(work / f"real_{name}"),
+                                "--prompts", ",".join(prompts), "--device", "cpu", "--workers", "0",
+                                "--montage", str(work / f"real_{name}_montage.png")])
+        real_stats[name] = measure_source(work / f"real_{name}", videos, prompts, a.view)
+        real_stats[name]["checkpoint"] = repo_relative(ckpt)
+        real_stats[name]["images_per_s"] = res["images_per_s"] or None
+
+    from benchmarks.measure_mask_sources import machine
+    result = {"what": "lung A-SAM (LiteMedSAM, encoder frozen): stage 2 on synthetic lung scans + HC18 + USGRA; "
+                      "Dice on held-out scans, statistics on real lung frames",
+              "settings": {k: repo_relative(v) if k in ("seg_root", "lung_frames", "compare", "work_dir") and v else v
+                           for k, v in vars(a).items() if k not in ("out", "montage")},
+              "data": {"datasets": datasets.split(","),
+                       "lines": {s: len((data / "MainPatient" / f"{s}.txt").read_text().split())
+                                 for s in ("train", "val", "test")}},
+              "test": test, "stage2_seconds": train_s, "real_frames": {"videos": len(videos),
+                                                                       "frames": sum(map(len, videos.values()))},
+              "real": real_stats, "machine": machine(), "seconds": time.perf_counter() - t0}
+    result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
+    atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    for key, v in test.items():
+        fp = "-" if v.get("fp_rate") is None else f"{v['fp_rate']:.2f}"
+        print(f"  {key:<24} Dice {v['dice']:.3f} (n {v['n']})  FP rate {fp}")
+    for name, r in real_stats.items():
+        print(f"  real frames, {name}: fires {r['overall']['fires']:.2f}, per prompt "
+              + ", ".join(f"{k.split('/')[-1]} {v['fires']:.2f}" for k, v in r["per_prompt"].items()))
+    print(f"wrote {a.out} ({result['seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
