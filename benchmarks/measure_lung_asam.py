@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -38,11 +37,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks.bench_asam import repo_relative  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
+from utils.extract_frames import video_of  # noqa: E402
 from utils.io import atomic_write, read_label  # noqa: E402
 from utils.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
 from utils.synthetic_us import ANATOMY_IDS, LUNG_DATASET, LUNG_PROMPTS, STYLES, write_lung_layout  # noqa: E402
 
-VIDEO_OF = re.compile(r"^(.*?)_+f\d+$")
 PLEURA = f"{LUNG_DATASET}/{ANATOMY_IDS['pleura']}"
 
 
@@ -81,8 +80,7 @@ def pick_real_frames(root: Path, n_videos: int, per_video: int, dest: Path) -> d
     ``dest/<Sub>/img``; returns {video: [frame names]}."""
     videos: dict[tuple[str, str], list[Path]] = {}
     for f in sorted(root.glob("*/img/*.png")):
-        m = VIDEO_OF.match(f.stem)
-        videos.setdefault((f.parent.parent.name, m.group(1) if m else f.stem), []).append(f)
+        videos.setdefault((f.parent.parent.name, video_of(f.stem)), []).append(f)
     keys = sorted(videos)
     chosen = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(n_videos, len(keys))).round().astype(int))]
     out: dict[str, list[str]] = {}

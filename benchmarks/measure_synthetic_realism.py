@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils import realism  # noqa: E402
+from utils.extract_frames import video_of  # noqa: E402
 from utils.io import atomic_write, atomic_write_png, read_image  # noqa: E402
 from utils.synthetic_us import STYLES, ScanStyle, derive_seed, make_scan  # noqa: E402
 
-VIDEO_OF = re.compile(r"^(.*?)_+f\d+$")
 # how much each statistic may differ before it costs one unit in the fit's score
 SCALES = {"histogram_w1": 5.0, "depth_profile_mad": 5.0, "speckle_contrast_diff": 0.03,
           "corr_axial_diff": 0.05, "corr_lateral_diff": 0.05, "fov_share_diff": 0.05,
@@ -84,8 +83,7 @@ def real_frames(folder: Path, per_video: int) -> dict[str, list[list[Path]]]:
     frames per video; even-numbered videos (sorted) calibrate, odd-numbered ones are held out."""
     videos: dict[str, list[Path]] = {}
     for f in sorted(folder.rglob("*.png")):
-        m = VIDEO_OF.match(f.stem)
-        videos.setdefault(m.group(1) if m else f.stem, []).append(f)
+        videos.setdefault(video_of(f.stem), []).append(f)
     out: dict[str, list[list[Path]]] = {"calibration": [], "held_out": []}
     for i, (_, frames) in enumerate(sorted(videos.items())):
         pick = [frames[j] for j in np.linspace(0, len(frames) - 1, min(per_video, len(frames))).round().astype(int)]

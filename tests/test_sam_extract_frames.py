@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.extract_frames import even_frame_indices, main
+from utils.extract_frames import even_frame_indices, frame_name, main, video_of
 
 
 def _write_video(path, n=10, size=(32, 24)):
@@ -48,3 +48,12 @@ def test_every_num_resume_and_bad_video(tmp_path, capsys):
               "--num", "3"])
     assert sorted(p.name for p in (out / "Even" / "img").glob("*.png")) == [
         f"patient_1_L1_f{i:05d}.png" for i in (1, 5, 8)]          # segment middles
+
+
+def test_video_of_inverts_frame_name():
+    from pathlib import Path
+
+    for video in ("patient_6_R2.mp4", "Cov-Atlas-+(43).gif", "a_f2.avi"):
+        assert video_of(Path(frame_name(Path(video), 120)).stem) == Path(video).stem
+    assert video_of("Cov-Atlas-+(43)__f00002") == "Cov-Atlas-+(43)"    # the POCUS folds' frame names
+    assert video_of("still_image") == "still_image"

@@ -19,6 +19,7 @@ Resumable: writes are atomic and a video whose frames all exist is not decoded a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def count_frames(path: Path) -> int:
 
 def frame_name(video: Path, idx: int) -> str:
     return f"{video.stem}_f{idx:05d}.png"
+
+
+def video_of(frame_stem: str) -> str:
+    """The video a frame file came from: ``<video>_f<index>`` (also POCUS's ``<video>__f<index>``)
+    -> ``<video>``; a name of another form is its own video."""
+    m = re.match(r"^(.*?)_+f\d+$", frame_stem)
+    return m.group(1) if m else frame_stem
 
 
 def extract_video(video: Path, img_dir: Path, every: int = 0, num: int = 0) -> int:

@@ -575,12 +575,17 @@ def write_samus_layout(root, n_images: int = 40, size: int | tuple[int, int] = 1
         for split, names in split_names(list(present), seed).items():
             for name in names:
                 lines[split] += [f"{c}/{ds}/{name}" for c in present[name]]
+    _write_main_patient(root, lines, SAMUS_DATASETS)
+    return root
+
+
+def _write_main_patient(root: Path, lines: dict[str, list[str]], classes: dict[str, int]) -> None:
+    """``root/MainPatient/{split}.txt`` (one line each) and ``class.json``, atomically."""
     for split, ls in lines.items():
         text = "".join(l + "\n" for l in ls).encode()
         atomic_write(root / "MainPatient" / f"{split}.txt", lambda f, t=text: f.write(t))
-    cls_json = (json.dumps(SAMUS_DATASETS, indent=4) + "\n").encode()
+    cls_json = (json.dumps(classes, indent=4) + "\n").encode()
     atomic_write(root / "MainPatient" / "class.json", lambda f: f.write(cls_json))
-    return root
 
 
 LUNG_DATASET = "SynLung-Lung"  # every anatomy id of ANATOMY_IDS but background is a class
@@ -626,11 +631,7 @@ def write_lung_layout(root, n_images: int = 200, size: int = 256, seed: int = 0,
     for split, names in split_names(list(present), seed).items():
         lines[split] += [f"{c}/{LUNG_DATASET}/{n}" for n in names for c in present[n]]
     classes[LUNG_DATASET] = len(ANATOMY_IDS)
-    for split, ls in lines.items():
-        text = "".join(l + "\n" for l in ls).encode()
-        atomic_write(root / "MainPatient" / f"{split}.txt", lambda f, t=text: f.write(t))
-    cls_json = (json.dumps(classes, indent=4) + "\n").encode()
-    atomic_write(root / "MainPatient" / "class.json", lambda f: f.write(cls_json))
+    _write_main_patient(root, lines, classes)
     return root
 
 
