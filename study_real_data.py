@@ -2,7 +2,7 @@
 """Pre-training study: COVID-BLUES pre-training -> POCUS 5-fold, arms x seeds x checkpoints x protocols.
 
     python study_real_data.py --covid_blues ../shared/data/covid_blues --pocus ../shared/data/pocus \\
-        --arms random,bn_control,byol,detcon_superpixel,aclus_superpixel   # the committed CPU run: 1.8 h on 2 cores
+        --arms random,bn_control,byol,aclus_superpixel,detcon_superpixel   # the committed CPU run
     python study_real_data.py ... --preset gpu                      # one H100-class GPU, paper-like settings
     python study_real_data.py ... --asam_ckpt runs/asam_lite/best.pt   # with the A-SAM arms
     python study_real_data.py ... --asam_build ../shared/data/seg      # train that A-SAM first (CPU: hours)
@@ -245,10 +245,15 @@ def recorded_command(argv: list[str]) -> list[str]:
     local ``--out`` folder (machine-specific, never committed) as a placeholder."""
     out, skip = [], False
     for arg in argv:
+        flag, eq, value = arg.partition("=")
         if skip:
             out.append("<local study folder>")
+        elif flag == "--out" and eq:
+            out.append("--out=<local study folder>")
+        elif flag.startswith("--") and eq:
+            out.append(f"{flag}={portable(value)}")
         else:
-            out.append(portable(arg.split("=", 1)[0] + "=<local study folder>" if arg.startswith("--out=") else arg))
+            out.append(portable(arg))
         skip = arg == "--out"
     return out
 

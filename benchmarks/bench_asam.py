@@ -81,15 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results JSON (default <work_dir>/bench_asam.json)")
     p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2_neg<rate>/best.pt")
     p.add_argument("--resume", action="store_true",
-                   help="continue stage 2 from <work_dir>/stage2/last.pt up to --epochs (an interrupted "
+                   help="continue each stage 2 from <work_dir>/stage2_neg<rate>/last.pt up to --epochs (an interrupted "
                         "run with --epochs = its finished epochs just evaluates best.pt)")
     args = p.parse_args(argv)
     try:
         args.negative_rates = [float(r) for r in args.negative_rates.split(",") if r.strip()]
     except ValueError:
         p.error(f"--negative_rates: expected comma-separated numbers, got {args.negative_rates!r}")
-    if not args.negative_rates or min(args.negative_rates) < 0:
-        p.error(f"--negative_rates: expected one or more rates >= 0, got {args.negative_rates}")
+    if not args.negative_rates or min(args.negative_rates) < 0 or \
+            len({f"{r:g}" for r in args.negative_rates}) < len(args.negative_rates):
+        p.error(f"--negative_rates: expected distinct rates >= 0, got {args.negative_rates}")
     return args
 
 
@@ -205,6 +206,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from benchmarks.measure_mask_sources import machine
+    where = machine()  # the load average before any work
     work = Path(args.work_dir)
     root = Path(args.seg_root)
     keys = prompt_keys(root, DATASETS)
@@ -233,7 +236,9 @@ def main(argv=None) -> dict:
                 "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
                 + (["--resume"] if args.resume else []))
             train_s = time.perf_counter() - t0
-        epochs = [json.loads(l) for l in (stage2 / "log.jsonl").read_text().splitlines() if l.strip()]
+        # log.jsonl is appended to: a retrained or resumed epoch counts once, with its last record
+        epochs = list({(e := json.loads(l))["epoch"]: e for l in (stage2 / "log.jsonl").read_text().splitlines()
+                       if l.strip()}.values())
         runs[f"{rate:g}"] = {"negative_rate": rate, "checkpoint": repo_relative(stage2 / "best.pt"),
                              "stage2_seconds": train_s, "epochs": len(epochs),
                              "epoch_seconds": sum(e.get("seconds", 0.0) for e in epochs),
@@ -241,12 +246,11 @@ def main(argv=None) -> dict:
     first = work / f"stage2_neg{args.negative_rates[0]:g}" / "best.pt"
     speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work)
 
-    from benchmarks.measure_mask_sources import machine
     result = {"what": "A-SAM (LiteMedSAM backbone, encoder frozen) on HC18 + USGRA: box-prompted "
                       "baseline, prompt-free stage 2 per negative rate, mask-inference throughput",
               "settings": {k: repo_relative(v) if k in ("seg_root", "work_dir", "out") and v else v
                            for k, v in vars(args).items()},
-              "machine": machine(), "test_lines": len(test_ds),
+              "machine": where, "test_lines": len(test_ds),
               "box_prompt": box, "prompt_free": runs, "throughput": speed}
     result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
     out = Path(args.out) if args.out else work / "bench_asam.json"

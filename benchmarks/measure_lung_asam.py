@@ -121,6 +121,8 @@ def measure_source(label_root: Path, videos: dict[str, list[str]], prompts: list
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    from benchmarks.measure_mask_sources import machine
+    where = machine()  # the load average before any work
     work = Path(a.work_dir)
     t0 = time.perf_counter()
     data = work / "data"
@@ -156,6 +158,8 @@ def main(argv=None) -> dict:
 
     real = work / "real"
     videos = pick_real_frames(Path(a.lung_frames), a.n_videos, a.frames_per_video, real)
+    if not videos:
+        raise SystemExit(f"--lung_frames {a.lung_frames}: no <Sub>/img/*.png frames there")
     sources = {"asam_lung": (stage2 / "best.pt", list(LUNG_PROMPTS))}
     if a.compare:
         from SAM.checkpoint import load_checkpoint
@@ -170,7 +174,6 @@ def main(argv=None) -> dict:
         real_stats[name]["checkpoint"] = repo_relative(ckpt)
         real_stats[name]["images_per_s"] = res["images_per_s"] or None
 
-    from benchmarks.measure_mask_sources import machine
     result = {"what": "lung A-SAM (LiteMedSAM, encoder frozen): stage 2 on synthetic lung scans + HC18 + USGRA; "
                       "Dice on held-out scans, statistics on real lung frames",
               "settings": {k: repo_relative(v) if k in ("seg_root", "lung_frames", "compare", "work_dir") and v else v
@@ -180,7 +183,7 @@ def main(argv=None) -> dict:
                                  for s in ("train", "val", "test")}},
               "test": test, "stage2_seconds": train_s, "real_frames": {"videos": len(videos),
                                                                        "frames": sum(map(len, videos.values()))},
-              "real": real_stats, "machine": machine(), "seconds": time.perf_counter() - t0}
+              "real": real_stats, "machine": where, "seconds": time.perf_counter() - t0}
     result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
     for key, v in test.items():

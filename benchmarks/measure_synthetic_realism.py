@@ -164,8 +164,14 @@ def montage(styles: dict[str, ScanStyle], path: Path, n: int = 6, side: int = 12
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    from benchmarks.measure_mask_sources import machine
+    where = machine()  # the load average before any work
     t0 = time.perf_counter()
     split = {name: real_frames(folder, a.per_video) for name, folder in a.real.items()}
+    for name, s in split.items():
+        if min(len(s["calibration"]), len(s["held_out"])) < 5:
+            raise SystemExit(f"--real {name}={a.real[name]}: {len(s['calibration']) + len(s['held_out'])} videos "
+                             "(<video>_f<index>.png frames); at least 10 are needed (5 folds on each half)")
     held = {name: features_of(s["held_out"]) for name, s in split.items()}
     styles = dict(STYLES)
     result: dict = {"what": "real lung frames vs synthetic scans (utils/realism.py statistics, 128 px)",
@@ -195,12 +201,11 @@ def main(argv=None) -> dict:
                                   "vs_real": compare(held, syn, a.seed)}
     names = list(held)
     if len(names) >= 2:  # the scale: two real sets against each other
-        (fa, ga), (fb, _) = held[names[0]], held[names[1]]
+        (fa, ga), (fb, gb) = held[names[0]], held[names[1]]
         result["real_vs_real"] = {"sets": names[:2], "distances": realism.distances(fa, fb),
                                   "score": score(realism.distances(fa, fb)),
-                                  "separability": realism.separability(fa, fb, ga, seed=a.seed)}
-    from benchmarks.measure_mask_sources import machine
-    result["machine"] = machine()
+                                  "separability": realism.separability(fa, fb, ga, gb, seed=a.seed)}
+    result["machine"] = where
     result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
     result["seconds"] = time.perf_counter() - t0
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))

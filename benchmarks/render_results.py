@@ -1,6 +1,6 @@
 """Markdown tables of the segmentation measurements, rendered from their JSON files only.
 
-    python benchmarks/render_results.py          # splice into README.md and docs/RESULTS.md
+    python benchmarks/render_results.py          # splice into docs/RESULTS.md (and README.md, where marked)
     python benchmarks/render_results.py --print  # only print them
 
 Each block lives between ``<!-- results:NAME -->`` and ``<!-- results:NAME:end -->`` of the
@@ -84,7 +84,8 @@ def realism_block(d: dict) -> str:
         "Held-out real frames (" + "; ".join(f"{k}: {v}" for k, v in n.items()) + f"), "
         f"{d['settings']['n_synthetic']} synthetic convex scans per style, all at 128 px inside the field of view. "
         "Score: the fit's weighted sum of the differences (lower is closer); classifier accuracy: 0.5 = the "
-        "features cannot tell real from synthetic, 1.0 = always can (5 folds, real videos never split). "
+        "features cannot tell real from synthetic, 1.0 = always can (5 folds; the frames of a real video "
+        "never sit on both sides of a split). "
         "The last row compares the two real sets with each other: the scale of a real-to-real difference.",
         "", *rows, "", f"Ran on {where(d)}. File: `docs/results/synthetic_realism.json` "
         "(`benchmarks/measure_synthetic_realism.py`)."])

@@ -13,6 +13,9 @@ def test_splice_replaces_only_between_its_own_markers():
 
 def test_committed_tables_match_their_files():
     blocks = render_results.render()
+    assert set(blocks) == set(render_results.BLOCKS)            # every JSON is committed
+    results_md = render_results.DOCS[1].read_text()
+    assert all(f"<!-- results:{name} -->" in results_md for name in blocks)   # and has its place
     for doc in render_results.DOCS:
         text = doc.read_text()
         for name, block in blocks.items():

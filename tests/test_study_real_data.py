@@ -259,6 +259,9 @@ def test_settings_record_paths_from_the_repository_root():
 def test_settings_name_no_local_folder_and_every_default_arm_not_run():
     assert srd.recorded_command(["--out", "/home/me/s", "--seeds", "0", "--out=/x"]) == \
         ["--out", "<local study folder>", "--seeds", "0", "--out=<local study folder>"]
+    inside = str(srd.REPO / "runs" / "a.pt")
+    assert srd.recorded_command(["--asam_lung_ckpt=" + inside, inside]) == \
+        ["--asam_lung_ckpt=runs/a.pt", "runs/a.pt"]
     a = srd.get_args_parser().parse_args(["--arms", "random,byol"])
     why = srd.arms_not_run(["random", "byol"], {}, a)
     assert set(why) == set(plan.DEFAULT_ARMS) - {"random", "byol"}

@@ -3,8 +3,9 @@
 Everything is measured inside the imaged region (:func:`field_of_view`: the fan of a convex
 probe, the rectangle of a linear one), on grayscale images resized to ``SIDE`` px:
 
-- intensity histogram (:data:`BINS` bins over 0..255) -> Wasserstein-1 distance of the pooled
-  distributions (in grey levels);
+- intensity histogram (:data:`BINS` bins over 0..255) -> Wasserstein-1 distance (in grey
+  levels) between the two sets' mean histograms (each image normalised first, so every image
+  counts equally, whatever the size of its field of view);
 - depth profile: the mean grey level in :data:`DEPTH_BANDS` equal bands from the top of the
   field of view to its bottom -> mean absolute difference of the two sets' mean profiles;
 - speckle: the median over 8x8 patches of std / mean (a fully developed Rayleigh speckle
@@ -42,7 +43,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 def to_gray(img: np.ndarray, side: int = SIDE) -> np.ndarray:
     """HxW or HxWxC uint8 -> side x side float32 grey levels (0..255), area-resized."""
     if img.ndim == 3:
-        img = img.mean(axis=2) if img.shape[2] in (3, 4) else img[..., 0]
+        img = img[..., :3].mean(axis=2) if img.shape[2] in (3, 4) else img[..., 0]   # alpha is not grey
     return cv2.resize(img.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
 
 
@@ -139,12 +140,13 @@ def distances(real: np.ndarray, synthetic: np.ndarray) -> dict:
 
 
 def separability(real: np.ndarray, synthetic: np.ndarray, groups_real: np.ndarray | None = None,
-                 folds: int = 5, seed: int = 0) -> dict:
+                 groups_synthetic: np.ndarray | None = None, folds: int = 5, seed: int = 0) -> dict:
     """Cross-validated accuracy of a real-vs-synthetic classifier on the features.
 
     Two classifiers: standardized logistic regression (a linear boundary) and gradient-boosted
-    trees (any boundary). Sets are balanced by subsampling the larger one; real frames of one
-    video (``groups_real``) never sit on both sides of a split.
+    trees (any boundary). Sets are balanced by subsampling the larger one; frames of one video
+    (``groups_real``, ``groups_synthetic``; default: every image its own) never sit on both
+    sides of a split.
     Returns {classifier: {"accuracy": mean, "std": sample std over folds}, "n_per_set": n}.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -159,7 +161,8 @@ def separability(real: np.ndarray, synthetic: np.ndarray, groups_real: np.ndarra
     X = np.concatenate([real[ri], synthetic[si]])
     y = np.r_[np.zeros(n), np.ones(n)]
     g_real = np.asarray(groups_real)[ri] if groups_real is not None else np.arange(n)
-    groups = np.r_[np.unique(g_real, return_inverse=True)[1], n + 10 + np.arange(n)]
+    g_syn = np.asarray(groups_synthetic)[si] if groups_synthetic is not None else np.arange(n)
+    groups = np.r_[np.unique(g_real, return_inverse=True)[1], n + np.unique(g_syn, return_inverse=True)[1]]
     models = {"logistic": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
               # leaves of >= 20 samples (the default) cannot split a small set at all
               "boosted_trees": lambda: HistGradientBoostingClassifier(

@@ -673,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seg_root", default=None,
                     help="lung layout: link this SAMUS root's data sets in beside it (e.g. HC18 + USGRA)")
     ap.add_argument("--n", type=int, default=64,
-                    help="images per pretrain subset and per SAMUS dataset (default: 64)")
+                    help="images per pretrain subset, per SAMUS dataset and of the lung layout (default: 64)")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     ap.add_argument("--seed", type=int, default=0, help="base seed; same seed -> same files (default: 0)")
     ap.add_argument("--pocus-videos", type=int, default=2,
