@@ -270,3 +270,9 @@ def test_lung_layout_labels_are_the_anatomy_ids(tmp_path):
         expect = make_scan(derive_seed(0, 4, i), 48, "linear" if i % 4 == 3 else "convex", i % 3, style="classic")[1]
         np.testing.assert_array_equal(lab, expect)
         assert {int(l.split("/")[0]) for l in lung if l.endswith(f"/{name}")} == set(np.unique(expect)) - {0}
+        # the ids mean their anatomy: down every column, chest wall above pleura above aerated lung
+        tissue, pleura, air = ANATOMY_IDS["soft_tissue"], ANATOMY_IDS["pleura"], ANATOMY_IDS["lung"]
+        for col in lab.T:
+            rows = {k: np.flatnonzero(col == k) for k in (tissue, pleura, air)}
+            if all(len(r) for r in rows.values()):
+                assert rows[tissue].min() < rows[pleura].min() < rows[air].max()
