@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.bench_asam import repo_relative  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
-from utils.extract_frames import video_of  # noqa: E402
+from utils.extract_frames import spread_evenly, video_of  # noqa: E402
 from utils.io import atomic_write, read_label  # noqa: E402
 from utils.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
 from utils.synthetic_us import ANATOMY_IDS, LUNG_DATASET, LUNG_PROMPTS, STYLES, write_lung_layout  # noqa: E402
@@ -82,11 +82,11 @@ def pick_real_frames(root: Path, n_videos: int, per_video: int, dest: Path) -> d
     for f in sorted(root.glob("*/img/*.png")):
         videos.setdefault((f.parent.parent.name, video_of(f.stem)), []).append(f)
     keys = sorted(videos)
-    chosen = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(n_videos, len(keys))).round().astype(int))]
+    chosen = spread_evenly(keys, n_videos)
     out: dict[str, list[str]] = {}
     for sub, video in chosen:
         frames = videos[(sub, video)]
-        pick = [frames[j] for j in np.unique(np.linspace(0, len(frames) - 1, min(per_video, len(frames))).round().astype(int))]
+        pick = spread_evenly(frames, per_video)
         for f in pick:
             link = dest / sub / "img" / f.name
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +144,9 @@ def main(argv=None) -> dict:
 
     # the lung A-SAM on held-out synthetic scans: a montage for figs/
     syn = work / "synthetic_test"
-    names = sorted(l.split("/")[-1] for l in (data / "MainPatient" / "test.txt").read_text().split()
-                   if f"/{LUNG_DATASET}/" in l)
-    for n in sorted(set(names))[:8]:
+    names = sorted({l.split("/")[-1] for l in (data / "MainPatient" / "test.txt").read_text().split()
+                    if f"/{LUNG_DATASET}/" in l})
+    for n in names[:8]:
         link = syn / LUNG_DATASET / "img" / f"{n}.png"
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():

@@ -41,7 +41,7 @@ from SAM.auto_masks import AutoMaskParams, auto_label_map, min_region_pixels, pa
 from SAM.infer_masks import montage  # noqa: E402
 from SAM.samus_data import read_split  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
-from utils.extract_frames import extract_video  # noqa: E402
+from utils.extract_frames import extract_video, spread_evenly  # noqa: E402
 from utils.io import atomic_write, atomic_write_png, read_image, read_label  # noqa: E402
 from utils.mask_stats import frame_stats, summarise  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
@@ -144,11 +144,11 @@ def other_order(masks: np.ndarray, params: AutoMaskParams, shape: tuple[int, int
 def lung_frames(videos: Path, n: int, work: Path) -> list[Path]:
     """The middle frame of ``n`` videos spread evenly over the sorted list -> frame paths."""
     all_videos = sorted(p for p in videos.iterdir() if p.suffix.lower() == ".mp4")
-    idx = np.unique(np.linspace(0, len(all_videos) - 1, min(n, len(all_videos))).round().astype(int))
+    chosen = spread_evenly(all_videos, n)
     img_dir = work / "frames" / "COVID-BLUES" / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    for i in idx:
-        extract_video(all_videos[i], img_dir, num=1)
+    for video in chosen:
+        extract_video(video, img_dir, num=1)
     return sorted(img_dir.glob("*.png"))
 
 

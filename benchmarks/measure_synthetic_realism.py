@@ -34,7 +34,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils import realism  # noqa: E402
-from utils.extract_frames import video_of  # noqa: E402
+from utils.extract_frames import spread_evenly, video_of  # noqa: E402
 from utils.io import atomic_write, atomic_write_png, read_image  # noqa: E402
 from utils.synthetic_us import STYLES, ScanStyle, derive_seed, make_scan  # noqa: E402
 
@@ -86,8 +86,7 @@ def real_frames(folder: Path, per_video: int) -> dict[str, list[list[Path]]]:
         videos.setdefault(video_of(f.stem), []).append(f)
     out: dict[str, list[list[Path]]] = {"calibration": [], "held_out": []}
     for i, (_, frames) in enumerate(sorted(videos.items())):
-        pick = [frames[j] for j in np.linspace(0, len(frames) - 1, min(per_video, len(frames))).round().astype(int)]
-        out["calibration" if i % 2 == 0 else "held_out"].append(pick)
+        out["calibration" if i % 2 == 0 else "held_out"].append(spread_evenly(frames, per_video))
     return out
 
 

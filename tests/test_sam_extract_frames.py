@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.extract_frames import even_frame_indices, frame_name, main, video_of
+from utils.extract_frames import even_frame_indices, frame_name, main, spread_evenly, video_of
 
 
 def _write_video(path, n=10, size=(32, 24)):
@@ -57,3 +57,9 @@ def test_video_of_inverts_frame_name():
         assert video_of(Path(frame_name(Path(video), 120)).stem) == Path(video).stem
     assert video_of("Cov-Atlas-+(43)__f00002") == "Cov-Atlas-+(43)"    # the POCUS folds' frame names
     assert video_of("still_image") == "still_image"
+
+
+def test_spread_evenly_keeps_both_ends():
+    assert spread_evenly(list(range(10)), 4) == [0, 3, 6, 9]      # 0, 3, 6, 9 exactly
+    assert spread_evenly(list(range(7)), 3) == [0, 3, 6]
+    assert spread_evenly(["a", "b"], 5) == ["a", "b"] and spread_evenly([], 3) == []

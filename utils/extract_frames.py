@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +63,16 @@ def read_frames(path: Path):
             i += 1
     finally:
         cap.release()
+
+
+def spread_evenly(items: list, k: int) -> list:
+    """``k`` items spread evenly over ``items``, the first and the last included (all of them
+    when there are no more than ``k``): for sampling videos from a list, or frames of a video
+    already on disk. :func:`even_frame_indices` is the extraction's rule (ends avoided)."""
+    if not items:
+        return []
+    idx = np.unique(np.linspace(0, len(items) - 1, min(k, len(items))).round().astype(int))
+    return [items[i] for i in idx]
 
 
 def count_frames(path: Path) -> int:
