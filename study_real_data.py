@@ -3,6 +3,8 @@
 
     python study_real_data.py --covid_blues ../shared/data/covid_blues --pocus ../shared/data/pocus \\
         --arms random,bn_control,byol,aclus_superpixel,detcon_superpixel   # the committed CPU run
+    python study_real_data.py ... --preset cpu_long --arms random,bn_control,byol,lightly_byol,...  # the campaign
+    python study_real_data.py ... --preset cpu_long --arms byol --seeds 0 --epochs 10 --base_lr 2  # lr sweep point
     python study_real_data.py ... --preset gpu                      # one H100-class GPU, paper-like settings
     python study_real_data.py ... --asam_ckpt runs/asam_lite/best.pt   # with the A-SAM arms
     python study_real_data.py ... --asam_build ../shared/data/seg      # train that A-SAM first (CPU: hours)
@@ -11,7 +13,7 @@
     python study_real_data.py ... --preset smoke --out /tmp/s --results /tmp/s/results   # minutes, measures nothing
 
 Arms (``--arms``): ``random`` (the seed's random start), ``bn_control`` (that start with the
-corpus's BatchNorm statistics, study/bn_control.py), ``byol`` (classic, whole image),
+corpus's BatchNorm statistics, study/bn_control.py), ``byol`` (classic, whole image), ``lightly_byol`` (the same with lightly's heads and loss),
 ``<detcon|aclus>_<superpixel|asam|sam_auto|asam_lung>`` (sam_auto: SAM's everything mode,
 SAM/auto_masks.py; asam_lung: an A-SAM taught the lung anatomies on synthetic scans,
 benchmarks/measure_lung_asam.py, with its lung prompts only). Every arm runs for every seed of the preset, and every
@@ -51,7 +53,8 @@ from study import StudyError  # noqa: E402
 from study import results as res  # noqa: E402
 from study.results import read_json, write_json  # noqa: E402
 from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SOURCE_FLAGS, SUB, Preset,  # noqa: E402
-                        arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides)
+                        arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides,
+                        variant_of)
 from study.provenance import git_state, machine, package_versions  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
 from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
@@ -83,15 +86,16 @@ def link(target: Path, at: Path) -> None:
     os.symlink(rel, at)
 
 
-def preset_of(a: argparse.Namespace) -> Preset:
-    """The preset with the command line's own changes (seeds, stride)."""
-    p = PRESETS[a.preset]
+def preset_of(a: argparse.Namespace) -> tuple[Preset, str]:
+    """The preset with the command line's own changes (seeds, stride; epochs and base_lr make a
+    variant, whose runs live apart), and the variant's name (``""``: none)."""
+    p, variant = variant_of(PRESETS[a.preset], epochs=a.epochs, base_lr=a.base_lr)
     changes = {}
     if a.seeds:
         changes["seeds"] = tuple(int(s) for s in a.seeds.split(","))
     if a.frame_stride is not None:
         changes["frame_stride"] = a.frame_stride
-    return dataclasses.replace(p, **changes)
+    return dataclasses.replace(p, **changes), variant
 
 
 class Results:
@@ -272,17 +276,22 @@ def arms_not_run(arms: list[str], missing: dict[str, str], a: argparse.Namespace
     return out
 
 
-def default_results(preset: str, out: Path) -> Path:
-    """docs/results/study (cpu), docs/results/study_gpu (gpu); a smoke run's rows stay in <out>/results."""
+def default_results(preset: str, out: Path, variant: str = "") -> Path:
+    """docs/results/study (cpu), docs/results/study_<preset> (others), a variant's in its
+    ``variants/<name>`` sub-folder; a smoke run's rows stay in <out>/results."""
     if preset == "smoke":
-        return out / "results"
-    return REPO / "docs" / "results" / ("study" if preset == "cpu" else f"study_{preset}")
+        return out / "results" / variant if variant else out / "results"
+    folder = REPO / "docs" / "results" / ("study" if preset == "cpu" else f"study_{preset}")
+    return folder / "variants" / variant if variant else folder
 
 
 def study(a: argparse.Namespace) -> int:
-    preset = preset_of(a)
+    preset, variant = preset_of(a)
     out = Path(a.out or f"outputs/study/{preset.name}").resolve()
-    results = Path(a.results or default_results(preset.name, out)).resolve()
+    results = Path(a.results or default_results(preset.name, out, variant)).resolve()
+    # a variant (another schedule or lr) shares the frames, masks and folds, not the runs
+    work = out / "variants" / variant if variant else out
+    tag = f"{variant}_" if variant else ""
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     check_results_folder(results, preset)
@@ -294,7 +303,7 @@ def study(a: argparse.Namespace) -> int:
     arms = [x for x in a.arms.split(",") if x]
     runs = {arm: parse_run(arm) for arm in arms if arm not in BASELINES}
     t0 = time.time()
-    settings = {"preset": preset.to_dict(), "arms": arms, "where": machine(preset.device),
+    settings = {"preset": preset.to_dict(), "variant": variant, "arms": arms, "where": machine(preset.device),
                 "selection": SELECTION, "command": [Path(sys.argv[0]).name, *recorded_command(sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
                 "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)}}
@@ -338,10 +347,10 @@ def study(a: argparse.Namespace) -> int:
                     "--out_dir", str(eval_dir), "--ckpt_path", str(encoder)]
 
         def evaluate(arm: str, seed: int, fraction: float, steps_done: int, encoder: Path) -> None:
-            tag = f"f{fraction:.2f}"
-            eval_dir = out / "eval" / arm / f"seed{seed}" / tag
+            point = f"f{fraction:.2f}"
+            eval_dir = work / "eval" / arm / f"seed{seed}" / point
             jsons = [eval_dir / f"eval_{p}_{SELECTION}.json" for p in preset.protocols]
-            st.run(f"eval_{arm}_s{seed}_{tag}", eval_cmd(",".join(preset.protocols), encoder, eval_dir, seed), jsons)
+            st.run(f"{tag}eval_{arm}_s{seed}_{point}", eval_cmd(",".join(preset.protocols), encoder, eval_dir, seed), jsons)
             run = runs.get(arm)
             new = []
             for j in jsons:
@@ -351,9 +360,10 @@ def study(a: argparse.Namespace) -> int:
             store.add_rows(new)
             if a.gradcam and fraction in (0.0, 1.0):  # maps stay in <out> (real pixels: never committed)
                 cam_dir = eval_dir / "gradcam"
-                st.run(f"gradcam_{arm}_s{seed}", [*eval_cmd("linear", encoder, cam_dir, seed), "--gradcam",
+                st.run(f"{tag}gradcam_{arm}_s{seed}", [*eval_cmd("linear", encoder, cam_dir, seed), "--gradcam",
                                                   str(a.gradcam)], [cam_dir / f"eval_linear_{SELECTION}.json"])
 
+        extra = preset.overrides + ((f"optimizer.base_lr={preset.base_lr}",) if preset.base_lr is not None else ())
         for seed in preset.seeds:
             for arm in arms:
                 if arm in missing_arms:
@@ -362,17 +372,17 @@ def study(a: argparse.Namespace) -> int:
                     print(f"[skip] {arm} seed {seed}: its rows are in {results / 'per_fold.csv'}", flush=True)
                     continue
                 if arm in BASELINES:
-                    enc = out / "runs" / arm / f"seed{seed}" / "encoder_resnet18.pth"
+                    enc = work / "runs" / arm / f"seed{seed}" / "encoder_resnet18.pth"
                     cmd = [py, "-m", "study.bn_control", "--out", str(enc), "--seed", str(seed),
                            "--img_size", str(preset.img_size),
                            "--statistics", "start" if arm == "random" else "corpus"]
                     if arm == "bn_control":
                         cmd += ["--frames", str(frames)]
-                    st.run(f"{arm}_s{seed}", cmd, [enc])
+                    st.run(f"{tag}{arm}_s{seed}", cmd, [enc])
                     evaluate(arm, seed, 0.0, 0, enc)
                     continue
                 run = runs[arm]
-                run_dir = out / "runs" / arm / f"seed{seed}"
+                run_dir = work / "runs" / arm / f"seed{seed}"
                 epochs, warmup = equal_step_epochs(frames_of[arm], reference, preset.batch_size, preset.epochs,
                                                    preset.warmup_epochs)
                 fractions = arm_fractions(arm, preset)
@@ -381,8 +391,8 @@ def study(a: argparse.Namespace) -> int:
                                            img_size=preset.img_size, batch_size=preset.batch_size, epochs=epochs,
                                            warmup_epochs=warmup, seed=seed, workers=preset.workers,
                                            crop_scale=preset.crop_scale, log_step=a.log_step,
-                                           fractions=fractions, extra=preset.overrides)]
-                rec = st.run(f"pretrain_{arm}_s{seed}", cmd, [run_dir / "encoder_resnet18.pth"])
+                                           fractions=fractions, extra=extra)]
+                rec = st.run(f"{tag}pretrain_{arm}_s{seed}", cmd, [run_dir / "encoder_resnet18.pth"])
                 records = log_records(run_dir)
                 total = epochs * (frames_of[arm] // preset.batch_size)
                 epoch_s = [r.get("seconds", 0.0) for r in records if r.get("kind") == "epoch"]
@@ -432,7 +442,8 @@ def render(results: Path) -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (2-core CPU: ~36 min per seed of the five arms without A-SAM), gpu (one H100-class GPU), smoke (minutes; checks the machinery)")
+                   help="cpu (2-core CPU: ~36 min per seed of the five arms without A-SAM), cpu_long (64 px, 40 epochs: "
+                        "the many-sittings campaign), gpu (one H100-class GPU), smoke (minutes; checks the machinery)")
     p.add_argument("--covid_blues", help="COVID-BLUES folder (holding lus_videos/*.mp4); required unless --render_only")
     p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --render_only")
     p.add_argument("--out", default=None, help="local study folder (default outputs/study/<preset>; never committed)")
@@ -443,6 +454,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam|sam_auto|asam_lung>")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
     p.add_argument("--frame_stride", type=int, default=None, help="every k-th COVID-BLUES frame (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="another schedule length (a variant: its runs and rows live apart, the warm-up keeps its share)")
+    p.add_argument("--base_lr", type=float, default=None,
+                   help="another optimizer.base_lr (a variant, e.g. one point of a learning-rate sweep)")
     p.add_argument("--asam_ckpt", default=None, help="A-SAM stage-2 checkpoint for SAM/infer_masks.py")
     p.add_argument("--asam_masks", default=None, help="precomputed A-SAM label tree <DIR>/COVID-BLUES/label/*.png")
     p.add_argument("--asam_build", default=None, metavar="SEG_ROOT",
@@ -480,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 print(f"study_real_data.py: error: --arms: {e}", file=sys.stderr)
                 return 2
+    if a.epochs is not None and a.epochs < 1:
+        print(f"study_real_data.py: error: --epochs {a.epochs}: expected a positive integer", file=sys.stderr)
+        return 2
+    if a.base_lr is not None and not (0 < a.base_lr < float("inf")):
+        print(f"study_real_data.py: error: --base_lr {a.base_lr}: expected a positive finite number", file=sys.stderr)
+        return 2
     if a.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", a.seeds):
         print(f"study_real_data.py: error: --seeds {a.seeds!r}: expected a comma list of integers", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ Which parts run is declared by the method (:mod:`models.methods`):
 * ``detcon``   = the same without the context term
 * ``byol``     = classic BYOL: global-average-pooled C5 of a plain ResNet-18
 * ``byol_fpn`` = BYOL's loss on one whole-image region at the 4 scales
+* ``lightly_byol`` = classic BYOL with lightly's heads and loss (the study's reference
+  implementation of BYOL, written by nobody here)
 
 Per step: the online and the target networks see view 1 and view 2 batched into
 one pass. For ``aclus`` they also see the overlap of the two crops, damaged
@@ -75,10 +77,18 @@ class ACLUS(nn.Module):
         regions = self.spec.pooling == "regions"
 
         self.encoder = MultiScaleEncoder(pretrained, fpn=regions)
-        self.projector_c5 = MLP(C5_DIM, proj_hidden, proj_dim)
+        if self.spec.heads == "lightly":
+            from lightly.loss import NegativeCosineSimilarity
+            from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+
+            self.projector_c5 = BYOLProjectionHead(C5_DIM, proj_hidden, proj_dim)
+            self.predictor = BYOLPredictionHead(proj_dim, pred_hidden, proj_dim)
+            self.lightly_criterion = NegativeCosineSimilarity()
+        else:
+            self.projector_c5 = MLP(C5_DIM, proj_hidden, proj_dim)
+            self.predictor = MLP(proj_dim, pred_hidden, proj_dim)
         # shared by P4, P3, P2; not built for the global method (DDP needs every parameter used)
         self.projector_fpn = MLP(FPN_DIM, proj_hidden, proj_dim) if regions else None
-        self.predictor = MLP(proj_dim, pred_hidden, proj_dim)
 
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_projector_c5 = copy.deepcopy(self.projector_c5)
@@ -161,6 +171,8 @@ class ACLUS(nn.Module):
         Returns:
             loss: scalar; stats: detached per-term, per-scale values for logging.
         """
+        if self.spec.heads == "lightly":
+            return self._forward_lightly(batch)
         if self.spec.pooling == "global":
             return self._forward_global(batch)
         return self._forward_regions(batch, generator)
@@ -174,6 +186,18 @@ class ACLUS(nn.Module):
         pred_a, pred_b = pred.chunk(2)
         proj_a, proj_b = proj.chunk(2)
         loss = byol_loss(pred_a, pred_b, proj_a, proj_b, torch.ones_like(pred_a[..., 0]))
+        return loss, {"regression/global": loss.detach(), "loss": loss.detach()}
+
+    def _forward_lightly(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """lightly's BYOL step: its heads on pooled C5, ``0.5 * (NCS(p0, z1) + NCS(p1, z0))``
+        (negative cosine similarity, in [-1, 1]; ours is its ``2 + 2 x``, so twice the gradient)."""
+        views = torch.cat([batch["view1"], batch["view2"]])                 # 2B x 3 x S x S
+        pred = self.predictor(self.projector_c5(self._encode(self.encoder, views)["c5"].mean(dim=(2, 3))))
+        with torch.no_grad():                                                # 2B x D each
+            proj = self.target_projector_c5(self._encode(self.target_encoder, views)["c5"].mean(dim=(2, 3)))
+        p0, p1 = pred.chunk(2)
+        z0, z1 = proj.chunk(2)
+        loss = 0.5 * (self.lightly_criterion(p0, z1) + self.lightly_criterion(p1, z0))
         return loss, {"regression/global": loss.detach(), "loss": loss.detach()}
 
     def _forward_regions(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None

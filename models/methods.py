@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+POOLINGS = ("regions", "global")
+PAIR_LOSSES = ("infonce", "regression")
+HEADS = ("aclus", "lightly")
+
 
 @dataclass(frozen=True)
 class Method:
@@ -21,6 +25,20 @@ class Method:
     #: anatomy context prediction on the damaged overlap of the two crops (ACLUS)
     context: bool
     summary: str
+    #: whose projection / prediction heads and pair loss: "aclus" (models/backbone.MLP and
+    #: models/losses) or "lightly" (lightly's BYOL heads and NegativeCosineSimilarity: the
+    #: reference implementation the study's own BYOL is compared with)
+    heads: str = "aclus"
+
+    def __post_init__(self):
+        for key, value, allowed in (("pooling", self.pooling, POOLINGS), ("pair_loss", self.pair_loss, PAIR_LOSSES),
+                                    ("heads", self.heads, HEADS)):
+            if value not in allowed:
+                raise ValueError(f"method {self.name!r}: {key}={value!r}, expected one of {list(allowed)}")
+        if self.heads == "lightly" and (self.pooling, self.pair_loss, self.context) != ("global", "regression", False):
+            raise ValueError(f"method {self.name!r}: lightly's heads exist for global BYOL only")
+        if self.context and self.pooling != "regions":
+            raise ValueError(f"method {self.name!r}: the context term needs region pooling")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -32,6 +50,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "classic BYOL: global-average-pooled C5 of a plain ResNet-18"),
     Method("byol_fpn", "regions", True, "regression", False,
            "BYOL's loss on one whole-image region at the 4 scales of ResNet-18 + FPN"),
+    Method("lightly_byol", "global", True, "regression", False,
+           "classic BYOL with lightly's projection / prediction heads and loss (our data, views, "
+           "optimizer, schedule, EMA)", heads="lightly"),
 )}
 
 

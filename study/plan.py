@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from models.methods import METHODS
@@ -45,6 +45,7 @@ class Preset:
     videos: int = 0               # only the first N videos (0 = all)
     workers: int = 1
     threads: int = 2
+    base_lr: float | None = None  # optimizer.base_lr (None: the base config's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +59,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            warmup_epochs=0.2, seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0),
            protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=8,
            base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",)),
+    # 2-core CPU, many sittings: 64 px, batch 64, 40 epochs of the 3,323 stride-10 frames (2,040 steps
+    # per arm and seed), 5 % warm-up, probed after 10 / 25 / 50 / 100 % of the steps; base_lr from
+    # the 10-epoch sweep of classic BYOL (docs/results/study_cpu_long/variants/, RESULTS.md)
+    Preset("cpu_long", frame_stride=10, frames_per_video=0, img_size=64, batch_size=64, epochs=40,
+           warmup_epochs=2, seeds=(0, 1, 2), fractions=(0.1, 0.25, 0.5, 1.0),
+           protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=8,
+           base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",), base_lr=8.0),
     # one H100-class GPU: paper-like views and batch, 100 epochs (3 warm-up), the paper's fine-tune
     Preset("gpu", frame_stride=10, frames_per_video=0, img_size=224, batch_size=192, epochs=100,
            warmup_epochs=3, seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0),
@@ -71,6 +79,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            ft_epochs=1, pocus_frames_per_video=1, base_config="configs/study_cpu.yaml", device="cpu",
            overrides=("amp.opt_level=O0",), videos=4, workers=0),
 )}
+
+
+def variant_of(preset: Preset, *, epochs: int | None = None, base_lr: float | None = None) -> tuple[Preset, str]:
+    """The preset with another schedule length or learning rate (a sweep), and the variant's name
+    (``""`` when nothing changes). The warm-up keeps its share of the steps."""
+    changes, name = {}, []
+    if epochs is not None and epochs != preset.epochs:
+        changes.update(epochs=epochs, warmup_epochs=round(preset.warmup_epochs * epochs / preset.epochs, 3))
+        name.append(f"epochs{epochs}")
+    if base_lr is not None and base_lr != preset.base_lr:
+        changes["base_lr"] = base_lr
+        name.append(f"base_lr{base_lr:g}")
+    return replace(preset, **changes), "_".join(name)
 
 
 def arm_fractions(arm: str, preset: Preset) -> tuple[float, ...]:

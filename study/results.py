@@ -30,7 +30,7 @@ _INT = {"seed", "steps", "fold", "n_test", "frames", "batch_size", "epochs", "im
 _FLOAT = {"fraction", "accuracy", "macro_f1", "train_s", "wall_s", "value"}
 
 #: encoder forward passes per pre-training image: (online, with backward; target, no backward)
-PASSES = {"byol": (2, 2), "byol_fpn": (2, 2), "detcon": (2, 2), "aclus": (3, 3)}
+PASSES = {"byol": (2, 2), "lightly_byol": (2, 2), "byol_fpn": (2, 2), "detcon": (2, 2), "aclus": (3, 3)}
 
 
 def read_json(path: Path) -> dict:

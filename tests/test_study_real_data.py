@@ -18,6 +18,7 @@ def test_parse_runs():
     assert plan.parse_run("aclus_asam").mask_source == "asam"
     assert plan.parse_run("detcon_sam_auto") == plan.Run("detcon_sam_auto", "detcon", "sam_auto", "sam_auto")
     assert plan.parse_run("aclus_asam_lung") == plan.Run("aclus_asam_lung", "aclus", "asam_lung", "asam_lung")
+    assert plan.parse_run("lightly_byol") == plan.Run("lightly_byol", "lightly_byol", None, "superpixel")
     with pytest.raises(ValueError, match="unknown run 'detcon_sam'"):
         plan.parse_run("detcon_sam")
 
@@ -164,8 +165,27 @@ def test_render_states_differences_with_intervals_and_splices_the_docs(tmp_path)
         render.splice("no markers", "x", "README.md")
 
 
+def test_cpu_long_preset_and_its_sweep_variants():
+    """The long preset of the campaign: 64 px, batch 64, >= 40 epochs, ~5 % warm-up, probes at 10/25/50/100 %;
+    a sweep point (other epochs / base_lr) keeps the warm-up's share, is named, and its rows live apart."""
+    p = plan.PRESETS["cpu_long"]
+    assert (p.img_size, p.batch_size, p.frame_stride) == (64, 64, 10) and p.epochs >= 40
+    assert p.warmup_epochs / p.epochs == pytest.approx(0.05) and p.fractions == (0.1, 0.25, 0.5, 1.0)
+    assert set(p.protocols) == {"linear", "knn", "finetune_cached"} and p.base_lr is not None
+    same, name = plan.variant_of(p, epochs=p.epochs, base_lr=p.base_lr)
+    assert same == p and name == ""
+    v, name = plan.variant_of(p, epochs=10, base_lr=2.0)
+    assert name == "epochs10_base_lr2" and v.epochs == 10 and v.base_lr == 2.0
+    assert v.warmup_epochs == pytest.approx(0.5) and v.fractions == p.fractions
+    assert srd.default_results("cpu_long", srd.REPO, name) == srd.REPO / "docs/results/study_cpu_long/variants" / name
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     base = ["--covid_blues", str(tmp_path), "--pocus", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert srd.main(base + ["--epochs", "0"]) == 2
+    assert "--epochs 0" in capsys.readouterr().err
+    assert srd.main(base + ["--base_lr", "nan"]) == 2
+    assert "--base_lr nan" in capsys.readouterr().err
     assert srd.main(base + ["--arms", "byol,simclr"]) == 2
     assert "--arms: unknown run 'simclr'" in capsys.readouterr().err
     assert srd.main(base + ["--seeds", "0,a"]) == 2
