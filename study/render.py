@@ -42,11 +42,23 @@ def protocols_of(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["protocol"] for r in rows))
 
 
+#: the one comparison the study is built to answer; every other verdict is secondary
+PRIMARY_PROTOCOL = "linear"
+
+
+def primary_arm(arms: list[str]) -> str | None:
+    """The ACLUS arm of the primary comparison: with A-SAM masks where it ran, else the first ACLUS arm."""
+    aclus = [a for a in arms if a.startswith("aclus_")]
+    return "aclus_asam" if "aclus_asam" in aclus else (aclus[0] if aclus else None)
+
+
 def verdicts(rows: list[dict], protocol: str) -> list[str]:
     """One line per arm (random init aside) and reference: higher / lower with the interval,
-    or "not distinguishable"."""
+    or "not distinguishable"; the primary comparison (ACLUS vs random init and vs BYOL, linear
+    probe, end of training) is marked, every other one is secondary."""
     fin = final_rows(rows)
     out = []
+    primary = primary_arm(arm_order(fin)) if protocol == PRIMARY_PROTOCOL else None
     for arm in arm_order(fin):
         if arm == "random":
             continue
@@ -58,8 +70,38 @@ def verdicts(rows: list[dict], protocol: str) -> list[str]:
             if d.n_pairs:
                 parts.append(f"vs {ref}: {stats.describe(d)} ({d.n_pairs} seed x fold pairs)")
         if parts:
-            out.append(f"- **{arm}** " + "; ".join(parts))
+            label = "primary" if arm == primary else "secondary"
+            out.append(f"- **{arm}** ({label}) " + "; ".join(parts))
     return out
+
+
+def parity_table(rows: list[dict], protocol: str, ours: str = "byol", reference: str = "lightly_byol") -> str:
+    """Our BYOL against lightly's at every probe point: each one's mean ± sd over seeds x folds,
+    the paired difference, and whether it lies within the seeds' spread (|difference| <= the
+    larger sd of the seed means)."""
+    fractions = sorted({r["fraction"] for r in rows if r["arm"] in (ours, reference) and r["protocol"] == protocol})
+    if not fractions or not {ours, reference} <= {r["arm"] for r in rows}:
+        return ""
+    lines = [f"| share of steps | {ours} | {reference} | {ours} - {reference} (95 % CI) | sd of seed means | "
+             "within the seed spread |", "|---|---|---|---|---|---|"]
+    for f in fractions:
+        sub = [r for r in rows if r["fraction"] == f]
+        a, b = stats.summarize(sub, ours, protocol), stats.summarize(sub, reference, protocol)
+        if not a["n"] or not b["n"]:
+            continue
+        d = stats.paired_difference(sub, ours, reference, protocol)
+        spread = max(_seed_mean_sd(sub, ours, protocol), _seed_mean_sd(sub, reference, protocol))
+        within = "–" if math.isnan(spread) else ("yes" if abs(d.mean) <= spread else "no")
+        lines.append(f"| {f:.0%} | {a['mean']:.3f} ± {a['sd']:.3f} | {b['mean']:.3f} ± {b['sd']:.3f} | "
+                     f"{stats.describe(d)} | {'–' if math.isnan(spread) else f'{spread:.3f}'} | {within} |")
+    return "\n".join(lines) + "\n"
+
+
+def _seed_mean_sd(rows: list[dict], arm: str, protocol: str) -> float:
+    """Sample sd over seeds of each seed's mean over folds (nan with fewer than 2 seeds)."""
+    means = [np.mean([r["accuracy"] for r in rows if r["arm"] == arm and r["protocol"] == protocol and r["seed"] == s])
+             for s in sorted({r["seed"] for r in rows if r["arm"] == arm and r["protocol"] == protocol})]
+    return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
 
 
 def curve_table(rows: list[dict], protocol: str) -> str:
@@ -122,7 +164,10 @@ def summary_block(rows: list[dict], settings: dict) -> str:
     parts = [f"Preset `{preset.get('name', '?')}` on {where}: {preset.get('img_size')} px, batch "
              f"{preset.get('batch_size')}, {settings.get('steps', '?')} steps per pre-trained arm; seeds "
              f"{seeds}; the same 5 POCUS folds (split by video) for every arm. Mean ± sample sd over seeds x folds; "
-             "differences paired by (seed, fold), 95 % bootstrap interval. Rendered by "
+             "differences paired by (seed, fold); 95 % interval from a two-level bootstrap that resamples the folds, "
+             f"then the seeds within each drawn fold ({stats.N_BOOT:,} resamples; a verdict that changes with the "
+             "bootstrap's seed counts as not distinguishable). Primary comparison: ACLUS vs random init and vs BYOL, "
+             "linear probe, end of pre-training; every other verdict is secondary. Rendered by "
              "`python study_real_data.py --render_only` from `per_fold.csv` of the results folder."]
     missing = settings.get("missing_arms") or {}
     if missing:
@@ -150,6 +195,10 @@ def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, setti
         t = curve_table(rows, protocol)
         if t:
             md += [f"## Over the steps: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
+    for protocol in protocols_of(rows):
+        t = parity_table(rows, protocol)
+        if t:
+            md += [f"## Our BYOL vs lightly's: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
     if runs:
         md += ["## Cost of each pre-trained arm", "", runs_table(runs)]
     if mask_stats:
@@ -170,12 +219,13 @@ def splice(text: str, block: str, where: str) -> str:
 # --------------------------------------------------------------------------- #
 # figures
 # --------------------------------------------------------------------------- #
-def _ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    if values.size < 2:
-        return float(values.mean()), float(values.mean())
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+def _ci(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of an arm's mean accuracy, resampling folds, then seeds within them."""
+    by_fold = [np.array([r["accuracy"] for r in rows if r["fold"] == f]) for f in sorted({r["fold"] for r in rows})]
+    if sum(v.size for v in by_fold) < 2:
+        m = float(np.mean([r["accuracy"] for r in rows]))
+        return m, m
+    lo, hi = np.percentile(stats.hierarchical_bootstrap(by_fold, n_boot, seed), [2.5, 97.5])
     return float(lo), float(hi)
 
 
@@ -192,7 +242,7 @@ def accuracy_figure(rows: list[dict], protocol: str, path: Path) -> Path:
     for i, arm in enumerate(arms):
         mine = [r for r in fin if r["arm"] == arm]
         v = np.array([r["accuracy"] for r in mine])
-        lo, hi = _ci(v)
+        lo, hi = _ci(mine)
         ax.errorbar([i], [v.mean()], yerr=[[v.mean() - lo], [hi - v.mean()]], fmt="o", color="k", capsize=5, ms=7)
         for s in sorted({r["seed"] for r in mine}):
             sv = np.mean([r["accuracy"] for r in mine if r["seed"] == s])

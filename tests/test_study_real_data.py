@@ -149,9 +149,11 @@ def test_render_states_differences_with_intervals_and_splices_the_docs(tmp_path)
     rows = _study_rows(0.03, noise=0.02)
     settings = {"preset": plan.PRESETS["cpu"].to_dict(), "where": "CPU, 2 cores", "steps": 100}
     block = render.summary_block(rows, settings)
-    assert "**aclus_asam** vs random: +0.030 [+0.030, +0.030] higher" in block
+    assert "**aclus_asam** (primary) vs random: +0.030 [+0.030, +0.030] higher" in block
     assert "vs byol: " in block and "higher" in block.split("vs byol: ")[1].split("\n")[0]
-    assert "**byol** vs random:" in block and "not distinguishable" in block.split("**byol** vs random:")[1].split("\n")[0]
+    assert "**byol** (secondary) vs random:" in block
+    assert "not distinguishable" in block.split("**byol** (secondary) vs random:")[1].split("\n")[0]
+    assert "resamples the folds, then the seeds within each drawn fold" in block
     curve = render.curve_table(rows, "linear")
     assert "| aclus_asam | 0.775 ± 0.074; vs random +0.015 [+0.015, +0.015] higher | 0.790 ± " in curve
     doc = tmp_path / "README.md"

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from study.stats import Difference, describe, markdown_table, paired_difference, summarize
+from study.stats import Difference, describe, hierarchical_bootstrap, markdown_table, paired_difference, summarize
 
 
 def _rows(arm, values, protocol="linear", source="-"):
@@ -62,3 +62,44 @@ def test_table():
     md = markdown_table(rows, "linear", ["random", "aclus"], ["random"])
     assert "| aclus | 5 (1 seeds) | 0.700 ± 0.000 | +0.100 [+0.100, +0.100] higher |" in md
     assert describe(Difference("a", "b", 0.01, -0.02, 0.03, 10)) == "+0.010 [-0.020, +0.030] not distinguishable"
+
+
+def test_the_resampling_unit_is_the_fold_then_the_seed_within_it():
+    """Hand-computed: two folds whose three seeds agree (differences 0 and 1). Resampling folds,
+    the replicate is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so the 95 % interval is [0, 1].
+    Resampling the six (seed, fold) pairs as if independent would give [1/6, 5/6] (P(all six
+    from one fold) = 2 / 64 < 5 %): that narrower interval is the bug this test catches."""
+    rep = hierarchical_bootstrap([np.zeros(3), np.ones(3)], n_boot=20_000, seed=0)
+    values, counts = np.unique(rep, return_counts=True)
+    assert values.tolist() == [0.0, 0.5, 1.0]
+    assert counts / counts.sum() == pytest.approx([0.25, 0.5, 0.25], abs=0.01)
+    rows = _rows("random", {(s, f): 0.5 for s in range(3) for f in (1, 2)}) + \
+        _rows("aclus", {(s, f): 0.5 + (f - 1) for s in range(3) for f in (1, 2)})
+    d = paired_difference(rows, "aclus", "random", "linear")
+    assert (d.mean, d.lo, d.hi, d.n_pairs) == (pytest.approx(0.5), 0.0, 1.0, 6)
+
+
+def test_seeds_are_resampled_within_a_fold():
+    """One fold, two seeds with differences 0 and 1: only the within-fold draw can move the
+    replicate (0, 1/2, 1 w.p. 1/4, 1/2, 1/4); resampling folds alone would pin it at 1/2."""
+    rep = hierarchical_bootstrap([np.array([0.0, 1.0])], n_boot=20_000, seed=3)
+    assert np.percentile(rep, [2.5, 97.5]).tolist() == [0.0, 1.0]
+    assert np.mean(rep == 0.5) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_verdict_that_depends_on_the_bootstrap_seed_is_not_distinguishable():
+    """Search a noisy case whose seed-0 interval just excludes 0 while another seed's does not:
+    the reported verdict must then be "not distinguishable", with the union of both intervals."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        by_fold = [rng.normal(0.02, 0.03, 3) for _ in range(5)]
+        lo0, _ = np.percentile(hierarchical_bootstrap(by_fold, 2000, 0), [2.5, 97.5])
+        lo1, _ = np.percentile(hierarchical_bootstrap(by_fold, 2000, 1), [2.5, 97.5])
+        if (lo0 > 0) != (lo1 > 0):
+            break
+    else:
+        pytest.skip("no borderline case found")
+    rows = _rows("random", {(s, f): 0.5 for s in range(3) for f in range(1, 6)}) + _rows(
+        "aclus", {(s, f): 0.5 + float(by_fold[f - 1][s]) for s in range(3) for f in range(1, 6)})
+    d = paired_difference(rows, "aclus", "random", "linear", n_boot=2000, seeds=(0, 1))
+    assert d.verdict == "not distinguishable" and d.lo <= min(lo0, lo1) + 1e-12
