@@ -111,16 +111,68 @@ def test_swapping_the_views_leaves_the_loss_unchanged(method):
     assert math.isclose(float(a), float(b), rel_tol=1e-5)
 
 
-def test_positive_is_the_same_id_in_the_other_view():
-    # bug caught: positives chosen by position or image instead of by region id
+@pytest.mark.parametrize("relabel", [False, True], ids=["same-ids", "ids-exchanged-in-view-2"])
+def test_detcon_loss_equals_a_loop_that_pools_each_view_by_its_own_ids(monkeypatch, relabel):
+    """Reference written from the definition: for every drawn id, pool each view's features over
+    *that view's* cells of that id (a Python loop), apply the heads, and score with lightly's
+    DetConBLoss (ours is half of it), summed over the four scales. View 2's quadrants carry
+    other ids than view 1's when ``relabel``, so a forward that pools view 2 with view 1's
+    labels, or pairs regions by position rather than id, differs from the loop (an earlier test,
+    "the loss changes when view 2's ids are exchanged", passed with positives rolled by one
+    region: any change of the masks changes the loss)."""
+    from lightly.loss import DetConBLoss
+
+    import models.aclus as aclus_module
+
+    size, b = 64, 2                                   # quadrants align with every grid (16, 8, 4, 2)
+    quad = torch.zeros(size, size, dtype=torch.int64)
+    quad[:, size // 2:] = 1
+    quad[size // 2:, :size // 2] = 2
+    quad[size // 2:, size // 2:] = 3
+    mask1 = quad.expand(b, -1, -1).clone()
+    mask2 = (torch.tensor([2, 3, 0, 1])[quad] if relabel else quad).expand(b, -1, -1).clone()
+    g = torch.Generator().manual_seed(0)
+    batch = {"view1": torch.randn(b, 3, size, size, generator=g), "view2": torch.randn(b, 3, size, size, generator=g),
+             "mask1": mask1, "mask2": mask2}
     model = _model("detcon")
-    batch = _batch()
-    a, _ = _loss_and_grads(model, batch)
-    permuted = dict(batch, mask2=batch["mask2"].clone())
-    permuted["mask2"][batch["mask2"] == 1] = 2
-    permuted["mask2"][batch["mask2"] == 2] = 1  # same regions, ids 1 and 2 exchanged in view 2
-    b, _ = _loss_and_grads(model, permuted)
-    assert abs(float(a) - float(b)) > 1e-3
+    reference_model = copy.deepcopy(model)
+    drawn = []
+    real = aclus_module.sample_region_ids
+    monkeypatch.setattr(aclus_module, "sample_region_ids",
+                        lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    loss, _ = model(batch, torch.Generator().manual_seed(0))
+    ids, _ = drawn[0]                                                       # B x K, shared by both views
+
+    m = reference_model
+    views = torch.cat([batch["view1"], batch["view2"]])
+    masks = torch.cat([mask1, mask2])
+    online = m.encoder(views)
+    with torch.no_grad():
+        target = m.target_encoder(views)
+    expected = 0.0
+    for scale in ("c5", "p4", "p3", "p2"):
+        side = online[scale].shape[-1]
+        step = size // side
+        grid = masks[:, step // 2::step, step // 2::step]                   # 2B x side x side (exact here)
+
+        def pool(feats):
+            out = torch.zeros(2 * b, ids.shape[1], feats.shape[1])
+            for i in range(2 * b):
+                for k in range(ids.shape[1]):
+                    cells = grid[i] == ids[i % b, k]
+                    out[i, k] = feats[i][:, cells].mean(dim=1)
+            return out
+
+        head = m.projector_c5 if scale == "c5" else m.projector_fpn
+        tgt_head = m.target_projector_c5 if scale == "c5" else m.target_projector_fpn
+        pred = m.predictor(head(pool(online[scale])))
+        with torch.no_grad():
+            proj = tgt_head(pool(target[scale]))
+        p0, p1 = pred.chunk(2)
+        t0, t1 = proj.chunk(2)
+        expected = expected + 0.5 * DetConBLoss(temperature=m.temperature, gather_distributed=False)(
+            p0, p1, t0, t1, ids, ids)
+    assert torch.allclose(loss, expected, rtol=1e-4, atol=1e-5), (float(loss), float(expected))
 
 
 def test_damaged_overlap_stays_out_of_batchnorm_statistics():

@@ -174,6 +174,34 @@ def test_finetune_cached_val_and_paper_selection(tmp_path):
             assert (out["pred"] == fold.y_test).mean() == max(scores)
 
 
+def test_val_selection_restores_the_weights_of_the_selected_epoch():
+    """A stand-in network whose one weight is the epoch it finished; validation is best after
+    epoch 2 of 4. The test predictions and the returned weights must be epoch 2's: a loop that
+    records the best epoch but keeps the last weights (epoch 4) fails this."""
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+    model = Counter()
+
+    def train_epoch(epoch):
+        with torch.no_grad():
+            model.w.fill_(epoch + 1)
+        return 0.0
+
+    y_val = np.zeros(4, dtype=int)
+    val_scores = {1: 1, 2: 3, 3: 2, 4: 3}          # correct validation answers per epoch (first max: 2)
+    predict_val = lambda: np.r_[np.zeros(val_scores[int(model.w)]), np.ones(4 - val_scores[int(model.w)])]
+    predict_test = lambda: np.full(5, int(model.w))  # the test "prediction" names the epoch it came from
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.1), lambda e: 1.0)
+    args = ev.get_args_parser().parse_args(["--data_path", "x", "--epochs", "4", "--selection", "val"])
+    out = ev.train_and_select(model, train_epoch, sched, predict_test, np.zeros(5, dtype=int),
+                              predict_val=predict_val, y_val=y_val, args=args)
+    assert out["selected"]["epoch"] == 2 and out["val_accuracy"] == [0.25, 0.75, 0.5, 0.75]
+    assert out["pred"].tolist() == [2] * 5 and float(model.w) == 2.0
+
+
 # --------------------------------------------------------------------------- #
 # several protocols in one run
 # --------------------------------------------------------------------------- #
