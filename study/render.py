@@ -141,18 +141,37 @@ def runs_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mask_table(mask_stats: dict) -> str:
-    """Per mask source, the :func:`utils.mask_stats.summarise` of its label maps."""
+def mask_table(mask_stats: dict, view: int | None = None) -> str:
+    """Per mask source, the :func:`utils.mask_stats.summarise` of its label maps: how many
+    regions own a cell of each scale's grid in a whole-image view of the preset's size."""
     def num(v, d=3):
         return "–" if v is None else f"{v:.{d}f}"
+    at = f" ({view} px view)" if view else ""
     lines = ["| mask source | frames | share of frames with a region | regions per frame (mean ± sd) | "
-             "pixel share per region (mean) | regions owning a C5 cell (112 px view) |", "|---|---|---|---|---|---|"]
+             f"pixel share per region (mean) | regions owning a cell{at}: P2 / P3 / P4 / C5 |", "|---|---|---|---|---|---|"]
     for source, s in mask_stats.items():
         if not s.get("frames"):
             continue
         rpf = s["regions_per_frame"]
+        surv = s.get("survival") or {"c5": s["c5_survival"]["share"]}
+        per_scale = " / ".join(num(surv.get(k)) for k in ("p2", "p3", "p4", "c5"))
         lines.append(f"| {source} | {s['frames']} | {num(s['fires'])} | {num(rpf['mean'], 2)} ± {num(rpf['std'], 2)} | "
-                     f"{num(s['region_share']['mean'])} | {num(s['c5_survival']['share'])} |")
+                     f"{num(s['region_share']['mean'])} | {per_scale} |")
+    return "\n".join(lines) + "\n"
+
+
+def drawn_regions_table(loss: list[dict]) -> str:
+    """Per pre-trained arm with region draws: the share of drawn regions present in both views at
+    each scale (the logged ``regions/<scale>``), averaged over the logged steps and seeds. The rest
+    add nothing to that scale's loss."""
+    terms = ("regions/p2", "regions/p3", "regions/p4", "regions/c5")
+    arms = list(dict.fromkeys(r["arm"] for r in loss if r["term"] in terms))
+    if not arms:
+        return ""
+    lines = ["| arm | P2 | P3 | P4 | C5 |", "|---|---|---|---|---|"]
+    for arm in arms:
+        cells = [np.mean([r["value"] for r in loss if r["arm"] == arm and r["term"] == t] or [math.nan]) for t in terms]
+        lines.append(f"| {arm} | " + " | ".join("–" if math.isnan(c) else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +208,7 @@ def summary_block(rows: list[dict], settings: dict) -> str:
 
 
 def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, settings: dict,
-                     figures: list[str]) -> str:
+                     figures: list[str], loss: list[dict] = ()) -> str:
     md = ["# Pre-training study: COVID-BLUES -> POCUS (5 folds)", "", summary_block(rows, settings)]
     for protocol in protocols_of(rows):
         t = curve_table(rows, protocol)
@@ -202,7 +221,10 @@ def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, setti
     if runs:
         md += ["## Cost of each pre-trained arm", "", runs_table(runs)]
     if mask_stats:
-        md += ["## Masks of the pre-training frames", "", mask_table(mask_stats)]
+        md += ["## Masks of the pre-training frames", "", mask_table(mask_stats, settings.get("preset", {}).get("img_size"))]
+    drawn = drawn_regions_table(loss)
+    if drawn:
+        md += ["## Drawn regions present in both views, per scale (mean over the logged steps)", "", drawn]
     if figures:
         md += ["## Figures", "", *[f"![{Path(f).stem}]({Path(f).name})" for f in figures], ""]
     return "\n".join(md)
@@ -327,7 +349,7 @@ def render_all(results: Path, rows: list[dict], runs: list[dict], loss: list[dic
     lf = loss_figure(loss, results / "loss_terms.png")
     if lf:
         figures.append(str(lf))
-    md = results_markdown(rows, runs, mask_stats, settings, figures)
+    md = results_markdown(rows, runs, mask_stats, settings, figures, loss)
     (results / "results.md").write_text(md)
     block = summary_block(rows, settings)
     for doc in docs:

@@ -103,3 +103,28 @@ def test_a_verdict_that_depends_on_the_bootstrap_seed_is_not_distinguishable():
         "aclus", {(s, f): 0.5 + float(by_fold[f - 1][s]) for s in range(3) for f in range(1, 6)})
     d = paired_difference(rows, "aclus", "random", "linear", n_boot=2000, seeds=(0, 1))
     assert d.verdict == "not distinguishable" and d.lo <= min(lo0, lo1) + 1e-12
+
+
+def test_sweep_chooses_the_best_final_linear_probe_and_pairs_by_fold(tmp_path):
+    """Three sweep variants as study_real_data writes them: the choice is the base_lr with the highest
+    mean linear accuracy at 100 % (not at an earlier probe point, not on another protocol), and a
+    variant without its final rows makes the choice provisional."""
+    from study import results as res
+    from study.sweep import sweep_markdown, sweep_rows
+
+    def variant(lr, final_linear, early_linear, knn):
+        sub = tmp_path / f"epochs10_base_lr{lr}"
+        sub.mkdir()
+        res.write_json(sub / "settings.json", {"preset": {"base_lr": lr}})
+        rows = [{"arm": "byol", "method": "byol", "mask_source": "", "seed": 0, "fraction": f, "steps": 1,
+                 "protocol": p, "fold": k, "n_test": 10, "accuracy": v + 0.01 * k, "macro_f1": v}
+                for f, p, v in ((0.5, "linear", early_linear), (1.0, "linear", final_linear), (1.0, "knn", knn))
+                for k in range(1, 6) if not (final_linear is None and f == 1.0)]
+        res.write_rows(sub / "per_fold.csv", rows, res.FOLD_COLUMNS)
+
+    variant(2.0, 0.80, 0.90, 0.95)      # best early and on kNN, not at the end of the linear probe
+    variant(8.0, 0.82, 0.70, 0.60)
+    variant(16.0, None, 0.99, 0.99)     # unfinished
+    md, choice = sweep_markdown(sweep_rows(tmp_path))
+    assert choice["chosen_base_lr"] == 8.0 and choice["unfinished"] == ["lr=16"]
+    assert "PROVISIONAL" in md and "-0.020 [-0.020, -0.020] lower" in md

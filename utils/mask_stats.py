@@ -42,14 +42,23 @@ def view_label(label: np.ndarray, view: int) -> np.ndarray:
                        (0, 0, w, h), view, nearest=True)
 
 
-def c5_survivors(label: np.ndarray, view: int = 112) -> set[int]:
-    """The non-background ids of ``label`` that own at least one cell of the C5 grid of a
-    ``view`` px view (grids pooled finest first, P2 -> C5, as the pre-training does)."""
+SCALES_FINEST_FIRST = ("p2", "p3", "p4", "c5")
+
+
+def scale_survivors(label: np.ndarray, view: int = 112) -> dict[str, set[int]]:
+    """Per scale, the non-background ids of ``label`` that own at least one cell of that
+    scale's grid in a ``view`` px view (grids pooled finest first, P2 -> C5, as the
+    pre-training does); a region owning no cell adds nothing to that scale's loss."""
     small = torch.from_numpy(view_label(label, view).astype(np.int64))[None]   # 1 x v x v
     num_ids = int(small.max()) + 1
     sizes = resnet_grid_sizes(view)
-    grids = label_grids(small, [(sizes[s], sizes[s]) for s in ("p2", "p3", "p4", "c5")], num_ids)
-    return {int(i) for i in torch.unique(grids[-1]) if i != 0}
+    grids = label_grids(small, [(sizes[s], sizes[s]) for s in SCALES_FINEST_FIRST], num_ids)
+    return {s: {int(i) for i in torch.unique(g) if i != 0} for s, g in zip(SCALES_FINEST_FIRST, grids)}
+
+
+def c5_survivors(label: np.ndarray, view: int = 112) -> set[int]:
+    """The non-background ids of ``label`` that own at least one cell of the C5 grid of a ``view`` px view."""
+    return scale_survivors(label, view)["c5"]
 
 
 def frame_stats(label: np.ndarray, view: int = 112) -> dict:
@@ -57,9 +66,10 @@ def frame_stats(label: np.ndarray, view: int = 112) -> dict:
     ``{fires, regions, shares {id: pixel share}, total_share, c5_regions}``."""
     ids, counts = np.unique(label, return_counts=True)
     shares = {int(i): float(c) / label.size for i, c in zip(ids, counts) if i != 0}
+    survivors = scale_survivors(label, view) if shares else {s: set() for s in SCALES_FINEST_FIRST}
     return {"fires": bool(shares), "regions": len(shares), "shares": shares,
             "total_share": float(sum(shares.values())),
-            "c5_regions": len(c5_survivors(label, view)) if shares else 0}
+            "c5_regions": len(survivors["c5"]), "scale_regions": {s: len(v) for s, v in survivors.items()}}
 
 
 def _mean_std(values: Sequence[float]) -> dict:
@@ -76,7 +86,7 @@ def summarise(stats: Iterable[dict]) -> dict:
     * ``regions_per_frame``, ``total_share``: mean / std (ddof 1) / n over all frames;
     * ``region_share``: mean / std / n over all regions of all frames;
     * ``c5_survival``: regions owning a C5 cell / all regions (pooled over frames), with its
-      counts; ``c5_survival_per_frame``: mean / std over the frames that fire."""
+      counts; ``survival``: the same share at every scale (p2, p3, p4, c5); ``c5_survival_per_frame``: mean / std over the frames that fire."""
     stats = list(stats)
     regions = sum(s["regions"] for s in stats)
     c5 = sum(s["c5_regions"] for s in stats)
@@ -87,6 +97,9 @@ def summarise(stats: Iterable[dict]) -> dict:
         "total_share": _mean_std([s["total_share"] for s in stats]),
         "region_share": _mean_std([v for s in stats for v in s["shares"].values()]),
         "c5_survival": {"share": c5 / regions if regions else None, "regions": regions, "c5_regions": c5},
+        # per scale: regions owning >= 1 cell of that grid / all regions (pooled over frames)
+        "survival": {sc: (sum(s["scale_regions"][sc] for s in stats) / regions if regions else None)
+                     for sc in SCALES_FINEST_FIRST} if stats and "scale_regions" in stats[0] else {},
         "c5_survival_per_frame": _mean_std([s["c5_regions"] / s["regions"] for s in stats if s["regions"]]),
     }
 
