@@ -67,7 +67,8 @@ def test_frame_stats_hand_values():
 def test_frame_stats_of_an_empty_map():
     # a source that does not fire: no regions, no survivors, share 0 (not a crash on argmax)
     s = frame_stats(np.zeros((40, 30), np.uint8))
-    assert s == {"fires": False, "regions": 0, "shares": {}, "total_share": 0.0, "c5_regions": 0}
+    assert s == {"fires": False, "regions": 0, "shares": {}, "total_share": 0.0, "c5_regions": 0,
+                 "scale_regions": {"p2": 0, "p3": 0, "p4": 0, "c5": 0}}
 
 
 def test_summarise_hand_values():
@@ -91,3 +92,17 @@ def test_centroid_spread_hand_values():
     r = centroid_spread([a, b, c], 7)
     assert r["std"] == pytest.approx(0.1) and r["present"] == 2 and r["frames"] == 3
     assert centroid_spread([a, c], 7)["std"] is None   # one frame: no spread to speak of
+
+
+def test_survival_per_scale_hand_values():
+    """64 px view (grids P2 16, P3 8, P4 4, C5 2): a 4 x 4 px region aligned with one P2 cell owns
+    that cell and nothing coarser; a 16 x 16 px region owns P2..P4 cells but no C5 cell (a C5 cell
+    is 32 x 32 px, where background wins); a 32 x 32 region owns one cell of every grid."""
+    label = np.zeros((64, 64), np.int64)
+    label[:4, :4] = 1
+    label[32:48, 32:48] = 2
+    label[:32, 32:] = 3
+    s = frame_stats(label, view=64)
+    assert s["scale_regions"] == {"p2": 3, "p3": 2, "p4": 2, "c5": 1} and s["c5_regions"] == 1
+    summary = summarise([s, frame_stats(np.zeros((64, 64), np.int64), view=64)])
+    assert summary["survival"] == pytest.approx({"p2": 1.0, "p3": 2 / 3, "p4": 2 / 3, "c5": 1 / 3})
