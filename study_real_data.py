@@ -301,6 +301,8 @@ def study(a: argparse.Namespace) -> int:
     st = ResumableStages(out, env)
     store = Results(results)
     arms = [x for x in a.arms.split(",") if x]
+    earlier = read_json(results / "settings.json") if (results / "settings.json").is_file() else {}
+    done_before = completed_pairs(store, arms, preset)
     runs = {arm: parse_run(arm) for arm in arms if arm not in BASELINES}
     t0 = time.time()
     settings = {"preset": preset.to_dict(), "variant": variant, "arms": arms, "where": machine(preset.device),
@@ -410,10 +412,17 @@ def study(a: argparse.Namespace) -> int:
         settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
         settings["session_wall_s"] = round(time.time() - t0, 1)
         settings["pending"] = pending(store, arms, preset, settings.get("missing_arms", {}))
+        settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), settings["git"]["commit"],
+                                                  done_before, completed_pairs(store, arms, preset))
         if settings.get("steps") is not None:
             write_json(results / "settings.json", settings)
     render(results)
     return 0
+
+
+def completed_pairs(store: Results, arms: list[str], preset: Preset) -> set[str]:
+    """``"arm seed N"`` of every (arm, seed) of this study whose rows are all there."""
+    return {f"{arm} seed {s}" for s in preset.seeds for arm in arms if store.done(arm, s, preset)}
 
 
 def pending(store: Results, arms: list[str], preset: Preset, missing: dict) -> list[str]:

@@ -131,3 +131,15 @@ def loss_rows(records: list[dict], arm: str, seed: int) -> list[dict]:
                 out.append({"arm": arm, "seed": seed, "step": int(r["step"]), "term": term,
                             "value": round(float(v), 6)})
     return out
+
+
+def attribute_pairs(made_by: dict[str, list[str]], commit: str | None, done_before: set[str],
+                    done_now: set[str]) -> dict[str, list[str]]:
+    """``settings.json``'s ``made_by`` ({commit: ["arm seed N", ...]}) with the (arm, seed) pairs
+    finished in this invocation (``done_now - done_before``) added under ``commit``: rows of
+    different code are told apart even when one study spans sittings at several commits."""
+    out = {k: list(v) for k, v in made_by.items()}
+    new = sorted(done_now - done_before - {p for v in out.values() for p in v})
+    if new:
+        out.setdefault(commit or "unknown", []).extend(new)
+    return out

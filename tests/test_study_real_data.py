@@ -291,3 +291,14 @@ def test_settings_name_no_local_folder_and_every_default_arm_not_run():
     assert why["detcon_superpixel"] == "not in this run's --arms"
     kept = srd.arms_not_run(["aclus_asam"], {"aclus_asam": "no A-SAM checkpoint"}, a)
     assert kept["aclus_asam"] == "no A-SAM checkpoint"
+
+
+def test_settings_say_which_commit_made_which_pairs():
+    """A study over several sittings at several commits: each (arm, seed) finished in a sitting is
+    listed under that sitting's commit, never moved to a later one, and nothing is listed twice."""
+    made = res.attribute_pairs({}, "aaa", set(), {"random seed 0", "byol seed 0"})
+    assert made == {"aaa": ["byol seed 0", "random seed 0"]}
+    made = res.attribute_pairs(made, "bbb", {"random seed 0", "byol seed 0"},
+                               {"random seed 0", "byol seed 0", "aclus_superpixel seed 0"})
+    assert made == {"aaa": ["byol seed 0", "random seed 0"], "bbb": ["aclus_superpixel seed 0"]}
+    assert res.attribute_pairs(made, "ccc", set(), {"byol seed 0"}) == made   # re-listed: stays with aaa

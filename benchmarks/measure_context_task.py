@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Is ACLUS's context prediction a task? Its loss under controls, on a pre-training run's batches.
+
+    python benchmarks/measure_context_task.py --run_dir runs/aclus --json docs/results/context_task.json
+
+For the run's encoder at initialisation (its seed) and at its latest checkpoint, on batches
+of its own loader and augmentation, ``ACLUS.forward``'s context terms (``context/<scale>``,
+``2 - 2 cos`` of prediction and target, 0 = identical directions) under four conditions:
+
+* ``as_trained``: as in training (online: the damaged overlap; target: the clean one;
+  BatchNorm on its running statistics);
+* ``no_damage``: the online network sees the clean overlap too (the damage's share of the task);
+* ``other_image``: the target sees another image's clean overlap (the batch rolled by one),
+  pooled over the same ids: a prediction that does not depend on its image scores as well
+  here as in ``as_trained``;
+* ``batch_stats``: ``as_trained`` with BatchNorm on the batch's statistics (as the two views
+  are encoded), so the running statistics' part in the value shows.
+
+Each condition runs on a copy of the model (no running statistic changes) with the same
+region draws. An ``as_trained`` value near 0 with ``other_image`` as low says the embedding of
+the overlap no longer depends on the image under BatchNorm in inference mode: the term is
+satisfied trivially.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models.aclus as aclus_module  # noqa: E402
+from models.aclus import build_model  # noqa: E402
+from pretrain_aclus import CKPT_KIND, augment_seed, build_loader  # noqa: E402
+from study.provenance import machine  # noqa: E402
+from utils.checkpoint import find_resume_checkpoint  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
+from utils.gpu_augment import augment_batch  # noqa: E402
+
+CONDITIONS = ("as_trained", "no_damage", "other_image", "batch_stats")
+
+
+def condition_batch(batch: dict[str, torch.Tensor], condition: str) -> dict[str, torch.Tensor]:
+    """The batch a condition feeds to ``ACLUS.forward`` (pure)."""
+    if condition == "no_damage":
+        return dict(batch, ctx_damaged=batch["ctx_clean"])
+    if condition == "other_image":
+        return dict(batch, ctx_clean=batch["ctx_clean"].roll(1, dims=0))
+    return batch
+
+
+@torch.no_grad()
+def context_terms(core: torch.nn.Module, batch: dict[str, torch.Tensor], condition: str, seed: int = 0
+                  ) -> dict[str, float]:
+    """``context/<scale>`` of one forward under ``condition``, on a copy of ``core``."""
+    model = copy.deepcopy(core).train()
+    real = aclus_module.batchnorm_inference
+    if condition == "batch_stats":
+        aclus_module.batchnorm_inference = lambda *modules: contextlib.nullcontext()
+    try:
+        _, stats = model(condition_batch(batch, condition), torch.Generator().manual_seed(seed))
+    finally:
+        aclus_module.batchnorm_inference = real
+    return {k: float(v) for k, v in stats.items() if k.startswith("context/")}
+
+
+def measure(core: torch.nn.Module, batches: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean over batches of every condition's context terms."""
+    out = {}
+    for c in CONDITIONS:
+        per = [context_terms(core, b, c, seed=i) for i, b in enumerate(batches)]
+        out[c] = {k: round(float(np.mean([p[k] for p in per])), 4) for k in per[0]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_dir", required=True, help="an aclus pre-training run folder (config.yaml, checkpoints)")
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        p.error(f"{run_dir / 'config.yaml'}: not found (not a pre-training run folder)")
+    cfg = load_config(run_dir / "config.yaml", ["data.data_workers=0"])
+    if cfg.model.method != "aclus":
+        p.error(f"{run_dir}: method {cfg.model.method!r} has no context term")
+    torch.manual_seed(cfg.seed)
+    init = build_model(cfg).train()
+    state, path = find_resume_checkpoint("auto", run_dir, CKPT_KIND, move_aside=False)
+    loader, sampler = build_loader(cfg, DistInfo())
+    sampler.set_epoch(0)
+    batches = []
+    for i, raw in enumerate(loader):
+        if i == a.batches:
+            break
+        batches.append(augment_batch(raw, torch.Generator().manual_seed(augment_seed(cfg.seed, 0, 0, i))))
+    out = {"run_dir": os.path.relpath(run_dir.resolve(), Path.cwd()), "where": machine("cpu"),
+           "size": cfg.data.resize_size, "batch": cfg.data.train_batch_size, "batches": len(batches),
+           "init": measure(init, batches)}
+    if state is not None:
+        trained = copy.deepcopy(init)
+        trained.load_state_dict(state["model"])
+        out["checkpoint"] = {"file": path.name, "epoch": state.get("epoch"), "step": state.get("step")}
+        out["trained"] = measure(trained, batches)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if a.json:
+        from utils.io import atomic_write
+
+        atomic_write(Path(a.json), lambda f: f.write(text.encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
