@@ -18,6 +18,14 @@ class CodeInPickle:
     """Loading a checkpoint that pickles this needs code execution."""
 
 
+class CallOnLoad:
+    """Unpickling this calls a function (torch words that refusal otherwise: "GLOBAL ... is blocked")."""
+
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
 def _pretrain(cfg, *extra) -> int:
     return pretrain_aclus.main(["--cfg", str(cfg), "--device", "cpu", *extra])
 
@@ -56,18 +64,20 @@ def test_all_checkpoints_unreadable_is_an_error_not_a_silent_restart(
     assert _pretrain(cfg, "--resume", "none", "--max_steps", "6") == 0
 
 
+@pytest.mark.parametrize("payload, named", [(CodeInPickle(), "CodeInPickle"), (CallOnLoad(), "getcwd")],
+                         ids=["class", "function"])
 def test_checkpoint_that_needs_code_execution_is_refused_by_name(
-        tmp_path, synthetic_pretrain_dir, make_pretrain_config, capsys):
+        tmp_path, synthetic_pretrain_dir, make_pretrain_config, capsys, payload, named):
     evil = tmp_path / "evil.pth"
-    torch.save({"kind": "aclus_pretrain", "payload": CodeInPickle()}, evil)
+    torch.save({"kind": "aclus_pretrain", "payload": payload}, evil)
     cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir)
     assert _pretrain(cfg, "--resume", str(evil)) == 2
     err = capsys.readouterr().err
-    assert "refused: this checkpoint needs code execution to load" in err
-    assert "weights_only=False" not in err and "truncated" not in err
+    assert "refused: this checkpoint holds pickled code" in err and named in err
+    assert "weights_only" not in err and "truncated" not in err and "corrupt" not in err
     assert evaluation_aclus.main(["--data_path", str(tmp_path), "--ckpt_path", str(evil)]) != 0
     err = capsys.readouterr().err
-    assert "refused: this checkpoint needs code execution to load" in err and "weights_only=False" not in err
+    assert "refused: this checkpoint holds pickled code" in err and "weights_only" not in err
 
 
 def test_pickle_is_still_refused_for_the_mask_files(tmp_path):
@@ -277,3 +287,28 @@ def test_every_asam_task_flag_has_a_help_line():
     flags = [a for a in p._actions if a.option_strings and a.dest != "help"]
     assert len(flags) > 10 and all(a.help and a.help != "true/false" for a in flags), \
         [a.dest for a in flags if not a.help]
+
+
+# --------------------------------------------------------------------------- #
+# config files
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("text, expect", [
+    ("optimizer:\n  base_lr: 1.0\n  base_lr: 2.0\n", "key 'base_lr' given twice (lines 2 and 3)"),
+    ("optimizer:\n  base_lr: 1.0\nloss:\n  temperature: 0.2\noptimizer:\n  total_epochs: 3\n",
+     "key 'optimizer' given twice (lines 1 and 5)"),
+], ids=["key", "section"])
+def test_a_key_or_section_given_twice_is_an_error_not_the_last_one(tmp_path, text, expect):
+    from utils.config import ConfigError, load_config
+
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        load_config(cfg)
+
+
+def test_a_config_in_another_encoding_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("# réglages\noptimizer:\n  base_lr: 1.0\n".encode("latin-1"))
+    assert _pretrain(cfg) == 2
+    err = capsys.readouterr().err
+    assert "latin1.yaml: not UTF-8 text" in err and "Traceback" not in err

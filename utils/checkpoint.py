@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,27 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, keep_numbered: bool) -
     return latest
 
 
+def refused_code(text: str) -> bool:
+    """Whether torch's weights-only unpickler refused a global (a class or function), as opposed
+    to failing on broken bytes; torch words it "Unsupported global" or "unsupported GLOBAL ...
+    is blocked" depending on the global."""
+    return bool(re.search(r"unsupported global", text, re.IGNORECASE))
+
+
+def refused_global(text: str) -> str:
+    m = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    return m.group(1) if m else "a global"
+
+
+def unpickler_detail(text: str) -> str:
+    """The line of torch's message that says what went wrong, never its advice to retry with
+    ``weights_only=False`` (which would run whatever the file holds)."""
+    lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and not ln.startswith(("Weights only load failed",
+                                                                                    "Check the documentation"))]
+    return lines[0] if lines else "UnpicklingError"
+
+
 def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, every failure a one-line DataError.
 
@@ -50,14 +72,12 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "Unsupported global" in text:  # the file names a class or function to run
-            raise DataError(f"{path}: refused: this {what} needs code execution to load (it pickles "
-                            "objects beyond tensors and plain containers); only weights-only files are "
+        if refused_code(text):  # the file names a class or function to run
+            raise DataError(f"{path}: refused: this {what} holds pickled code (it names "
+                            f"{refused_global(text)} to run on loading); only weights-only files are "
                             "read") from None
-        # torch's first line advises weights_only=False; say only what went wrong
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() if text else []
         raise DataError(f"{path}: unreadable {what}, truncated or corrupt "
-                        f"(not a weights file: {detail[0] if detail else 'UnpicklingError'})") from None
+                        f"(not a weights file: {unpickler_detail(text)})") from None
     except Exception as e:  # truncated zip, not a torch file at all, ...
         first = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"{path}: unreadable {what}, truncated or corrupt ({type(e).__name__}: {first})") from None
