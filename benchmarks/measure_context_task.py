@@ -5,26 +5,24 @@
 
 For the run's encoder at initialisation (its seed) and at its latest checkpoint, on batches
 of its own loader and augmentation, ``ACLUS.forward``'s context terms (``context/<scale>``,
-``2 - 2 cos`` of prediction and target, 0 = identical directions) under four conditions:
+``2 - 2 cos`` of prediction and target, 0 = identical directions) under five conditions, named
+by the BatchNorm of the overlap pass (``running``: inference mode; ``batch``: the pass's own
+batch statistics, running statistics untouched) and by what the networks see:
 
-* ``as_trained``: as in training (online: the damaged overlap; target: the clean one;
-  BatchNorm on its running statistics);
-* ``no_damage``: the online network sees the clean overlap too (the damage's share of the task);
-* ``other_image``: the target sees another image's clean overlap (the batch rolled by one),
-  pooled over the same ids: a prediction that does not depend on its image scores as well
-  here as in ``as_trained``;
-* ``batch_stats``: ``as_trained`` with BatchNorm on the batch's statistics (as the two views
-  are encoded), so the running statistics' part in the value shows.
+* ``<bn>``: as in training (online: the damaged overlap; target: the clean one);
+* ``running_no_damage``: the online network sees the clean overlap too (the damage's share);
+* ``<bn>_other_image``: the target sees another image's clean overlap (the batch rolled by
+  one), pooled over the same ids: a prediction that does not depend on its image scores as
+  well here as in ``<bn>``.
 
 Each condition runs on a copy of the model (no running statistic changes) with the same
-region draws. An ``as_trained`` value near 0 with ``other_image`` as low says the embedding of
-the overlap no longer depends on the image under BatchNorm in inference mode: the term is
-satisfied trivially.
+region draws. A value near 0 with ``_other_image`` as low says the embedding of the overlap
+no longer depends on the image: the term is satisfied trivially. ``trained_with`` records
+the run's own ``loss.context_batchnorm`` (``running`` for runs made before the key existed).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -33,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models.aclus as aclus_module  # noqa: E402
 from models.aclus import build_model  # noqa: E402
 from pretrain_aclus import CKPT_KIND, augment_seed, build_loader  # noqa: E402
 from study.provenance import machine  # noqa: E402
@@ -45,14 +43,14 @@ from utils.config import load_config  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.gpu_augment import augment_batch  # noqa: E402
 
-CONDITIONS = ("as_trained", "no_damage", "other_image", "batch_stats")
+CONDITIONS = ("running", "running_no_damage", "running_other_image", "batch", "batch_other_image")
 
 
 def condition_batch(batch: dict[str, torch.Tensor], condition: str) -> dict[str, torch.Tensor]:
     """The batch a condition feeds to ``ACLUS.forward`` (pure)."""
-    if condition == "no_damage":
+    if condition.endswith("no_damage"):
         return dict(batch, ctx_damaged=batch["ctx_clean"])
-    if condition == "other_image":
+    if condition.endswith("other_image"):
         return dict(batch, ctx_clean=batch["ctx_clean"].roll(1, dims=0))
     return batch
 
@@ -62,13 +60,8 @@ def context_terms(core: torch.nn.Module, batch: dict[str, torch.Tensor], conditi
                   ) -> dict[str, float]:
     """``context/<scale>`` of one forward under ``condition``, on a copy of ``core``."""
     model = copy.deepcopy(core).train()
-    real = aclus_module.batchnorm_inference
-    if condition == "batch_stats":
-        aclus_module.batchnorm_inference = lambda *modules: contextlib.nullcontext()
-    try:
-        _, stats = model(condition_batch(batch, condition), torch.Generator().manual_seed(seed))
-    finally:
-        aclus_module.batchnorm_inference = real
+    model.context_batchnorm = condition.split("_")[0]
+    _, stats = model(condition_batch(batch, condition), torch.Generator().manual_seed(seed))
     return {k: float(v) for k, v in stats.items() if k.startswith("context/")}
 
 
@@ -91,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "config.yaml").is_file():
         p.error(f"{run_dir / 'config.yaml'}: not found (not a pre-training run folder)")
     cfg = load_config(run_dir / "config.yaml", ["data.data_workers=0"])
+    trained_with = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("loss") or {}).get(
+        "context_batchnorm", "running")
     if cfg.model.method != "aclus":
         p.error(f"{run_dir}: method {cfg.model.method!r} has no context term")
     torch.manual_seed(cfg.seed)
@@ -104,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         batches.append(augment_batch(raw, torch.Generator().manual_seed(augment_seed(cfg.seed, 0, 0, i))))
     out = {"run_dir": os.path.relpath(run_dir.resolve(), Path.cwd()), "where": machine("cpu"),
-           "size": cfg.data.resize_size, "batch": cfg.data.train_batch_size, "batches": len(batches),
+           "trained_with": trained_with, "size": cfg.data.resize_size, "batch": cfg.data.train_batch_size, "batches": len(batches),
            "init": measure(init, batches)}
     if state is not None:
         trained = copy.deepcopy(init)

@@ -13,13 +13,16 @@ Which parts run is declared by the method (:mod:`models.methods`):
 
 Per step: the online and the target networks see view 1 and view 2 batched into
 one pass. For ``aclus`` they also see the overlap of the two crops, damaged
-(online) and clean (target), in a second pass with BatchNorm in inference mode,
-so that damaged images never enter the batch statistics (nor the running
-statistics of the exported encoder) and each image's context term depends on
-that image alone. ``update_target`` is called once per optimizer step by the
-training loop.
+(online) and clean (target), in a second pass whose BatchNorm layers normalise by
+that pass's own batch statistics and leave the running statistics untouched, so that
+damaged images never enter the clean views' batch statistics nor the running
+statistics of the exported encoder (``context_batchnorm="running"``, inference mode,
+made the term trivial: a target from another image scored as well,
+``benchmarks/measure_context_task.py``). ``update_target`` is called once per
+optimizer step by the training loop.
 
-No step reads a value back from the device: label ids are bounded by ``num_ids``
+No step reads a value back from the device but one (which images' crops overlap, for the
+context pass with batch statistics; none with ``context_batchnorm="running"``): label ids are bounded by ``num_ids``
 (``data.max_mask_ids``; the loader numbers each image's ids 0..n-1 and refuses masks
 with more, :func:`utils.pretrain_data.relabel_mask`), so every shape is known on the host.
 On CUDA the encoders may run in channels-last memory format (:meth:`ACLUS.set_channels_last`).
@@ -56,11 +59,32 @@ def batchnorm_inference(*modules: nn.Module):
             bn.train(mode)
 
 
+@contextmanager
+def batchnorm_batch_statistics(*modules: nn.Module):
+    """BatchNorm layers of ``modules`` normalise by the batch's statistics and do not update
+    (nor count into) their running statistics."""
+    bns = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    states = [(bn.training, bn.track_running_stats) for bn in bns]
+    for bn in bns:
+        bn.train(True)
+        bn.track_running_stats = False      # torch then passes no running buffers to the kernel
+    try:
+        yield
+    finally:
+        for bn, (mode, track) in zip(bns, states):
+            bn.train(mode)
+            bn.track_running_stats = track
+
+
+CONTEXT_BATCHNORM = {"batch": batchnorm_batch_statistics, "running": batchnorm_inference}
+
+
 class ACLUS(nn.Module):
     def __init__(self, method: str = "aclus", pretrained: bool = False, proj_hidden: int = 1024,
                  proj_dim: int = 256, pred_hidden: int = 4096, num_rois: int = 16,
                  temperature: float = 0.1, sample_by_area: bool = False, include_background: bool = True,
-                 context_weight: float = 1.0, context_loss: str = "cosine", num_ids: int = 64):
+                 context_weight: float = 1.0, context_loss: str = "cosine", num_ids: int = 64,
+                 context_batchnorm: str = "batch"):
         super().__init__()
         self.spec = get_method(method)
         self.method = method
@@ -71,6 +95,9 @@ class ACLUS(nn.Module):
         self.include_background = include_background or self.spec.whole_image
         self.context_weight = context_weight
         self.context_loss = context_loss
+        if context_batchnorm not in CONTEXT_BATCHNORM:
+            raise ValueError(f"context_batchnorm {context_batchnorm!r}: expected one of {list(CONTEXT_BATCHNORM)}")
+        self.context_batchnorm = context_batchnorm
         # the bound on label ids per image (whole-image methods: the one id 0)
         self.num_ids = 1 if self.spec.whole_image else num_ids
         self.memory_format = torch.contiguous_format
@@ -244,21 +271,43 @@ class ACLUS(nn.Module):
             total = total + loss_s
 
         if spec.context:
-            # damaged images stay out of every BatchNorm batch: BN runs on the running
-            # statistics of the clean views, in the online and the target branch alike
-            with batchnorm_inference(self):
-                online_c = self._encode(self.encoder, batch["ctx_damaged"])
-                with torch.no_grad():
-                    target_c = self._encode(self.target_encoder, batch["ctx_clean"])
-                for s in SCALES:
-                    g = grids[s][2 * b:]                                    # B x h x w
-                    w = roi_w * region_present(g, ids, num_ids) * batch["ctx_valid"][:, None]
-                    pred, proj = self._heads(s, mask_pool(online_c[s], g, ids), mask_pool(target_c[s], g, ids))
-                    loss_c = context_loss(pred, proj, w, self.context_loss)
-                    stats[f"context/{s}"] = loss_c.detach()
-                    total = total + self.context_weight * loss_c
+            terms = self._context_terms(batch, b, ids, roi_w, grids, num_ids)
+            for s in SCALES:
+                if terms is None:   # skipped, not zero-filled: too few images of the batch take part
+                    stats[f"context/{s}"] = total.new_zeros(())
+                    continue
+                stats[f"context/{s}"] = terms[s].detach()
+                total = total + self.context_weight * terms[s]
         stats["loss"] = total.detach()
         return total, stats
+
+    def _context_terms(self, batch: dict[str, torch.Tensor], b: int, ids: torch.Tensor, roi_w: torch.Tensor,
+                       grids: dict[str, torch.Tensor], num_ids: int) -> dict[str, torch.Tensor] | None:
+        """The context term of every scale (with its graph), or None when the batch has too few
+        overlapping images for batch statistics."""
+        # damaged images stay out of the clean views' BatchNorm batch and of every running
+        # statistic: this pass normalises by its own batch (damaged online, clean target)
+        valid = batch["ctx_valid"]
+        keep = slice(None)
+        if self.context_batchnorm == "batch":
+            # an image whose crops do not overlap must not enter this pass's batch
+            # statistics: the pass takes the overlapping images only (one host read);
+            # batch statistics need two images at least
+            keep = valid.nonzero().squeeze(1)
+            if keep.shape[0] < 2:
+                return None
+        with CONTEXT_BATCHNORM[self.context_batchnorm](self):
+            online_c = self._encode(self.encoder, batch["ctx_damaged"][keep])       # B' x 3 x S x S
+            with torch.no_grad():
+                target_c = self._encode(self.target_encoder, batch["ctx_clean"][keep])
+            ids_c, w_c = ids[keep], (roi_w * valid[:, None])[keep]                  # B' x K
+            terms = {}
+            for s in SCALES:
+                g = grids[s][2 * b:][keep]                                          # B' x h x w
+                w = w_c * region_present(g, ids_c, num_ids)
+                pred, proj = self._heads(s, mask_pool(online_c[s], g, ids_c), mask_pool(target_c[s], g, ids_c))
+                terms[s] = context_loss(pred, proj, w, self.context_loss)
+        return terms
 
 
 def build_model(cfg: PretrainConfig) -> ACLUS:
@@ -272,4 +321,5 @@ def build_model(cfg: PretrainConfig) -> ACLUS:
         temperature=loss.temperature, sample_by_area=loss.sample_by == "area",
         include_background=loss.include_background, context_weight=loss.context_weight,
         context_loss=loss.context_loss, num_ids=cfg.data.max_mask_ids,
+        context_batchnorm=loss.context_batchnorm,
     )

@@ -189,6 +189,46 @@ def test_damaged_overlap_stays_out_of_batchnorm_statistics():
     assert all(m.training for m in model.modules())  # training mode restored
 
 
+def test_context_pass_normalises_by_its_own_batch_and_leaves_running_statistics():
+    """``context_batchnorm="batch"``: the overlap pass computes what a train-mode copy computes on
+    that batch alone (its own batch statistics), yet no running statistic (nor its counter) moves.
+    Breaks if the pass runs in inference mode (the trivial task of docs/results/context_task.json),
+    or if damaged images update the exported encoder's statistics."""
+    from models.aclus import batchnorm_batch_statistics
+
+    model = _model("aclus")
+    x = _batch()["ctx_damaged"]
+    before = {n: b.clone() for n, b in model.encoder.named_buffers()}
+    plain = copy.deepcopy(model.encoder).train()
+    with torch.no_grad(), batchnorm_batch_statistics(model):
+        ours = model.encoder(x)
+    with torch.no_grad():
+        ref = plain(x)
+    for k in ours:
+        assert torch.allclose(ours[k], ref[k], atol=1e-6), k
+    for n, b in model.encoder.named_buffers():
+        assert torch.equal(b, before[n]), n
+    first = next(n for n in before if n.endswith("running_mean"))
+    assert not torch.equal(dict(plain.named_buffers())[first], before[first])
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("mode, depends", [("batch", True), ("running", False)])
+def test_context_term_of_an_image_depends_on_its_batch_only_with_batch_statistics(mode, depends):
+    """Changing image 2's overlap changes image 0's context prediction through the batch statistics
+    (batch mode) and not in inference mode; read from the per-image pooled heads via a hook."""
+    model = _model("aclus", context_batchnorm=mode)
+    seen = []
+    model.predictor.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    batch = _batch()
+    other = dict(batch, ctx_damaged=batch["ctx_damaged"].clone())
+    other["ctx_damaged"][2] += 3.0
+    copy.deepcopy(model)(batch, torch.Generator().manual_seed(0))
+    first = seen[-1][0]                                           # last predictor call: context p2, image 0
+    copy.deepcopy(model)(other, torch.Generator().manual_seed(0))
+    assert (not torch.allclose(first, seen[-1][0], atol=1e-5)) == depends
+
+
 def test_classic_byol_is_global_pooled_c5_without_fpn():
     model = _model("byol")
     assert model.encoder.fpn is None and model.projector_fpn is None

@@ -181,6 +181,9 @@ class LossConfig:
     include_background: bool = True           # label 0 (no anatomy) is one more region, as upstream
     context_weight: float = _key(1.0, ge=0)               # lambda_ctx
     context_loss: str = _key("cosine", choices=("cosine", "mse"))   # cosine (2 - 2 cos) | mse (nn.MSELoss)
+    # BatchNorm of the overlap pass: batch = each branch's own batch statistics, running statistics
+    # left untouched; running = inference mode (measured trivial: docs/results/context_task.json)
+    context_batchnorm: str = _key("batch", choices=("batch", "running"))
 
 
 @dataclass(frozen=True)
