@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -98,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if i == a.batches:
             break
         batches.append(augment_batch(raw, torch.Generator().manual_seed(augment_seed(cfg.seed, 0, 0, i))))
-    out = {"run_dir": os.path.relpath(run_dir.resolve(), Path.cwd()), "where": machine("cpu"),
+    out = {"run": run_dir.name, "where": machine("cpu"), "method": cfg.model.method,
+           "base_lr": cfg.optimizer.base_lr, "pairs": cfg.data.num_examples,
            "trained_with": trained_with, "size": cfg.data.resize_size, "batch": cfg.data.train_batch_size, "batches": len(batches),
            "init": measure(init, batches)}
     if state is not None:
