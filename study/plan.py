@@ -60,12 +60,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=8,
            base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",)),
     # 2-core CPU, many sittings: 64 px, batch 64, 40 epochs of the 3,323 stride-10 frames (2,040 steps
-    # per arm and seed), 5 % warm-up, probed after 10 / 25 / 50 / 100 % of the steps; base_lr from
-    # the 10-epoch sweep of classic BYOL (docs/results/study_cpu_long/variants/, RESULTS.md)
+    # per arm and seed), 5 % warm-up, probed after 10 / 25 / 50 / 100 % of the steps; base_lr 2 from
+    # the 10-epoch sweep of classic BYOL over 0.5 / 2 / 8 / 16 (docs/results/study_cpu_long/variants/sweep.md)
     Preset("cpu_long", frame_stride=10, frames_per_video=0, img_size=64, batch_size=64, epochs=40,
            warmup_epochs=2, seeds=(0, 1, 2), fractions=(0.1, 0.25, 0.5, 1.0),
            protocols=("linear", "knn", "finetune_cached"), ft_epochs=10, pocus_frames_per_video=8,
-           base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",), base_lr=8.0),
+           base_config="configs/study_cpu.yaml", device="cpu", overrides=("amp.opt_level=O0",), base_lr=2.0),
     # one H100-class GPU: paper-like views and batch, 100 epochs (3 warm-up), the paper's fine-tune
     Preset("gpu", frame_stride=10, frames_per_video=0, img_size=224, batch_size=192, epochs=100,
            warmup_epochs=3, seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0),
