@@ -82,16 +82,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 
 def variant_of(preset: Preset, *, epochs: int | None = None, base_lr: float | None = None) -> tuple[Preset, str]:
-    """The preset with another schedule length or learning rate (a sweep), and the variant's name
-    (``""`` when nothing changes). The warm-up keeps its share of the steps."""
-    changes, name = {}, []
+    """The preset with another schedule length or learning rate (a sweep), and the variant's name:
+    ``""`` when nothing changes, else both values (``epochs10_base_lr2``), so that one name never
+    stands for two settings when the preset's own values change. The warm-up keeps its share."""
+    changes = {}
     if epochs is not None and epochs != preset.epochs:
         changes.update(epochs=epochs, warmup_epochs=round(preset.warmup_epochs * epochs / preset.epochs, 3))
-        name.append(f"epochs{epochs}")
     if base_lr is not None and base_lr != preset.base_lr:
         changes["base_lr"] = base_lr
-        name.append(f"base_lr{base_lr:g}")
-    return replace(preset, **changes), "_".join(name)
+    if not changes:
+        return preset, ""
+    v = replace(preset, **changes)
+    lr = "default" if v.base_lr is None else f"{v.base_lr:g}"
+    return v, f"epochs{v.epochs}_base_lr{lr}"
 
 
 def arm_fractions(arm: str, preset: Preset) -> tuple[float, ...]:

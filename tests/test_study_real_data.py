@@ -176,9 +176,10 @@ def test_cpu_long_preset_and_its_sweep_variants():
     assert set(p.protocols) == {"linear", "knn", "finetune_cached"} and p.base_lr is not None
     same, name = plan.variant_of(p, epochs=p.epochs, base_lr=p.base_lr)
     assert same == p and name == ""
-    v, name = plan.variant_of(p, epochs=10, base_lr=2.0)
-    assert name == "epochs10_base_lr2" and v.epochs == 10 and v.base_lr == 2.0
+    v, name = plan.variant_of(p, epochs=10, base_lr=8.0)
+    assert name == "epochs10_base_lr8" and v.epochs == 10 and v.base_lr == 8.0
     assert v.warmup_epochs == pytest.approx(0.5) and v.fractions == p.fractions
+    assert plan.variant_of(p, epochs=10, base_lr=p.base_lr)[1] == f"epochs10_base_lr{p.base_lr:g}"  # both values named
     assert srd.default_results("cpu_long", srd.REPO, name) == srd.REPO / "docs/results/study_cpu_long/variants" / name
 
 
