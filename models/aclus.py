@@ -295,7 +295,11 @@ class ACLUS(nn.Module):
             # batch statistics need two images at least
             keep = valid.nonzero().squeeze(1)
             if keep.shape[0] < 2:
-                return None
+                if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                    return None
+                # under DDP (SyncBatchNorm: a collective) every rank must run the pass: this rare
+                # batch takes all its images, placeholders included (their weights stay 0)
+                keep = slice(None)
         with CONTEXT_BATCHNORM[self.context_batchnorm](self):
             online_c = self._encode(self.encoder, batch["ctx_damaged"][keep])       # B' x 3 x S x S
             with torch.no_grad():
