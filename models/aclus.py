@@ -294,12 +294,10 @@ class ACLUS(nn.Module):
             # statistics: the pass takes the overlapping images only (one host read);
             # batch statistics need two images at least
             keep = valid.nonzero().squeeze(1)
-            if keep.shape[0] < 2:
-                if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                    return None
-                # under DDP (SyncBatchNorm: a collective) every rank must run the pass: this rare
-                # batch takes all its images, placeholders included (their weights stay 0)
-                keep = slice(None)
+            # under DDP every rank runs the pass (SyncBatchNorm is a collective that pools the
+            # counts of all ranks, so a rank with 0 or 1 overlapping images is fine)
+            if keep.shape[0] < 2 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return None
         with CONTEXT_BATCHNORM[self.context_batchnorm](self):
             online_c = self._encode(self.encoder, batch["ctx_damaged"][keep])       # B' x 3 x S x S
             with torch.no_grad():
