@@ -64,7 +64,9 @@ def sweep_markdown(rows: list[dict]) -> tuple[str, dict]:
             final = [r for r in rows if r["fraction"] == 1.0]
             d = "–" if arm == best else stats.describe(stats.paired_difference(final, arm, best, protocol))
             lines.append(f"| {arm.split('=')[1]} | " + " | ".join(cells) + f" | {d} |")
-            choice["final"].setdefault(protocol, {})[arm] = stats.summarize(final, arm, protocol)["mean"]
+            summary = stats.summarize(final, arm, protocol)
+            if summary["n"]:   # an unfinished variant has no final mean (never a NaN in the JSON)
+                choice["final"].setdefault(protocol, {})[arm] = summary["mean"]
         lines.append("")
     return "\n".join(lines), choice
 

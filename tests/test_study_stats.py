@@ -128,3 +128,4 @@ def test_sweep_chooses_the_best_final_linear_probe_and_pairs_by_fold(tmp_path):
     md, choice = sweep_markdown(sweep_rows(tmp_path))
     assert choice["chosen_base_lr"] == 8.0 and choice["unfinished"] == ["lr=16"]
     assert "PROVISIONAL" in md and "-0.020 [-0.020, -0.020] lower" in md
+    assert "lr=16" not in choice["final"]["linear"]          # no NaN for the unfinished variant
