@@ -305,7 +305,8 @@ def study(a: argparse.Namespace) -> int:
     done_before = completed_pairs(store, arms, preset)
     runs = {arm: parse_run(arm) for arm in arms if arm not in BASELINES}
     t0 = time.time()
-    settings = {"preset": preset.to_dict(), "variant": variant, "arms": arms, "where": machine(preset.device),
+    all_arms = list(dict.fromkeys([*earlier.get("arms", []), *arms]))  # a run of fewer arms extends the study
+    settings = {"preset": preset.to_dict(), "variant": variant, "arms": all_arms, "where": machine(preset.device),
                 "selection": SELECTION, "command": [Path(sys.argv[0]).name, *recorded_command(sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
                 "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)}}
@@ -326,8 +327,11 @@ def study(a: argparse.Namespace) -> int:
         missing_arms = {arm: missing_sources[r.pairs_source] for arm, r in runs.items()
                         if r.pairs_source in missing_sources}
         built = sorted(needed - set(missing_sources))
-        if not (results / "mask_stats.json").is_file() or set(read_json(results / "mask_stats.json")) != set(built):
-            write_json(results / "mask_stats.json", mask_statistics(out, frames, built, preset.img_size))
+        stats_file = results / "mask_stats.json"  # merged: a run of fewer arms keeps the other sources' stats
+        known = read_json(stats_file) if stats_file.is_file() else {}
+        if not set(built) <= set(known):
+            known.update(mask_statistics(out, frames, [s for s in built if s not in known], preset.img_size))
+            write_json(stats_file, known)
         frames_of = {arm: len(layout.load_pairs(out / "pretrain_data" / r.pairs_source))
                      for arm, r in runs.items() if arm not in missing_arms}
         # POCUS folds, once
@@ -411,7 +415,7 @@ def study(a: argparse.Namespace) -> int:
     finally:
         settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
         settings["session_wall_s"] = round(time.time() - t0, 1)
-        settings["pending"] = pending(store, arms, preset, settings.get("missing_arms", {}))
+        settings["pending"] = pending(store, all_arms, preset, settings.get("missing_arms", {}))
         settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), settings["git"]["commit"],
                                                   done_before, completed_pairs(store, arms, preset))
         if settings.get("steps") is not None:
