@@ -309,7 +309,20 @@ def study(a: argparse.Namespace) -> int:
     settings = {"preset": preset.to_dict(), "variant": variant, "arms": all_arms, "where": machine(preset.device),
                 "selection": SELECTION, "command": [Path(sys.argv[0]).name, *recorded_command(sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
-                "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)}}
+                "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)},
+                "made_by": earlier.get("made_by", {})}
+
+    def save_settings() -> None:
+        """settings.json as of now: written after every finished (arm, seed), so a run that is
+        killed without its ``finally`` (a lost machine) still says which commit made which rows."""
+        settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
+        settings["session_wall_s"] = round(time.time() - t0, 1)
+        settings["pending"] = pending(store, all_arms, preset, settings.get("missing_arms", {}))
+        settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), settings["git"]["commit"],
+                                                  done_before, completed_pairs(store, arms, preset))
+        if settings.get("steps") is not None:
+            write_json(results / "settings.json", settings)
+
     try:
         # frames of the corpus (never a POCUS frame)
         frames = out / "frames"
@@ -343,8 +356,8 @@ def study(a: argparse.Namespace) -> int:
         steps = preset.epochs * (reference // preset.batch_size)
         settings.update(corpus={"videos": len(videos) if not preset.videos else preset.videos, "frames": n_frames,
                                 "pretrain_frames": frames_of}, steps=steps,
-                        missing_arms=arms_not_run(arms, missing_arms, a))
-        write_json(results / "settings.json", settings)
+                        missing_arms=arms_not_run(all_arms, missing_arms, a))
+        save_settings()
 
         def eval_cmd(protocols: str, encoder: Path, eval_dir: Path, seed: int) -> list[str]:
             return [py, "evaluation_aclus.py", "--data_path", str(folds), "--protocol", protocols,
@@ -386,6 +399,7 @@ def study(a: argparse.Namespace) -> int:
                         cmd += ["--frames", str(frames)]
                     st.run(f"{tag}{arm}_s{seed}", cmd, [enc])
                     evaluate(arm, seed, 0.0, 0, enc)
+                    save_settings()
                     continue
                 run = runs[arm]
                 run_dir = work / "runs" / arm / f"seed{seed}"
@@ -409,17 +423,12 @@ def study(a: argparse.Namespace) -> int:
                               res.loss_rows(records, arm, seed))
                 for fraction, steps_done, enc in snapshot_paths(run_dir, fractions, total):
                     evaluate(arm, seed, fraction, steps_done, enc)
+                save_settings()
     except (StudyError, StageFailed) as e:
         print(f"study_real_data.py: {e}", file=sys.stderr)
         return 1
     finally:
-        settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
-        settings["session_wall_s"] = round(time.time() - t0, 1)
-        settings["pending"] = pending(store, all_arms, preset, settings.get("missing_arms", {}))
-        settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), settings["git"]["commit"],
-                                                  done_before, completed_pairs(store, arms, preset))
-        if settings.get("steps") is not None:
-            write_json(results / "settings.json", settings)
+        save_settings()
     render(results)
     return 0
 

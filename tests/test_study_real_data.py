@@ -303,3 +303,28 @@ def test_settings_say_which_commit_made_which_pairs():
                                {"random seed 0", "byol seed 0", "aclus_superpixel seed 0"})
     assert made == {"aaa": ["byol seed 0", "random seed 0"], "bbb": ["aclus_superpixel seed 0"]}
     assert res.attribute_pairs(made, "ccc", set(), {"byol seed 0"}) == made   # re-listed: stays with aaa
+
+
+def test_a_study_killed_without_its_finally_keeps_which_commit_made_its_rows(shared_data, tmp_path):
+    """A lost machine ends the study with no ``finally``: settings.json, written after every finished
+    (arm, seed), still lists the pairs that have rows (``made_by``) and what is pending."""
+    blues, pocus = shared_data / "covid_blues", shared_data / "pocus"
+    if not (blues / "lus_videos").is_dir() or not (pocus / "data").is_dir():
+        pytest.skip("covid_blues/lus_videos or pocus/data missing in the shared data")
+    results = tmp_path / "results"
+    args = ["--covid_blues", str(blues), "--pocus", str(pocus), "--out", str(tmp_path / "study"),
+            "--results", str(results), "--preset", "smoke", "--arms", "random,bn_control", "--seeds", "0"]
+    crash = ("import os, sys, study_real_data as s\n"
+             "run = s.ResumableStages.run\n"
+             "def dying(self, name, *a, **k):\n"
+             "    if name.startswith('bn_control'):\n"
+             "        os._exit(9)  # no finally, no atexit: the machine is gone\n"
+             "    return run(self, name, *a, **k)\n"
+             "s.ResumableStages.run = dying\n"
+             "sys.exit(s.main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", crash, *args], cwd=srd.REPO, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 9, r.stdout[-3000:] + r.stderr[-3000:]
+    settings = json.loads((results / "settings.json").read_text())
+    assert list(settings["made_by"].values()) == [["random seed 0"]]
+    assert settings["pending"] == ["bn_control seed 0"]
