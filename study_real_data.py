@@ -311,6 +311,8 @@ def study(a: argparse.Namespace) -> int:
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
                 "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)},
                 "made_by": earlier.get("made_by", {})}
+    if "note" in earlier:  # a hand-written account of earlier sittings (a lost machine) is kept
+        settings["note"] = earlier["note"]
 
     def save_settings() -> None:
         """settings.json as of now: written after every finished (arm, seed), so a run that is

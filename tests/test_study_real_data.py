@@ -312,6 +312,8 @@ def test_a_study_killed_without_its_finally_keeps_which_commit_made_its_rows(sha
     if not (blues / "lus_videos").is_dir() or not (pocus / "data").is_dir():
         pytest.skip("covid_blues/lus_videos or pocus/data missing in the shared data")
     results = tmp_path / "results"
+    results.mkdir()
+    (results / "settings.json").write_text(json.dumps({"note": "written by hand"}))  # kept by the study
     args = ["--covid_blues", str(blues), "--pocus", str(pocus), "--out", str(tmp_path / "study"),
             "--results", str(results), "--preset", "smoke", "--arms", "random,bn_control", "--seeds", "0"]
     crash = ("import os, sys, study_real_data as s\n"
@@ -328,3 +330,4 @@ def test_a_study_killed_without_its_finally_keeps_which_commit_made_its_rows(sha
     settings = json.loads((results / "settings.json").read_text())
     assert list(settings["made_by"].values()) == [["random seed 0"]]
     assert settings["pending"] == ["bn_control seed 0"]
+    assert settings["note"] == "written by hand"
