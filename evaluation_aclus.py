@@ -114,6 +114,7 @@ from tqdm import tqdm
 
 from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18_state
 from utils import gradcam as gcam
+from utils.cli import nonnegative_float, nonnegative_int, open_fraction, positive_float, positive_int, seed_int
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
@@ -927,21 +928,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="last: honest, fixed; val: chosen on training-fold data; "
                         "paper: chosen on the test fold (OPTIMISTIC, as upstream)")
     p.add_argument("--out_dir", default="eval_out", help="where the JSON and confusion-matrix PNG go")
-    p.add_argument("--img_size", type=int, default=224, help="input side (paper: 224; 112 is ~4x cheaper)")
-    p.add_argument("--epochs", type=int, default=30, help="finetune / finetune_cached epochs (paper: 30)")
-    p.add_argument("--knn_k", type=int, default=20, help="neighbours of the knn protocol (cosine similarity)")
-    p.add_argument("--batch_size", type=int, default=32, help="batch size (paper: 32)")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (paper: 0.01)")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
-    p.add_argument("--val_fraction", type=float, default=0.2,
+    p.add_argument("--img_size", type=positive_int, default=224, help="input side (paper: 224; 112 is ~4x cheaper)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="finetune / finetune_cached epochs (paper: 30)")
+    p.add_argument("--knn_k", type=positive_int, default=20, help="neighbours of the knn protocol (cosine similarity)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size (paper: 32)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate (paper: 0.01)")
+    p.add_argument("--weight_decay", type=nonnegative_float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
+    p.add_argument("--val_fraction", type=open_fraction, default=0.2,
                    help="share of the training folds held out for --selection val (finetune)")
-    p.add_argument("--lin_C", type=float, default=0.1,
+    p.add_argument("--lin_C", type=positive_float, default=0.1,
                    help=f"inverse L2 strength of the linear probe for --selection last "
                         f"(val/paper search {list(LINEAR_C_GRID)})")
-    p.add_argument("--seed", type=int, default=1, help="seed (paper: 1)")
+    p.add_argument("--seed", type=seed_int, default=1, help="seed (paper: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--gradcam", type=int, default=0, metavar="N",
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
+    p.add_argument("--gradcam", type=nonnegative_int, default=0, metavar="N",
                    help="after each fold, Grad-CAM at layer4[-1] of N test images per class: montage PNG + maps "
                         ".npy under OUT_DIR/gradcam/, energy shares in the JSON (0 = off; needs --img_size >= 33)")
     p.add_argument("--cam", choices=tuple(gcam.CAM_METHODS), default="gradcam",

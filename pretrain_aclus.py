@@ -7,12 +7,15 @@
         pretrain_aclus.py --cfg configs/example.yaml                            # old launcher
 
 Writes to the run directory (``checkpoint.ckpt_path``): ``latest.pth`` every epoch,
-``checkpoint_NNNN.pth`` every ``save_epoch`` epochs, ``encoder_resnet18.pth`` (loads
-into ``torchvision.models.resnet18`` with every key but ``fc``), the encoder after given
+``checkpoint_NNNN.pth`` every ``save_epoch`` epochs, ``encoder_resnet18.pth`` at the end
+(loads into ``torchvision.models.resnet18`` with every key but ``fc``; a folder that holds
+one is never trained over again without ``--overwrite``), the encoder after given
 shares of the steps (``checkpoint.snapshot_fractions`` -> ``encoder_resnet18_step<N>.pth``),
 ``log.jsonl``,
 ``config.yaml`` and TensorBoard files under ``tb/``. ``--resume auto`` (or
-``checkpoint.resume_path: auto``) continues a killed run from its last good checkpoint.
+``checkpoint.resume_path: auto``) continues a killed run from its newest good checkpoint.
+A run owns its folder while it runs (``run.lock``, :mod:`utils.run_lock`): a second run on
+it is refused. No weights file is written with a NaN or an infinity in it.
 
 Throughput (one GPU at paper scale): the frames are decoded once into RAM
 (``data.cache``); the loader workers only crop, flip and resize; the photometric
@@ -29,7 +32,7 @@ import json
 import logging
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +48,17 @@ from models.aclus import ACLUS, build_model
 from models.encoder_io import PRETRAIN_KIND
 from models.methods import get_method
 from utils import distributed as du
-from utils.checkpoint import find_resume_checkpoint, save_checkpoint
+from utils.checkpoint import find_resume_checkpoint, nonfinite_entries, save_checkpoint
 from utils.config import AmpConfig, ConfigError, PretrainConfig, load_config, run_dir as config_run_dir
 from utils.distributed import to_device
 from utils.gpu_augment import augment_batch, is_crop_batch
 from utils.io import DataError, atomic_torch_save, atomic_write, ensure_writable_dir
 from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
+from utils.run_lock import RunLock
 from utils.schedules import byol_momentum, warmup_cosine
 
 CKPT_KIND = PRETRAIN_KIND  # the one tag, read by models/encoder_io.py too
+ENCODER_NAME = "encoder_resnet18.pth"  # the finished run's encoder
 log = logging.getLogger("pretrain")
 
 
@@ -70,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)  # passed by torch.distributed.launch; LOCAL_RANK env is used
     p.add_argument("--max_steps", type=int, default=0,
                    help="stop after this many optimizer steps in this run (smoke tests, benchmarks)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"train again in a run folder that holds a finished {ENCODER_NAME} (replaced at the end)")
     return p.parse_args(argv)
 
 
@@ -288,6 +295,16 @@ def snapshot_steps(fractions: tuple[float, ...], total_steps: int) -> set[int]:
     return {min(max(1, round(f * total_steps)), total_steps - 1) for f in fractions if total_steps > 1}
 
 
+def save_weights(state: dict[str, torch.Tensor], path: Path, step: int) -> None:
+    """Write an encoder state dict atomically, never one with a NaN or an infinity in it:
+    that is a FloatingPointError naming the step, and the file is not written."""
+    bad = nonfinite_entries(state)
+    if bad:
+        raise FloatingPointError(f"non-finite weights after step {step} ({len(bad)} tensors, e.g. {bad[0]!r}); "
+                                 f"{path.name} not written")
+    atomic_torch_save(state, path)
+
+
 def snapshot_name(steps: int) -> str:
     """``encoder_resnet18_step<steps>.pth``: the encoder after ``steps`` optimizer steps
     (evaluation reads it like ``encoder_resnet18.pth``; a snapshot cannot resume a run)."""
@@ -350,10 +367,18 @@ class JsonLog:
 # training
 # --------------------------------------------------------------------------- #
 def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
+    """Claim the run folder (main process: writable, not owned by another live run), then :func:`fit`."""
     info = du.init_distributed_mode(args.device)
     run_dir = config_run_dir(cfg)
-    if info.is_main:
-        ensure_writable_dir(run_dir, "checkpoint.ckpt_path")  # before any data or model is built
+    with ExitStack() as owned:
+        def claim() -> None:  # before any data or model is built
+            ensure_writable_dir(run_dir, "checkpoint.ckpt_path")
+            owned.enter_context(RunLock(run_dir))
+        du.main_decides(claim)
+        return fit(cfg, args, info, run_dir)
+
+
+def fit(cfg: PretrainConfig, args: argparse.Namespace, info: du.DistInfo, run_dir: Path) -> Path:
     seed = cfg.seed
     torch.manual_seed(seed + info.rank)
     method = cfg.model.method
@@ -397,11 +422,21 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
         start_epoch = int(state["epoch"])
         if info.is_main:
             log.info("resumed from %s at epoch %d", path, start_epoch)
+    finished = run_dir / ENCODER_NAME
+    # the folder's encoder is a finished run's unless the checkpoint resumed is mid-run (run folders
+    # of earlier versions hold an encoder written every epoch, beside latest.pth)
+    mid_run = state is not None and start_epoch < int(state.get("config", {}).get("optimizer", {})
+                                                        .get("total_epochs", epochs))
+    if finished.is_file() and start_epoch < epochs and not mid_run and not args.overwrite:
+        raise DataError(f"{finished}: this run folder holds a finished encoder, which training from epoch "
+                        f"{start_epoch} would replace; pass --overwrite to do that, or use another "
+                        "checkpoint.ckpt_path")
 
     # ---- logging
     writer = None
+    # a run from scratch over a killed attempt's log keeps none of its records
     jlog = JsonLog(run_dir / "log.jsonl" if info.is_main else None,
-                   resume_step=start_epoch * iters if state is not None else None, resume_epoch=start_epoch)
+                   resume_step=start_epoch * iters, resume_epoch=start_epoch)
     if info.is_main:
         write_run_config(run_dir, cfg)  # only now: a start that fails above leaves the run's files as they were
         from torch.utils.tensorboard import SummaryWriter
@@ -435,7 +470,7 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
             watch.update(loss, step)
             steps_done += 1
             if step + 1 in snapshots and info.is_main:  # after step + 1 optimizer steps
-                atomic_torch_save(core.encoder.resnet.state_dict(), run_dir / snapshot_name(step + 1))
+                save_weights(core.encoder.resnet.state_dict(), run_dir / snapshot_name(step + 1), step + 1)
 
             # the per-term values stay on the device: summed there, read at log steps
             values = torch.stack([v.float() for v in stats.values()])
@@ -477,7 +512,8 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
                      "config": cfg.to_dict()}
             numbered = done % cfg.checkpoint.save_epoch == 0 or done == epochs
             save_checkpoint(state, run_dir, keep_numbered=numbered)
-            atomic_torch_save(core.encoder.resnet.state_dict(), run_dir / "encoder_resnet18.pth")
+            if done == epochs:
+                save_weights(core.encoder.resnet.state_dict(), finished, done * iters)
             jlog.write(kind="epoch", epoch=done, seconds=round(time.time() - t_epoch, 2), **means)
             log.info("epoch %d/%d  loss %.4f  (%.1fs)", done, epochs, means.get("loss", float("nan")),
                      time.time() - t_epoch)

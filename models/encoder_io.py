@@ -18,7 +18,7 @@ import os
 import torch
 import torchvision
 
-from utils.checkpoint import safe_torch_load
+from utils.checkpoint import nonfinite_entries, safe_torch_load
 from utils.io import DataError
 
 #: prefix of the online ResNet-18 inside the ACLUS model's state dict
@@ -28,6 +28,12 @@ ONLINE_RESNET_PREFIX = "encoder.resnet."
 NORM_MEAN = (0.5, 0.5, 0.5)
 NORM_STD = (0.25, 0.25, 0.25)
 PRETRAIN_KIND = "aclus_pretrain"
+
+
+def resnet18_shapes() -> dict[str, tuple[int, ...]]:
+    """Every entry of a torchvision ResNet-18 state dict but ``fc``, with its shape."""
+    return {k: tuple(v.shape) for k, v in torchvision.models.resnet18().state_dict().items()
+            if not k.startswith("fc.")}
 
 
 def resnet18_keys(with_fc: bool = False) -> set[str]:
@@ -50,6 +56,8 @@ def extract_resnet18_state(obj, source: str = "<object>") -> dict[str, torch.Ten
         raise DataError(f"{source}: expected a checkpoint dict or a state dict, found {type(obj).__name__}")
     kind = obj.get("kind")
     if kind == PRETRAIN_KIND:
+        if not isinstance(obj.get("model"), dict):
+            raise DataError(f"{source}: a '{PRETRAIN_KIND}' checkpoint without its 'model' entry")
         sd = _strip_prefix(obj["model"], ONLINE_RESNET_PREFIX)
     elif isinstance(kind, str):
         raise DataError(f"{source}: this is a '{kind}' checkpoint, not a ResNet-18 encoder "
@@ -69,9 +77,18 @@ def extract_resnet18_state(obj, source: str = "<object>") -> dict[str, torch.Ten
         example = sorted(unexpected)[:3] or sorted(missing)[:3]
         raise DataError(f"{source}: not a ResNet-18 encoder ({len(missing)} ResNet-18 keys missing, "
                         f"{len(unexpected)} unexpected keys, e.g. {example})")
+    shapes = resnet18_shapes()
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise DataError(f"{source}: entry '{k}' is a {type(v).__name__}, not a tensor")
+        if tuple(v.shape) != shapes[k]:
+            hint = " (a first convolution for another number of input channels)" if k == "conv1.weight" else ""
+            raise DataError(f"{source}: entry '{k}' has shape {tuple(v.shape)}, a ResNet-18 here has "
+                            f"{shapes[k]}{hint}")
+    bad = nonfinite_entries(sd)
+    if bad:
+        raise DataError(f"{source}: holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]!r}); "
+                        "the run that wrote it diverged")
     return sd
 
 

@@ -105,7 +105,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, synth
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, synthetic_pretrain_dir, make_pretrain_config,
                                                           caplog):
-    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, optimizer={"total_epochs": 3})
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, optimizer={"total_epochs": 3},
+                               checkpoint={"save_epoch": 10})  # no checkpoint_0002.pth (resume would take it)
     assert _run(cfg, "--max_steps", "12") == 0      # epochs 1 and 2 done
     run = tmp_path / "run"
     assert torch.load(run / "previous.pth", weights_only=True)["epoch"] == 1

@@ -98,6 +98,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def main_decides(check) -> None:
+    """Run ``check()`` on the main process only and make every process agree on the outcome:
+    a DataError it raises is raised on every rank (so no rank waits at a collective for a
+    main process that has stopped); in one process it is just ``check()``."""
+    from utils.io import DataError
+
+    if not is_dist():
+        check()
+        return
+    message = [""]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except DataError as e:
+            message = [str(e)]
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise DataError(message[0])
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -61,27 +61,41 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
 # --------------------------------------------------------------------------- #
 # atomic writes
 # --------------------------------------------------------------------------- #
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None],
+                 before_replace: Callable[[], None] | None = None) -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, then rename it to ``path``.
+    ``before_replace`` runs once the new file is complete on disk, just before the rename
+    (a checkpoint rotation: the old file moves aside only when its successor exists).
 
     The rename is atomic on POSIX file systems: readers see either the old file or
     the complete new one.
+
+    A failure of the file system (a full disk, a folder that cannot be written) is a
+    :class:`DataError` naming ``path``; the old file, if any, is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write there ({e.strerror or type(e).__name__})") from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared run folder needs the umask's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise DataError(f"{path}: could not be written ({e.strerror or type(e).__name__}); "
+                            "the file there before, if any, is unchanged") from None
         raise
 
 
@@ -89,10 +103,12 @@ def atomic_pickle_dump(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, before_replace: Callable[[], None] | None = None) -> None:
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    buf = io.BytesIO()  # serialised first: torch's own writer would turn a full disk into a RuntimeError
+    torch.save(obj, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()), before_replace)
 
 
 def atomic_write_png(image: np.ndarray, path: str | os.PathLike) -> None:
@@ -153,17 +169,38 @@ def safe_pickle_load(path: str | os.PathLike) -> Any:
 # --------------------------------------------------------------------------- #
 # images and label maps
 # --------------------------------------------------------------------------- #
+def bit_depth_to_uint8(img: np.ndarray) -> np.ndarray:
+    """An image of more than 8 bits per sample -> uint8, by its bit depth, not by its own maximum
+    (two scans of one probe keep their relative brightness).
+
+    The depth is the smallest of 10, 12, 14 and 16 bits that holds the image's maximum (a
+    12-bit scanner stores 0..4095 in a 16-bit PNG), and ``0 .. 2**depth - 1`` maps linearly to
+    ``0 .. 255``. uint8 input is returned as it is; any other sample type is a ValueError.
+    """
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype != np.uint16:
+        raise ValueError(f"{img.dtype} samples (8- or 16-bit integers expected)")
+    top = int(img.max(initial=0))
+    depth = next(d for d in (10, 12, 14, 16) if top < 2 ** d)
+    return np.round(img.astype(np.float64) * (255 / (2 ** depth - 1))).astype(np.uint8)
+
+
 def read_image(path: str | os.PathLike, mode: str = "rgb") -> np.ndarray:
-    """Read an image file as uint8: ``mode='gray'`` -> HxW, ``mode='rgb'`` -> HxWx3."""
+    """Read an image file as uint8: ``mode='gray'`` -> HxW, ``mode='rgb'`` -> HxWx3.
+    A 16-bit file is read at its full depth and scaled by :func:`bit_depth_to_uint8`
+    (OpenCV's default would keep only the upper 8 of the 16 bits: a 12-bit scan read as 0..15)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image not found")
-    flag = cv2.IMREAD_GRAYSCALE if mode == "gray" else cv2.IMREAD_COLOR
+    flag = (cv2.IMREAD_GRAYSCALE if mode == "gray" else cv2.IMREAD_COLOR) | cv2.IMREAD_ANYDEPTH
     img = cv2.imread(str(path), flag)
     if img is None or img.size == 0:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
-    if img.dtype != np.uint8:  # 16-bit PNGs: scale to 8 bit
-        img = (img.astype(np.float64) / max(int(img.max()), 1) * 255).astype(np.uint8)
+    try:
+        img = bit_depth_to_uint8(img)
+    except ValueError as e:
+        raise DataError(f"{path}: unsupported image: {e}") from None
     if mode == "rgb":
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
