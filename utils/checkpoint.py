@@ -188,7 +188,8 @@ def find_resume_checkpoint(resume: str, run_dir: Path, kind: str, move_aside: bo
             return None
 
     latest, previous = run_dir / "latest.pth", run_dir / "previous.pth"
-    numbered = sorted(run_dir.glob("checkpoint_[0-9]*.pth"), key=numbered_epoch, reverse=True)
+    numbered = sorted((p for p in run_dir.glob("checkpoint_*.pth") if re.fullmatch(r"checkpoint_\d+\.pth", p.name)),
+                      key=numbered_epoch, reverse=True)
     n_files = sum(p.is_file() for p in (latest, previous, *numbered))
     # latest.pth is the newest when it loads (a numbered file is written after it, of the same epoch)
     if latest.is_file() and (state := usable(latest)) is not None:
