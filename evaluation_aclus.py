@@ -99,6 +99,7 @@ import copy
 import csv
 import hashlib
 import json
+import math
 import re
 import sys
 import time
@@ -114,7 +115,6 @@ from tqdm import tqdm
 
 from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18_state
 from utils import gradcam as gcam
-from utils.cli import nonnegative_float, nonnegative_int, open_fraction, positive_float, positive_int, seed_int
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
@@ -764,11 +764,25 @@ def check_protocol_args(args) -> tuple[str, ...]:
     if args.gradcam and "knn" in protocols:
         raise DataError("--gradcam with --protocol knn: a kNN vote has no gradient to explain; "
                         "drop knn from --protocol or run it without --gradcam")
-    if args.knn_k < 1:
-        raise DataError(f"--knn_k {args.knn_k}: must be >= 1")
-    if args.epochs < 1:
-        raise DataError(f"--epochs {args.epochs}: must be >= 1")
+    for flag, (low, high, low_open, high_open) in NUMERIC_FLAGS.items():
+        value = getattr(args, flag.lstrip("-"))
+        below = value <= low if low_open else value < low
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            span = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}{')' if high_open else ']'}"
+            raise DataError(f"{flag} {value}: must be in {span}")
     return protocols
+
+
+#: flag -> (low, high, low end excluded, high end excluded): checked before any work
+NUMERIC_FLAGS = {
+    "--knn_k": (1, None, False, False), "--epochs": (1, None, False, False),
+    "--img_size": (1, None, False, False), "--batch_size": (1, None, False, False),
+    "--workers": (0, None, False, False), "--gradcam": (0, None, False, False),
+    "--seed": (0, 2 ** 32 - 1, False, False),            # numpy's and torch's seed range
+    "--lr": (0, None, True, False), "--lin_C": (0, None, True, False),
+    "--weight_decay": (0, None, False, False), "--val_fraction": (0, 1, True, True),
+}
 
 
 def evaluate(args) -> dict:
@@ -928,21 +942,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="last: honest, fixed; val: chosen on training-fold data; "
                         "paper: chosen on the test fold (OPTIMISTIC, as upstream)")
     p.add_argument("--out_dir", default="eval_out", help="where the JSON and confusion-matrix PNG go")
-    p.add_argument("--img_size", type=positive_int, default=224, help="input side (paper: 224; 112 is ~4x cheaper)")
-    p.add_argument("--epochs", type=positive_int, default=30, help="finetune / finetune_cached epochs (paper: 30)")
-    p.add_argument("--knn_k", type=positive_int, default=20, help="neighbours of the knn protocol (cosine similarity)")
-    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size (paper: 32)")
-    p.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate (paper: 0.01)")
-    p.add_argument("--weight_decay", type=nonnegative_float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
-    p.add_argument("--val_fraction", type=open_fraction, default=0.2,
+    p.add_argument("--img_size", type=int, default=224, help="input side (paper: 224; 112 is ~4x cheaper)")
+    p.add_argument("--epochs", type=int, default=30, help="finetune / finetune_cached epochs (paper: 30)")
+    p.add_argument("--knn_k", type=int, default=20, help="neighbours of the knn protocol (cosine similarity)")
+    p.add_argument("--batch_size", type=int, default=32, help="batch size (paper: 32)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (paper: 0.01)")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="Adam weight decay (paper: 1e-4)")
+    p.add_argument("--val_fraction", type=float, default=0.2,
                    help="share of the training folds held out for --selection val (finetune)")
-    p.add_argument("--lin_C", type=positive_float, default=0.1,
+    p.add_argument("--lin_C", type=float, default=0.1,
                    help=f"inverse L2 strength of the linear probe for --selection last "
                         f"(val/paper search {list(LINEAR_C_GRID)})")
-    p.add_argument("--seed", type=seed_int, default=1, help="seed (paper: 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed (paper: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
-    p.add_argument("--gradcam", type=nonnegative_int, default=0, metavar="N",
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--gradcam", type=int, default=0, metavar="N",
                    help="after each fold, Grad-CAM at layer4[-1] of N test images per class: montage PNG + maps "
                         ".npy under OUT_DIR/gradcam/, energy shares in the JSON (0 = off; needs --img_size >= 33)")
     p.add_argument("--cam", choices=tuple(gcam.CAM_METHODS), default="gradcam",
