@@ -118,7 +118,7 @@ from utils import gradcam as gcam
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
-from utils.io import DataError, atomic_write, ensure_writable_dir, read_image, safe_pickle_load
+from utils.io import IMAGE_EXTS, DataError, atomic_write, ensure_writable_dir, read_image, safe_pickle_load
 from utils.plots import plot_confusion
 from utils.pocus_folds import CLASSES as POCUS_CLASSES
 
@@ -252,8 +252,8 @@ def _read_fold_folder(folder: Path, classes: tuple[str, ...], img_size: int
     imgs, labels, groups = [], [], []
     for ci, cls in enumerate(classes):
         for p in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
-            if p.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
-                continue
+            if p.suffix.lower() not in IMAGE_EXTS:
+                continue  # named by data_notes() before any work
             img = read_image(p, "rgb")
             if img.shape[:2] != (img_size, img_size):
                 img = cv2.resize(img, (img_size, img_size), interpolation=cv2.INTER_AREA)
@@ -265,20 +265,33 @@ def _read_fold_folder(folder: Path, classes: tuple[str, ...], img_size: int
     return np.stack(imgs).transpose(0, 3, 1, 2).copy(), np.array(labels, dtype=np.int64), np.array(groups)
 
 
-def check_data(data_path: str | Path) -> tuple[str, ...]:
-    """Validate every fold of ``data_path`` before any training; returns the class names.
+def _class_images(folder: Path) -> list[Path]:
+    """The files of one ``fold<k>/<class>/`` folder that the evaluation reads."""
+    return [p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
 
-    A bad ``covid_data4.pkl`` is found here, not after folds 1-3 have trained. In the
-    folder layout, a class without training images in some fold is an error.
+
+def check_data(data_path: str | Path) -> tuple[tuple[str, ...], list[str]]:
+    """Validate every fold of ``data_path`` before any training.
+
+    -> (class names, notes): a bad ``covid_data4.pkl`` is found here, not after folds 1-3
+    have trained; in the folder layout a class without training images in some fold is an
+    error, and what the evaluation will pass over or score differently is a note (one line
+    each, printed before any work): files it does not read, folders beyond ``fold1..5``, a
+    class absent from a test fold (its macro-F1 then averages the classes present).
     """
     kind, root = discover(Path(data_path))
+    notes: list[str] = []
     if kind == "pickle":
         for k in range(1, NUM_FOLDS + 1):
             path = root / f"covid_data{k}.pkl"
-            check_uscl_tuple(safe_pickle_load(path), str(path))
-        return POCUS_CLASSES
+            y_test = check_uscl_tuple(safe_pickle_load(path), str(path))[3]
+            absent = [c for i, c in enumerate(POCUS_CLASSES) if not (y_test == i).any()]
+            if absent:
+                notes.append(f"{path}: no test images of class {absent}; this fold's macro-F1 averages "
+                             "the classes present")
+        return POCUS_CLASSES, notes
     classes = folder_classes(root)
-    present = [{d.name for d in (root / f"fold{k}").iterdir() if d.is_dir() and any(d.iterdir())}
+    present = [{c for c in classes if (root / f"fold{k}" / c).is_dir() and _class_images(root / f"fold{k}" / c)}
                for k in range(1, NUM_FOLDS + 1)]
     for k in range(1, NUM_FOLDS + 1):
         train = set().union(*(present[j - 1] for j in range(1, NUM_FOLDS + 1) if j != k))
@@ -286,7 +299,22 @@ def check_data(data_path: str | Path) -> tuple[str, ...]:
         if lacking:
             raise DataError(f"{root}: fold {k}'s training part (the other folds) has no images of class "
                             f"'{lacking[0]}'; every class needs images in at least two folds")
-    return classes
+        absent = [c for c in classes if c not in present[k - 1]]
+        if absent:
+            notes.append(f"{root / f'fold{k}'}: no test images of class {absent}; this fold's macro-F1 "
+                         "averages the classes present")
+    extra = sorted(d.name for d in root.glob("fold*")
+                   if d.is_dir() and d.name not in {f"fold{k}" for k in range(1, NUM_FOLDS + 1)})
+    if extra:
+        notes.append(f"{root}: {', '.join(extra)} not used (the evaluation reads fold1..{NUM_FOLDS})")
+    skipped = [p for k in range(1, NUM_FOLDS + 1) for c in classes if (root / f"fold{k}" / c).is_dir()
+               for p in (root / f"fold{k}" / c).glob("*")
+               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTS]
+    if skipped:
+        kinds = sorted({p.suffix.lower() or "(no extension)" for p in skipped})
+        notes.append(f"{root}: {len(skipped)} file(s) not read, e.g. {skipped[0]} (extensions {kinds}; "
+                     f"read: {', '.join(IMAGE_EXTS)})")
+    return classes, notes
 
 
 def iter_folds(data_path: str | Path, img_size: int = 224):
@@ -796,7 +824,9 @@ def evaluate(args) -> dict:
     ensure_writable_dir(args.out_dir, "--out_dir")  # not after five folds of work
     # read the weights first: a wrong checkpoint fails before any data is loaded
     state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
-    classes = check_data(args.data_path)  # every fold file checked before any work
+    classes, notes = check_data(args.data_path)  # every fold file checked before any work
+    for note in notes:
+        print(f"note: {note}")
     if args.gradcam:
         for k in range(1, NUM_FOLDS + 1):  # a bad mask file fails now, not after fold k-1
             path = discover(Path(args.data_path))[1] / CAM_MASKS_NAME.format(k=k)

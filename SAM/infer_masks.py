@@ -23,12 +23,17 @@ layout is ``utils/mask_layout.py``'s (:func:`~utils.mask_layout.label_jobs`), wh
   label map; ``--min_pred_iou`` / ``--min_stability`` (off by default; SAM's automatic mask
   generator uses 0.88 / 0.95) leave a failing mask out of the map, and the run reports how
   many masks each filter removed;
+* one meaning per folder: the settings that shape a label map (checkpoint digest, prompts,
+  threshold, quality filter) go to ``<out_dir>/asam_settings.json``; a re-run with other
+  settings, or on label maps this stage did not write (a SAMUS set's ground truth), is refused
+  in one line before any masking; ``--overwrite`` redoes every label map of the folder;
 * a bad image is reported (stderr and ``bad_images_rank<R>.txt``) and skipped;
 * rank 0 writes an overlay montage PNG of the first images it masks (``--montage``).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -54,6 +59,42 @@ from SAM.samus_data import image_to_tensor  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
 from utils.mask_layout import label_jobs  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
+
+
+SETTINGS_NAME = "asam_settings.json"   # what made the label maps of an out_dir
+CLASSES_NAME = "asam_classes.json"     # label index -> prompt key
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def label_settings(ckpt_sha256: str, prompts: list[str], args: argparse.Namespace) -> dict:
+    """Everything that decides the content of a label map (not batch size, workers, device)."""
+    return {"checkpoint_sha256": ckpt_sha256, "prompts": list(prompts), "threshold": args.threshold,
+            "min_pred_iou": args.min_pred_iou, "min_stability": args.min_stability}
+
+
+def settings_conflict(old: dict | None, old_classes: dict | None, new: dict, labels_exist: bool) -> str | None:
+    """Why label maps already in a folder cannot be kept for a run with settings ``new``, or None.
+
+    ``old``: the folder's ``asam_settings.json``; ``old_classes``: its ``asam_classes.json``
+    (folders of an earlier version have only that one, so only the prompts can be compared)."""
+    if not labels_exist:
+        return None
+    if old is not None:
+        differ = [k for k in new if old.get(k) != new[k]]
+        if not differ:
+            return None
+        return "; ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in differ)
+    if old_classes is not None:
+        before = [old_classes[k] for k in sorted(old_classes, key=int)]
+        return None if before == new["prompts"] else f"prompts were {before!r}, now {new['prompts']!r}"
+    return f"label maps are there that this stage did not write (no {SETTINGS_NAME})"
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -192,6 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
     p.add_argument("--montage_n", type=int, default=16, help="images in the montage")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"redo every label map of this folder (for one made with other settings, "
+                        f"see {SETTINGS_NAME}, or not by this stage) instead of refusing")
     p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> if available, else cpu")
     return p.parse_args(argv)
 
@@ -217,11 +261,26 @@ def main(argv=None) -> dict:
     jobs = label_jobs(data_dir, out_dir)
     if not jobs:
         raise SystemExit(f"no images under {data_dir}/<Sub>/img/")
+    settings = label_settings(file_sha256(args.ckpt), wanted, args)
+    read = lambda name: json.loads((out_dir / name).read_text()) if (out_dir / name).is_file() else None  # noqa: E731
     mine = shard(jobs, rank, world)
+    conflict = settings_conflict(read(SETTINGS_NAME), read(CLASSES_NAME), settings,
+                                 any(label.is_file() for _, label in jobs))
+    if conflict and not args.overwrite:
+        raise DataError(f"{out_dir / SETTINGS_NAME}: {conflict}; one folder holds label maps of one meaning: "
+                        "use another --out_dir, or --overwrite to redo these label maps")
+    if args.overwrite:  # each rank removes its own shard's maps (shards are disjoint)
+        for _, label in mine:
+            label.unlink(missing_ok=True)
+            label.with_suffix(".scores.json").unlink(missing_ok=True)
+        print(f"rank {rank}: --overwrite: redoing the {len(mine)} label maps of this shard"
+              + (f" ({conflict})" if conflict else ""))
     todo = [j for j in mine if not j[1].is_file()]
-    if rank == 0:
-        mapping = {str(i + 1): k for i, k in enumerate(wanted)}
-        atomic_write(out_dir / "asam_classes.json", lambda f: f.write(json.dumps(mapping, indent=1).encode()))
+    # every rank writes the same two files before its first label, so that a rank starting
+    # late finds its peers' label maps explained
+    mapping = {str(i + 1): k for i, k in enumerate(wanted)}
+    atomic_write(out_dir / CLASSES_NAME, lambda f: f.write(json.dumps(mapping, indent=1).encode()))
+    atomic_write(out_dir / SETTINGS_NAME, lambda f: f.write(json.dumps(settings, indent=1).encode()))
     print(f"rank {rank}/{world}: {len(mine)} images in shard, {len(mine) - len(todo)} done before, "
           f"{len(todo)} to mask with prompts {wanted}")
 

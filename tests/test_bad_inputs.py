@@ -340,6 +340,34 @@ def test_class_missing_from_a_folds_training_part_is_an_error(tmp_path, capsys):
     assert "fold 1's training part" in err and "'c'" in err and "Traceback" not in err
 
 
+def test_what_the_evaluation_passes_over_is_named_before_any_work(tmp_path, capsys):
+    """A .tif is read (it counts), a .gif and an extra fold are named, a class absent from a
+    test fold is named and its fold's macro-F1 averages the classes present."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    folds = [("a", "b")] * 4 + [("a",)]                    # class b absent from test fold 5
+    root = _folder_layout(tmp_path / "data", folds)
+    cv2.imwrite(str(root / "fold2" / "a" / "extra__f0.tif"), np.full((40, 48), 90, np.uint8))
+    (root / "fold3" / "b" / "clip.gif").write_bytes(b"GIF89a")
+    (root / "fold3" / "b" / ".DS_Store").write_bytes(b"")  # hidden files are not worth a word
+    (root / "fold6" / "a").mkdir(parents=True)             # ... and a fold6/ beside fold1..5
+    cv2.imwrite(str(root / "fold6" / "a" / "x__f0.png"), np.full((40, 48), 90, np.uint8))
+    assert evaluation_aclus.main(["--data_path", str(root), *FAST, "--out_dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    first_fold = out.index("fold 1:")
+    assert all(out.index(n) < first_fold for n in notes), "notes come before any work"
+    assert any("fold5" in n and "['b']" in n and "macro-F1" in n for n in notes)
+    assert any("fold6 not used" in n for n in notes)
+    assert any("clip.gif" in n and "'.gif'" in n for n in notes) and not any(".DS_Store" in n for n in notes)
+    r = json.loads((tmp_path / "o" / "eval_linear_last.json").read_text())
+    assert r["summary"]["pooled_total"] == 2 * 5 - 1 + 1    # one per (class, fold) + the .tif; not fold6
+    assert r["folds"][4]["absent_classes"] == ["b"] and r["folds"][0]["absent_classes"] == []
+
+
 # --------------------------------------------------------------------------- #
 # A-SAM data (SAMUS layout)
 # --------------------------------------------------------------------------- #

@@ -85,6 +85,16 @@ def test_metrics_class_never_predicted_is_zero_not_nan():
     assert m["per_class"]["pneumonia"]["precision"] == 0.0 and m["macro_f1"] == pytest.approx(0.5 / 3)
 
 
+def test_macro_f1_of_a_fold_without_some_class_averages_the_classes_present():
+    from sklearn.metrics import f1_score
+
+    y, p = np.array([0, 0, 1, 1, 1]), np.array([0, 2, 1, 1, 0])   # class 2 has no test images
+    m = metrics_from_confusion(confusion_matrix(y, p, 3), CLASSES)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=[0, 1], average="macro"))
+    assert m["absent_classes"] == ["regular"]
+    assert m["macro_f1"] > f1_score(y, p, labels=[0, 1, 2], average="macro", zero_division=0)
+
+
 def test_aggregate_folds_mean_std_and_pooled():
     # fold A: 9/10 correct, fold B: 1/2 correct -> mean 0.7, pooled 10/12
     a = np.array([[3, 0, 0], [0, 3, 1], [0, 0, 3]])

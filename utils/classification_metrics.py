@@ -32,7 +32,11 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix.
 
     A class with no predictions (or no samples) gets precision (recall) 0, as sklearn's
-    ``zero_division=0``; macro-F1 averages over all classes, present or not.
+    ``zero_division=0``. Macro-F1 averages over the classes that have samples here (sklearn's
+    ``f1_score(labels=<present classes>, average="macro")``): a class absent from a test fold
+    has no F1 to speak of, and counting it as 0 would lower the fold's score for the fold's
+    make-up, not the model. Those classes are listed under ``absent_classes``; a prediction
+    *into* an absent class still costs the recall of the true class.
     """
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
@@ -42,9 +46,11 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     total = cm.sum()
+    present = true > 0
     return {
         "accuracy": float(tp.sum() / total) if total else 0.0,
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "absent_classes": [name for i, name in enumerate(class_names) if not present[i]],
         "correct": int(tp.sum()),
         "total": int(total),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
