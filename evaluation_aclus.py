@@ -99,7 +99,6 @@ import copy
 import csv
 import hashlib
 import json
-import math
 import re
 import sys
 import time
@@ -118,6 +117,7 @@ from utils import gradcam as gcam
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
+from utils.flags import AT_LEAST_0, AT_LEAST_1, OPEN_FRACTION, POSITIVE, SEED, check_flag_ranges
 from utils.io import IMAGE_EXTS, DataError, atomic_write, ensure_writable_dir, read_image, safe_pickle_load
 from utils.plots import plot_confusion
 from utils.pocus_folds import CLASSES as POCUS_CLASSES
@@ -792,24 +792,15 @@ def check_protocol_args(args) -> tuple[str, ...]:
     if args.gradcam and "knn" in protocols:
         raise DataError("--gradcam with --protocol knn: a kNN vote has no gradient to explain; "
                         "drop knn from --protocol or run it without --gradcam")
-    for flag, (low, high, low_open, high_open) in NUMERIC_FLAGS.items():
-        value = getattr(args, flag.lstrip("-"))
-        below = value <= low if low_open else value < low
-        above = high is not None and (value >= high if high_open else value > high)
-        if not math.isfinite(value) or below or above:
-            span = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}{')' if high_open else ']'}"
-            raise DataError(f"{flag} {value}: must be in {span}")
+    check_flag_ranges(args, FLAG_RANGES)
     return protocols
 
 
-#: flag -> (low, high, low end excluded, high end excluded): checked before any work
-NUMERIC_FLAGS = {
-    "--knn_k": (1, None, False, False), "--epochs": (1, None, False, False),
-    "--img_size": (1, None, False, False), "--batch_size": (1, None, False, False),
-    "--workers": (0, None, False, False), "--gradcam": (0, None, False, False),
-    "--seed": (0, 2 ** 32 - 1, False, False),            # numpy's and torch's seed range
-    "--lr": (0, None, True, False), "--lin_C": (0, None, True, False),
-    "--weight_decay": (0, None, False, False), "--val_fraction": (0, 1, True, True),
+#: checked before any work (utils/flags.py)
+FLAG_RANGES = {
+    "--knn_k": AT_LEAST_1, "--epochs": AT_LEAST_1, "--img_size": AT_LEAST_1, "--batch_size": AT_LEAST_1,
+    "--workers": AT_LEAST_0, "--gradcam": AT_LEAST_0, "--seed": SEED,
+    "--lr": POSITIVE, "--lin_C": POSITIVE, "--weight_decay": AT_LEAST_0, "--val_fraction": OPEN_FRACTION,
 }
 
 
@@ -822,6 +813,9 @@ def evaluate(args) -> dict:
     device = torch.device(args.device)
     check_gradcam_args(args)
     ensure_writable_dir(args.out_dir, "--out_dir")  # not after five folds of work
+    for wanted, sub in ((args.gradcam, "gradcam"), (args.save_classifiers, "classifiers")):
+        if wanted:
+            ensure_writable_dir(Path(args.out_dir) / sub, f"--out_dir's {sub}/")
     # read the weights first: a wrong checkpoint fails before any data is loaded
     state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
     classes, notes = check_data(args.data_path)  # every fold file checked before any work

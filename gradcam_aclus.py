@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from utils import gradcam as gcam
+from utils.flags import AT_LEAST_0, AT_LEAST_1, check_flag_ranges
 from utils.io import DataError, atomic_write, ensure_writable_dir, read_image
 from utils.mask_layout import is_image
 
@@ -70,8 +71,6 @@ def explain(args) -> Path:
     img_size = args.img_size or int(meta.get("img_size", 224))
     gcam.cam_grid(model, img_size)  # a flat 1x1 map is refused before any image is read
     paths = list_images(args.images)
-    if args.max_images < 1:
-        raise DataError(f"--max_images {args.max_images}: must be >= 1")
     keep = np.unique(np.round(np.linspace(0, len(paths) - 1, min(args.max_images, len(paths)))).astype(int))
     paths = [paths[i] for i in keep]
     out_dir = ensure_writable_dir(args.out_dir, "--out_dir")
@@ -136,6 +135,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
+        check_flag_ranges(args, {"--max_images": AT_LEAST_1, "--img_size": AT_LEAST_0, "--cols": AT_LEAST_1,
+                                 "--batch_size": AT_LEAST_1})
         explain(args)
     except DataError as e:  # bad input: one line naming the file or flag, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -52,6 +52,7 @@ from utils.checkpoint import find_resume_checkpoint, nonfinite_entries, save_che
 from utils.config import AmpConfig, ConfigError, PretrainConfig, load_config, run_dir as config_run_dir
 from utils.distributed import to_device
 from utils.gpu_augment import augment_batch, is_crop_batch
+from utils.flags import AT_LEAST_0, check_flag_ranges
 from utils.io import DataError, atomic_torch_save, atomic_write, ensure_writable_dir
 from utils.pretrain_data import AnatomyPairDataset, EpochSampler, load_pairs
 from utils.run_lock import RunLock
@@ -373,6 +374,8 @@ def train(cfg: PretrainConfig, args: argparse.Namespace) -> Path:
     with ExitStack() as owned:
         def claim() -> None:  # before any data or model is built
             ensure_writable_dir(run_dir, "checkpoint.ckpt_path")
+            ensure_writable_dir(cfg.log.log_dir or run_dir / "tb",
+                                "log.log_dir" if cfg.log.log_dir else "checkpoint.ckpt_path's tb/")
             owned.enter_context(RunLock(run_dir))
         du.main_decides(claim)
         return fit(cfg, args, info, run_dir)
@@ -532,6 +535,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        check_flag_ranges(args, {"--local-rank": AT_LEAST_0, "--max_steps": AT_LEAST_0})
         cfg = load_config(args.cfg, args.override)
         train(cfg, args)
     except (ConfigError, DataError) as e:

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from utils import mask_layout as layout
+from utils.flags import AT_LEAST_1, check_flag_ranges
+from utils.io import DataError
 from utils.plots import plot_loss_curves
 from utils.stage_runner import StageFailed, need, run_command
 
@@ -239,6 +241,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per stage (default: 2)")
     p.add_argument("--tiny", action="store_true", help="shrink everything to a seconds-long smoke run")
     a = p.parse_args(argv)
+    try:
+        check_flag_ranges(a, {"--epochs": AT_LEAST_1, "--threads": AT_LEAST_1})
+    except DataError as e:
+        print(f"run_pipeline.py: error: {e}", file=sys.stderr)
+        return 2
     s = Settings.tiny() if a.tiny else Settings()
     if a.epochs is not None:
         s.epochs = a.epochs

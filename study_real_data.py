@@ -519,18 +519,22 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 print(f"study_real_data.py: error: --arms: {e}", file=sys.stderr)
                 return 2
-    if a.epochs is not None and a.epochs < 1:
-        print(f"study_real_data.py: error: --epochs {a.epochs}: expected a positive integer", file=sys.stderr)
-        return 2
-    if a.base_lr is not None and not (0 < a.base_lr < float("inf")):
-        print(f"study_real_data.py: error: --base_lr {a.base_lr}: expected a positive finite number", file=sys.stderr)
+    from utils.flags import AT_LEAST_0, AT_LEAST_1, POSITIVE, PROBABILITY, check_flag_ranges
+    from utils.io import DataError
+
+    try:
+        check_flag_ranges(a, {"--frame_stride": AT_LEAST_1, "--epochs": AT_LEAST_1, "--base_lr": POSITIVE,
+                              "--asam_batch": AT_LEAST_1, "--gradcam": AT_LEAST_0, "--sp_scale": POSITIVE,
+                              "--sp_min_area": PROBABILITY, "--sp_max_segments": AT_LEAST_1,
+                              "--log_step": AT_LEAST_1})
+    except DataError as e:
+        print(f"study_real_data.py: error: {e}", file=sys.stderr)
         return 2
     if a.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", a.seeds):
         print(f"study_real_data.py: error: --seeds {a.seeds!r}: expected a comma list of integers", file=sys.stderr)
         return 2
     if a.gradcam:  # the evaluation would refuse it, but only after frames, masks and pre-training
         from evaluation_aclus import check_gradcam_args
-        from utils.io import DataError
 
         try:
             check_gradcam_args(argparse.Namespace(gradcam=a.gradcam, img_size=PRESETS[a.preset].img_size))

@@ -58,8 +58,9 @@ from torchvision.ops import nms  # noqa: E402
 
 from SAM.fast_decoder import decode_low_res, stability_score  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
+from utils.flags import AT_LEAST_0, AT_LEAST_1, check_flag_ranges  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
-from utils.mask_layout import label_jobs  # noqa: E402
+from utils.mask_layout import ensure_label_dirs, label_jobs  # noqa: E402
 
 MAX_IDS = 255  # uint8 label PNGs
 SCORES_FILE = "auto_masks.scores.json"
@@ -229,6 +230,7 @@ def check_inputs(data_dir: Path, out_dir: Path) -> list[tuple[Path, Path]]:
     if not jobs:
         raise DataError(f"{data_dir}: no images found under <Sub>/img/")
     ensure_writable_dir(out_dir, "--out_dir")
+    ensure_label_dirs(jobs)
     return jobs
 
 
@@ -326,11 +328,13 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only the first N images (smoke runs)")
     a = p.parse_args(argv)
     try:
+        check_flag_ranges(a, {"--batch_size": AT_LEAST_1, "--limit": AT_LEAST_0})
         params = AutoMaskParams(a.scales, a.min_pred_iou, a.min_stability, d.stability_offset, a.nms_iou,
                                 a.min_area, a.max_regions, a.batch_size,
                                 a.overlap == "small_on_top").check()
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # DataError of a flag range, or the parameters' own check
+        print(f"auto_masks.py: error: {e}", file=sys.stderr)
+        return 2
     data_dir = Path(a.data_dir)
     out_dir = Path(a.out_dir) if a.out_dir else data_dir
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 # one error type for every configuration (an invalid task name or field value here);
 # utils.config imports neither SAM nor torch, so this makes no import cycle
 from utils.config import ConfigError
+from utils.flags import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, check_flag_ranges
 
 
 @dataclass
@@ -87,6 +88,13 @@ TASKS: dict[str, TaskConfig] = {
 }
 
 
+#: the numeric task settings, checked wherever they come from (preset or flag)
+TASK_RANGES = {"--img_size": AT_LEAST_1, "--batch_size": AT_LEAST_1, "--epochs": AT_LEAST_1,
+               "--lr": POSITIVE, "--workers": AT_LEAST_0, "--max_train": AT_LEAST_0,
+               "--max_val": AT_LEAST_0, "--max_test": AT_LEAST_0, "--negative_rate": AT_LEAST_0,
+               "--seed": SEED}
+
+
 def get_task(name: str) -> TaskConfig:
     if name not in TASKS:
         raise ConfigError(f"unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))}")
@@ -129,6 +137,7 @@ def task_config_from_args(args: argparse.Namespace) -> TaskConfig:
         value = getattr(args, f.name, None)
         if f.name != "task" and value is not None:
             setattr(cfg, f.name, value)
+    check_flag_ranges(argparse.Namespace(**dataclasses.asdict(cfg)), TASK_RANGES)
     if cfg.img_size % 8:
         raise ConfigError(f"img_size must be a multiple of 8, got {cfg.img_size}")
     return cfg

@@ -56,8 +56,9 @@ from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_
 from SAM.seg_training import pick_device, run_as_script  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
+from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
-from utils.mask_layout import label_jobs  # noqa: E402
+from utils.mask_layout import ensure_label_dirs, label_jobs  # noqa: E402
 from utils.plots import overlay_labels  # noqa: E402
 
 
@@ -240,8 +241,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: checked before any work (utils/flags.py); a filter above 1 removes every mask, on purpose
+FLAG_RANGES = {"--batch_size": AT_LEAST_1, "--workers": AT_LEAST_0, "--threshold": PROBABILITY,
+               "--min_pred_iou": AT_LEAST_0, "--min_stability": AT_LEAST_0, "--montage_n": AT_LEAST_0}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_flag_ranges(args, FLAG_RANGES)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
                                          if torch.cuda.is_available() else "cpu"))
@@ -275,6 +282,7 @@ def main(argv=None) -> dict:
             label.with_suffix(".scores.json").unlink(missing_ok=True)
         print(f"rank {rank}: --overwrite: redoing the {len(mine)} label maps of this shard"
               + (f" ({conflict})" if conflict else ""))
+    ensure_label_dirs(mine)
     todo = [j for j in mine if not j[1].is_file()]
     # every rank writes the same two files before its first label, so that a rank starting
     # late finds its peers' label maps explained

@@ -39,6 +39,7 @@ from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_chec
                             segmenter_from_checkpoint)
 from SAM.config import parse_bool, add_task_args  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
+from utils.flags import AT_LEAST_0, AT_LEAST_1, check_flag_ranges  # noqa: E402
 from SAM.seg_training import evaluate, make_loader, run_as_script, start_run, train  # noqa: E402
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
@@ -76,10 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", type=parse_bool, default=False,
                    help="fp16 mixed precision on CUDA (false; ignored on a CPU)")
     args = p.parse_args(argv)
-    if args.prompter_grid < 1:
-        p.error(f"--prompter_grid must be >= 1, got {args.prompter_grid}")
-    if args.encoder_lr < 0:
-        p.error(f"--encoder_lr must be >= 0, got {args.encoder_lr}")
+    check_flag_ranges(args, {"--num_tokens": AT_LEAST_1, "--prompter_depth": AT_LEAST_1,
+                             "--prompter_grid": AT_LEAST_1, "--encoder_lr": AT_LEAST_0})
     if args.cache_embeddings is None:
         args.cache_embeddings = args.encoder_lr == 0
     elif args.cache_embeddings and args.encoder_lr > 0:

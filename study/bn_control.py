@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 from models.backbone import MultiScaleEncoder  # noqa: E402
 from models.encoder_io import NORM_MEAN, NORM_STD  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
+from utils.flags import AT_LEAST_1, SEED, Range, check_flag_ranges  # noqa: E402
 from utils.io import DataError, atomic_torch_save, ensure_writable_dir, read_image  # noqa: E402
 
 
@@ -88,9 +89,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.statistics == "corpus" and not a.frames:
         p.error("--frames is required with --statistics corpus")
-    if a.batch_size < 2:
-        p.error("--batch_size must be >= 2 (BatchNorm statistics need two frames)")
     try:
+        # BatchNorm statistics need two frames
+        check_flag_ranges(a, {"--seed": SEED, "--img_size": AT_LEAST_1, "--batch_size": Range(2)})
         ensure_writable_dir(Path(a.out).parent, "--out (its folder)")
         model = start_encoder(a.seed)
         if a.statistics == "corpus":

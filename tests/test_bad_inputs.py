@@ -453,6 +453,41 @@ def test_unwritable_run_folder_is_named_before_any_work(tmp_path, synthetic_pret
     assert f"checkpoint.ckpt_path {target}" in err and "Traceback" not in err
 
 
+def test_an_output_sub_folder_that_is_a_file_is_named_before_any_work(tmp_path, synthetic_pretrain_dir,
+                                                                       make_pretrain_config, capsys):
+    """The folders a stage writes *inside* its output (TensorBoard's tb/, the evaluation's gradcam/,
+    a label tree's <Sub>/label/) are checked with the output itself: before, tb/ as a file was
+    a traceback from TensorBoard after the model was built, and a label/ file one after masking."""
+    from utils import superpixel_masks
+    from utils.synthetic_us import write_pocus_folds
+
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tb").write_text("a file")
+    assert _pretrain(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pretrain_aclus.py: error: checkpoint.ckpt_path's tb/ {run / 'tb'}: is a file, not a folder"]
+    assert not list(run.glob("*.pth"))
+
+    write_pocus_folds(tmp_path / "folds", videos_per_class_per_fold=1, frames_per_video=1, size=32, seed=0)
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "gradcam").write_text("a file")
+    assert evaluation_aclus.main(["--data_path", str(tmp_path / "folds"), *FAST, "--out_dir", str(tmp_path / "ev"),
+                                  "--gradcam", "2", "--img_size", "64"]) == 2
+    out = capsys.readouterr()
+    assert "--out_dir's gradcam/" in out.err and "is a file" in out.err and "fold 1" not in out.out
+
+    data = synthetic_pretrain_dir / "train"
+    out_dir = tmp_path / "sp"
+    sub = next(p.name for p in data.iterdir() if (p / "img").is_dir())
+    (out_dir / sub).mkdir(parents=True)
+    (out_dir / sub / "label").write_text("a file")
+    assert superpixel_masks.main(["--data_dir", str(data), "--out_dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"label folder {out_dir / sub / 'label'}: is a file" in err[0], err
+
+
 def test_checkpoints_and_masks_follow_the_umask(tmp_path):
     import os
 
@@ -520,7 +555,9 @@ def test_every_asam_task_flag_has_a_help_line():
     ("optimizer:\n  base_lr: 1.0\n  base_lr: 2.0\n", "key 'base_lr' given twice (lines 2 and 3)"),
     ("optimizer:\n  base_lr: 1.0\nloss:\n  temperature: 0.2\noptimizer:\n  total_epochs: 3\n",
      "key 'optimizer' given twice (lines 1 and 5)"),
-], ids=["key", "section"])
+    ("seed: 1\n[a, b]: 2\n", "line 2: a key must be a name, not a list"),
+    ("seed: 1\n? {a: 1}\n: 2\n", "line 2: a key must be a name, not a dict"),
+], ids=["key", "section", "list key", "mapping key"])
 def test_a_key_or_section_given_twice_is_an_error_not_the_last_one(tmp_path, text, expect):
     from utils.config import ConfigError, load_config
 
@@ -588,3 +625,77 @@ def test_evaluation_numbers_out_of_range_are_one_line_before_any_work(flag, valu
                                   flag, value]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {says}"]
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- #
+# numeric flags of every stage script (utils/flags.py), and of -o overrides
+# --------------------------------------------------------------------------- #
+def _main_of(script: str):
+    """The script's main as a callable that returns an exit status (SAM stages raise; their
+    command line goes through run_as_script, as here)."""
+    import importlib
+
+    from SAM.seg_training import run_as_script
+
+    module = importlib.import_module(script)
+    if script.startswith("SAM.") and script != "SAM.auto_masks":
+        return lambda argv: run_as_script(lambda: module.main(argv), script)
+    return module.main
+
+
+@pytest.mark.parametrize("script,argv,says", [
+    ("pretrain_aclus", ["--cfg", "configs/example.yaml", "--max_steps", "-1"], "--max_steps -1: must be in [0, inf]"),
+    ("SAM.only_train_sam", ["--task", "SynLung", "--batch_size", "0", "--out_dir", "{tmp}/o"],
+     "--batch_size 0: must be in [1, inf]"),
+    ("SAM.only_train_sam", ["--task", "SynLung", "--lr", "inf", "--out_dir", "{tmp}/o"], "--lr inf: must be in (0, inf]"),
+    ("SAM.only_train_sam", ["--task", "SynLung", "--seed", "-2", "--out_dir", "{tmp}/o"],
+     "--seed -2: must be in [0, 4294967295]"),
+    ("SAM.train_auto_prompter", ["--task", "SynLung", "--sam_ckpt", "{tmp}/x.pt", "--out_dir", "{tmp}/o",
+                                 "--num_tokens", "0"], "--num_tokens 0: must be in [1, inf]"),
+    ("SAM.train_auto_prompter", ["--task", "SynLung", "--sam_ckpt", "{tmp}/x.pt", "--out_dir", "{tmp}/o",
+                                 "--epochs", "0"], "--epochs 0: must be in [1, inf]"),
+    ("SAM.infer_masks", ["--ckpt", "{tmp}/x.pt", "--data_dir", "{tmp}", "--batch_size", "0"],
+     "--batch_size 0: must be in [1, inf]"),
+    ("SAM.infer_masks", ["--ckpt", "{tmp}/x.pt", "--data_dir", "{tmp}", "--threshold", "1.5"],
+     "--threshold 1.5: must be in [0, 1]"),
+    ("SAM.auto_masks", ["--data_dir", "{tmp}", "--limit", "-1"], "--limit -1: must be in [0, inf]"),
+    ("utils.superpixel_masks", ["--data_dir", "{tmp}", "--limit", "-1"], "--limit -1: must be in [0, inf]"),
+    ("utils.pocus_folds", ["--src", "{tmp}", "--out", "{tmp}/o", "--size", "0"], "--size 0: must be in [1, inf]"),
+    ("utils.pocus_folds", ["--src", "{tmp}", "--out", "{tmp}/o", "--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
+    ("utils.synthetic_us", ["--out", "{tmp}/o", "--size", "8"], "--size 8: must be in [16, inf]"),
+    ("gradcam_aclus", ["--classifier", "{tmp}/x.pth", "--images", "{tmp}", "--out_dir", "{tmp}/o", "--batch_size", "0"],
+     "--batch_size 0: must be in [1, inf]"),
+    ("study.bn_control", ["--out", "{tmp}/o/e.pth", "--statistics", "start", "--batch_size", "1"], "--batch_size 1: must be in [2, inf]"),
+    ("run_pipeline", ["--out", "{tmp}/o", "--threads", "0"], "--threads 0: must be in [1, inf]"),
+    ("study_real_data", ["--covid_blues", "{tmp}", "--pocus", "{tmp}", "--log_step", "0"],
+     "--log_step 0: must be in [1, inf]"),
+])
+def test_numeric_flags_out_of_range_are_one_line_before_any_work(script, argv, says, tmp_path, capsys,
+                                                                   monkeypatch, repo_root):
+    """Before: --batch_size 0 was a DataLoader traceback, --seed -1 numpy's, --threshold 1.5 and
+    --limit -1 quietly did something else; and several scripts printed argparse's usage first."""
+    monkeypatch.chdir(repo_root)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _main_of(script)(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(says), err
+    assert not (tmp_path / "o").exists(), "nothing is created before the check"
+
+
+@pytest.mark.parametrize("override,says", [
+    ("seed=-1", "'seed' must be >= 0"), ("seed=99999999999", "'seed' must be <= 4294967295"),
+    ("data.train_batch_size=0", "'data.train_batch_size' must be > 0"),
+    ("data.resize_size=0", "'data.resize_size' must be > 0"),
+    ("optimizer.total_epochs=0", "'optimizer.total_epochs' must be > 0"),
+    ("optimizer.base_lr=nan", "'optimizer.base_lr' must be a finite number"),
+    ("optimizer.base_lr=1e999", "'optimizer.base_lr' must be a finite number"),
+    ("optimizer.weight_decay=-1", "'optimizer.weight_decay' must be >= 0"),
+    ("loss.temperature=0", "'loss.temperature' must be > 0"),
+])
+def test_numeric_overrides_out_of_range_are_one_line(override, says, capsys, monkeypatch, repo_root):
+    import pretrain_aclus
+
+    monkeypatch.chdir(repo_root)
+    assert pretrain_aclus.main(["--cfg", "configs/example.yaml", "-o", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err

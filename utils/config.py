@@ -216,7 +216,7 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     stage: str = _key("train", choices=("train",), legacy="fixed")
     distributed: bool = _key(True, legacy="ignored")      # the launcher's environment decides
-    seed: int = _key(0, ge=0)
+    seed: int = _key(0, ge=0, le=2 ** 32 - 1)           # numpy's seed range
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<config>") -> PretrainConfig:
@@ -479,6 +479,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"line {key_node.start_mark.line + 1}: a key must be a name, not a {type(key).__name__}",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",

@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from utils.io import IMAGE_EXTS, DataError, atomic_pickle_dump, safe_pickle_load
+from utils.io import IMAGE_EXTS, DataError, atomic_pickle_dump, ensure_writable_dir, safe_pickle_load
 
 IMG_DIR = "img"
 LABEL_DIR = "label"
@@ -172,6 +172,13 @@ def label_jobs(data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[
     """(image, label) paths of stage 3: every image of :func:`find_images` under ``data_dir``
     (a ``<root>/<split>`` folder) with its label in ``out_dir`` (``out_dir/<Sub>/label/<rel>.png``)."""
     return [(e.path, label_path(out_dir, e.sub, e.rel)) for e in find_images(data_dir)]
+
+
+def ensure_label_dirs(jobs: Sequence[tuple[Path, Path]]) -> None:
+    """Create and check every folder the labels of ``jobs`` go to, before any masking: a
+    ``<Sub>/label`` that is a file, or cannot be written, is one line now, not after hours."""
+    for folder in sorted({label.parent for _, label in jobs}):
+        ensure_writable_dir(folder, "label folder")
 
 
 def write_mask(label: np.ndarray, path: str | os.PathLike) -> None:

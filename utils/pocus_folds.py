@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 
 from utils.extract_frames import even_frame_indices
+from utils.flags import AT_LEAST_1, SEED, check_flag_ranges
 from utils.io import (DataError, atomic_pickle_dump, atomic_write, atomic_write_png, ensure_writable_dir,
                       read_image)
 
@@ -371,6 +372,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
+        check_flag_ranges(args, {"--frames_per_video": AT_LEAST_1, "--size": AT_LEAST_1, "--seed": SEED})
         ensure_writable_dir(args.out, "--out")
         build(args.src, args.out, args.frames_per_video, args.size, args.probe, args.seed)
     except DataError as e:

@@ -37,8 +37,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.flags import AT_LEAST_0, check_flag_ranges  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
-from utils.mask_layout import label_jobs  # noqa: E402
+from utils.mask_layout import ensure_label_dirs, label_jobs  # noqa: E402
 
 MAX_IDS = 255  # uint8 label PNGs
 
@@ -182,7 +183,7 @@ def run(data_dir: Path, out_dir: Path, params: SuperpixelParams, limit: int = 0)
         raise DataError(f"{data_dir}: no images found under <Sub>/img/")
     if limit:
         jobs = jobs[:limit]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_label_dirs(jobs)
     atomic_write(out_dir / "superpixel_params.json",
                  lambda f: f.write(json.dumps(asdict(params), indent=2).encode()))
     written, kept, bad, segments = 0, 0, [], []
@@ -219,9 +220,11 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only the first N images (smoke runs)")
     a = p.parse_args(argv)
     try:
+        check_flag_ranges(a, {"--limit": AT_LEAST_0})
         params = SuperpixelParams(a.scale, a.sigma, a.min_area, a.max_segments, a.work_size).check()
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # DataError of a flag range, or the parameters' own check
+        print(f"superpixel_masks.py: error: {e}", file=sys.stderr)
+        return 2
     data_dir = Path(a.data_dir)
     try:
         if a.out_dir or data_dir.is_dir():  # a missing --data_dir is reported by run(), not created

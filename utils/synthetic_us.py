@@ -37,6 +37,7 @@ import argparse
 import json
 import pickle
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from utils.flags import AT_LEAST_1, SEED, Range, check_flag_ranges
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir
 
 ANATOMY_IDS: dict[str, int] = {
@@ -689,9 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--seg_root {args.seg_root}: no MainPatient/class.json there")
     out = Path(args.out)
     try:
+        check_flag_ranges(args, {"--n": AT_LEAST_1, "--size": Range(16), "--seed": SEED,
+                                 "--pocus-videos": AT_LEAST_1, "--pocus-frames": AT_LEAST_1})
         ensure_writable_dir(out, "--out")
     except DataError as e:
-        ap.error(str(e))
+        print(f"synthetic_us: error: {e}", file=sys.stderr)
+        return 2
     if "pretrain" in layouts:
         paths = write_pretrain_layout(out, args.n, args.size, args.seed)
         print(f"pretrain: {len(paths)} image/label pairs under {out / 'train'}")
