@@ -368,6 +368,62 @@ def test_what_the_evaluation_passes_over_is_named_before_any_work(tmp_path, caps
     assert r["folds"][4]["absent_classes"] == ["b"] and r["folds"][0]["absent_classes"] == []
 
 
+def test_mask_inference_keeps_one_meaning_per_folder(tmp_path, one_torch_thread):
+    """Before: a re-run with other --prompts kept the earlier maps and rewrote the id table, so
+    one folder mixed meanings; and a SAMUS set's ground-truth labels were taken as done."""
+    import json
+
+    import cv2
+    import numpy as np
+    import torch
+
+    from SAM import infer_masks
+    from SAM.auto_prompter import AutoPrompter, prompter_grid
+    from SAM.checkpoint import save_checkpoint
+    from SAM.segmenter import build_segmenter
+    from utils.io import DataError
+
+    torch.manual_seed(0)
+    seg = build_segmenter("vit_tiny", 32, random_init=True)
+    ckpt = tmp_path / "s2.pt"
+    save_checkpoint(ckpt, "asam_stage2", seg, ["Syn/1", "Syn/2"], AutoPrompter(2, grid=prompter_grid(seg.grid)))
+    data = tmp_path / "train"
+    for i in range(3):
+        (data / "S" / "img").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(data / "S" / "img" / f"f{i}.png"), np.random.default_rng(i).integers(0, 255, (40, 48), np.uint8))
+    args = ["--ckpt", str(ckpt), "--data_dir", str(data), "--workers", "0", "--threshold", "0",
+            "--montage", "none", "--device", "cpu"]
+    assert infer_masks.main(args)["written"] == 3
+    labels = sorted((data / "S" / "label").glob("*.png"))
+    before = {p: p.read_bytes() for p in labels}
+    with pytest.raises(DataError, match=r"asam_settings.json: prompts was \['Syn/1', 'Syn/2'\], now \['Syn/2'\]"):
+        infer_masks.main(args + ["--prompts", "Syn/2"])
+    with pytest.raises(DataError, match="threshold was 0.0, now 0.5"):
+        infer_masks.main(args[:-6] + ["--montage", "none", "--device", "cpu"])
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    save_checkpoint(other, "asam_stage2", build_segmenter("vit_tiny", 32, random_init=True), ["Syn/1", "Syn/2"],
+                    AutoPrompter(2, grid=prompter_grid(seg.grid)))
+    with pytest.raises(DataError, match="checkpoint_sha256 was"):
+        infer_masks.main(["--ckpt", str(other)] + args[2:])
+    assert {p: p.read_bytes() for p in labels} == before, "a refused run touches nothing"
+    assert infer_masks.main(args)["skipped_existing"] == 3          # the same settings resume
+    redo = infer_masks.main(args + ["--prompts", "Syn/2", "--overwrite"])
+    assert redo["written"] == 3 and json.loads((data / "asam_classes.json").read_text()) == {"1": "Syn/2"}
+    assert set(json.loads(labels[0].with_suffix(".scores.json").read_text())) == {"1"}
+    assert all(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).max() <= 1 for p in labels)
+    # label maps this stage did not write (a SAMUS set's ground truth) are never taken as done
+    gt = tmp_path / "gt"
+    (gt / "S" / "img").mkdir(parents=True)
+    (gt / "S" / "label").mkdir()
+    for i in range(2):
+        cv2.imwrite(str(gt / "S" / "img" / f"f{i}.png"), np.zeros((40, 48), np.uint8))
+        cv2.imwrite(str(gt / "S" / "label" / f"f{i}.png"), np.ones((40, 48), np.uint8))
+    with pytest.raises(DataError, match="label maps are there that this stage did not write"):
+        infer_masks.main(["--ckpt", str(ckpt), "--data_dir", str(gt), "--workers", "0", "--device", "cpu"])
+    assert not (gt / "asam_settings.json").exists()
+
+
 # --------------------------------------------------------------------------- #
 # A-SAM data (SAMUS layout)
 # --------------------------------------------------------------------------- #
