@@ -193,6 +193,31 @@ def test_a_recycled_pid_does_not_keep_a_stale_lock(tmp_path):
     assert not (tmp_path / "run.lock").exists()
 
 
+def test_the_lock_works_without_hard_links(tmp_path, monkeypatch):
+    """Some network and FUSE mounts refuse os.link: before, that was a PermissionError traceback."""
+    import json
+    import os
+
+    from utils.io import DataError
+    from utils.run_lock import RunLock
+
+    def no_links(*a):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(DataError, match="another run owns this folder"):
+            RunLock(tmp_path).__enter__()
+    assert not (tmp_path / "run.lock").exists()
+    (tmp_path / "run.lock").write_text("")                     # created, not yet filled by its run
+    with pytest.raises(DataError, match="another run is starting"):
+        RunLock(tmp_path).__enter__()
+    os.utime(tmp_path / "run.lock", (1, 1))                    # ... or left empty long ago: stale
+    with RunLock(tmp_path):
+        pass
+
+
 def test_no_snapshot_with_nonfinite_weights_is_written(tmp_path, synthetic_pretrain_dir, make_pretrain_config,
                                                        capsys):
     cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir,

@@ -79,6 +79,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise DataError(f"{path}: cannot write there ({e.strerror or type(e).__name__})") from None
+    rotated = False
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared run folder needs the umask's mode
         with os.fdopen(fd, "wb") as f:
@@ -87,6 +88,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             os.fsync(f.fileno())
         if before_replace is not None:
             before_replace()
+            rotated = True
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -94,8 +96,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         except FileNotFoundError:
             pass
         if isinstance(e, OSError):
-            raise DataError(f"{path}: could not be written ({e.strerror or type(e).__name__}); "
-                            "the file there before, if any, is unchanged") from None
+            kept = ("the file there before was already moved aside by its rotation" if rotated
+                    else "the file there before, if any, is unchanged")
+            raise DataError(f"{path}: could not be written ({e.strerror or type(e).__name__}); {kept}") from None
         raise
 
 

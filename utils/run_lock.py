@@ -53,6 +53,9 @@ def describe(owner: dict) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}"
 
 
+FRESH_S = 10.0  # an empty lock younger than this belongs to a run that is filling it
+
+
 class RunLock:
     """``with RunLock(run_dir):`` owns ``run_dir`` for the block (raises DataError if another
     live run owns it). The lock is removed on leaving, if it is still this process's."""
@@ -65,17 +68,37 @@ class RunLock:
 
     def _create(self) -> bool:
         """Write the lock with its contents in one step (a link of a complete temporary
-        file: no reader sees it half-written); False if a lock exists."""
+        file: no reader sees it half-written); False if a lock exists. On a file system
+        without hard links (some network and FUSE mounts) the lock is created exclusively
+        and then filled: a reader may see it empty for an instant, and takes a fresh empty
+        lock for a run that is starting, never for a stale one."""
         fd, tmp = tempfile.mkstemp(prefix=".run.lock.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
-            os.link(tmp, self.path)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (EPERM, ENOTSUP, EXDEV ...)
+                return self._create_exclusive()
             return True
         except FileExistsError:
             return False
         finally:
             os.unlink(tmp)
+
+    def _create_exclusive(self) -> bool:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # FileExistsError if taken
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.owner, f)
+        return True
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return float("inf")
 
     def _read(self) -> dict:
         try:
@@ -89,6 +112,9 @@ class RunLock:
             if self._create():
                 return self
             owner = self._read()
+            if not owner and self._age() < FRESH_S:
+                raise DataError(f"{self.path}: another run is starting on this folder (its lock is "
+                                f"{self._age():.0f} s old and not yet filled)")
             if owner.get("host") not in (None, self.owner["host"]) or owner_alive(owner):
                 raise DataError(f"{self.path.parent}: another run owns this folder ({describe(owner)}; "
                                 f"{self.path}); wait for it to end, or delete {self.path.name} if that "
