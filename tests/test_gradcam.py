@@ -19,6 +19,7 @@ import evaluation_aclus as ev
 import gradcam_aclus
 from models.encoder_io import build_resnet18
 from utils import gradcam as gcam
+from utils.io import safe_pickle_load
 from utils.synthetic_us import ANATOMY_IDS, make_pocus_folds, make_scan, write_pocus_folds
 
 CLASSES = ("covid19", "pneumonia", "regular")
@@ -245,7 +246,7 @@ def test_gradcam_writes_a_montage_and_maps_per_fold(cam_folds, tmp_path, capsys)
         rec = np.load(png.with_suffix(".npy"))  # structured, no pickle
         assert len(rec) == 9 and rec["cam"].shape == (9, 64, 64)
         assert rec["label"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and (rec["target"] == rec["label"]).all()
-        _, _, X_test, y_test = ev.safe_pickle_load(cam_folds / f"covid_data{k}.pkl")
+        _, _, X_test, y_test = safe_pickle_load(cam_folds / f"covid_data{k}.pkl")
         assert (y_test[rec["index"]] == rec["label"]).all() and len(set(rec["index"])) == 9
         assert np.isfinite(rec["region_area"]).all() and ((rec["sector_share"] >= 0) | np.isnan(rec["sector_share"])).all()
         # the saved classifier is the explained one: same predictions on those images
@@ -258,7 +259,7 @@ def test_gradcam_writes_a_montage_and_maps_per_fold(cam_folds, tmp_path, capsys)
         assert fold["classifier"] == str(out / "classifiers" / f"linear_last_random_fold{k}.pth")
     # the stand-alone script on that classifier and images in class folders
     from utils.io import atomic_write_png
-    _, _, X_test, y_test = ev.safe_pickle_load(cam_folds / "covid_data1.pkl")
+    _, _, X_test, y_test = safe_pickle_load(cam_folds / "covid_data1.pkl")
     for i in (0, 5, 9):
         atomic_write_png(X_test[i, 0], tmp_path / "imgs" / CLASSES[y_test[i]] / f"img{i}.png")
     atomic_write_png(X_test[1, 0], tmp_path / "imgs" / "unsorted.png")
@@ -356,7 +357,7 @@ def anatomy_data(root, seed: int) -> dict:
     kw = dict(ANATOMY_DATA, seed=seed)
     write_pocus_folds(root, **kw)
     gcam.write_synthetic_cam_masks(root, **kw)
-    X_tr, y_tr, X_te, y_te = ev.safe_pickle_load(root / "covid_data1.pkl")
+    X_tr, y_tr, X_te, y_te = safe_pickle_load(root / "covid_data1.pkl")
     region = np.load(root / "covid_data1_cam_masks.npz")["region"]
     tf = ev.make_transforms(ANATOMY_IMG, False)
     as_input = lambda X: torch.stack([tf(torch.from_numpy(a)) for a in X])  # noqa: E731

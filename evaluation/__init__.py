@@ -1,0 +1,1 @@
+"""The evaluation library; ``evaluation_aclus.py`` is its command line."""
