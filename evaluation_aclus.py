@@ -109,15 +109,16 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from evaluation.data import (NUM_FOLDS, ArrayDataset, Fold, carve_validation, check_data,  # noqa: F401
-                             check_images, check_labels, check_uscl_tuple, discover, folder_classes,
-                             group_from_png_name, iter_folds, make_transforms)
+from evaluation.data import (GROUP_RULES, NUM_FOLDS, SPLIT_NAME, ArrayDataset, DataOptions,  # noqa: F401
+                             DownstreamData, Fold, carve_validation, check_data, check_images, check_labels,
+                             check_uscl_tuple, discover, folder_classes, group_from_png_name, iter_folds,
+                             make_transforms, open_data, write_split_csv)
 from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18_state
 from utils import gradcam as gcam
 from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion, select_index)
 from utils.distributed import seed_everything
-from utils.flags import AT_LEAST_0, AT_LEAST_1, OPEN_FRACTION, POSITIVE, SEED, check_flag_ranges
+from utils.flags import AT_LEAST_0, AT_LEAST_1, OPEN_FRACTION, POSITIVE, SEED, Range, check_flag_ranges
 from utils.io import DataError, atomic_write, ensure_writable_dir
 from utils.plots import plot_confusion
 from utils.pocus_folds import CLASSES as POCUS_CLASSES
@@ -556,6 +557,7 @@ FLAG_RANGES = {
     "--knn_k": AT_LEAST_1, "--epochs": AT_LEAST_1, "--img_size": AT_LEAST_1, "--batch_size": AT_LEAST_1,
     "--workers": AT_LEAST_0, "--gradcam": AT_LEAST_0, "--seed": SEED,
     "--lr": POSITIVE, "--lin_C": POSITIVE, "--weight_decay": AT_LEAST_0, "--val_fraction": OPEN_FRACTION,
+    "--folds": Range(2), "--split_seed": SEED, "--pad_value": Range(0, 255),
 }
 
 
@@ -573,19 +575,23 @@ def evaluate(args) -> dict:
             ensure_writable_dir(Path(args.out_dir) / sub, f"--out_dir's {sub}/")
     # read the weights first: a wrong checkpoint fails before any data is loaded
     state = load_resnet18_state(args.ckpt_path) if args.ckpt_path else None
-    classes, notes = check_data(args.data_path)  # every fold file checked before any work
-    for note in notes:
+    data = open_data(args.data_path, data_options(args), args.out_dir)  # every fold checked before any work
+    for note in data.notes:
         print(f"note: {note}")
+    if data.rows is not None:  # the split goes beside the results, so that a re-run uses the same one
+        split_path = Path(args.out_dir) / SPLIT_NAME
+        atomic_write(split_path, lambda f: f.write(write_split_csv(data.rows)))
+        data.split_path = split_path if data.split_path is None else data.split_path
     if args.gradcam:
-        for k in range(1, NUM_FOLDS + 1):  # a bad mask file fails now, not after fold k-1
-            path = discover(Path(args.data_path))[1] / CAM_MASKS_NAME.format(k=k)
+        for k in range(1, data.num_folds + 1):  # a bad mask file fails now, not after fold k-1
+            path = data.root / CAM_MASKS_NAME.format(k=k)
             if path.is_file():
                 load_cam_masks(path)
     frozen = [p for p in protocols if p in FROZEN_PROTOCOLS]
     features = None
     if frozen:  # one forward pass per distinct image, shared by all frozen-feature protocols
         features = FeatureCache(state, args, device, keep_maps="finetune_cached" in frozen)
-        for fold in iter_folds(args.data_path, args.img_size):
+        for fold in data.iter_folds(args.img_size):
             features.add(fold.X_train, f"encode fold {fold.index}")
             features.add(fold.X_test, f"encode fold {fold.index}")
         print(f"encoded {features.encoded} images once for {', '.join(frozen)} ({features.seconds:.1f} s)")
@@ -597,17 +603,18 @@ def evaluate(args) -> dict:
     results = {}
     for protocol in protocols:
         pargs = argparse.Namespace(**{**vars(args), "protocol": protocol})
-        results[protocol] = run_protocol(pargs, state, classes, features, device, timing, protocols)
+        results[protocol] = run_protocol(pargs, state, data, features, device, timing, protocols)
     if len(protocols) > 1:
         print(f"all protocols: {time.time() - t0:.1f} s")
     return results[protocols[0]] if len(protocols) == 1 else results
 
 
-def run_protocol(args, state: dict | None, classes: tuple[str, ...], features: FeatureCache | None,
+def run_protocol(args, state: dict | None, data: DownstreamData, features: FeatureCache | None,
                  device: torch.device, timing: dict, protocols: tuple[str, ...]) -> dict:
-    """One protocol (``args.protocol``) on the 5 folds: ``eval_<protocol>_<selection>.json`` + PNG.
+    """One protocol (``args.protocol``) on the folds: ``eval_<protocol>_<selection>.json`` + PNG.
     ``wall_time_s`` is this protocol's own time; the shared encoding is in ``timing``."""
     t0 = time.time()
+    classes = data.classes
     protocol = args.protocol
     tag, arm = f"{protocol}_{args.selection}", arm_name(args.ckpt_path)
     explainable = protocol != "knn"  # a kNN vote is no nn.Module
@@ -615,7 +622,7 @@ def run_protocol(args, state: dict | None, classes: tuple[str, ...], features: F
         print("note: --save_classifiers: knn has no network classifier; none saved for it", file=sys.stderr)
 
     folds, confusions, cam_records = [], [], []
-    for fold in tqdm(iter_folds(args.data_path, args.img_size), total=NUM_FOLDS, desc=f"{protocol} 5-fold"):
+    for fold in tqdm(data.iter_folds(args.img_size), total=data.num_folds, desc=f"{protocol} {data.num_folds}-fold"):
         if fold.groups_train is None and args.selection == "val" and protocol != "knn":
             print(f"note: {fold.source}: source videos unknown, validation split is by frame "
                   "(frames of one video may sit in train and val)", file=sys.stderr)
@@ -649,8 +656,8 @@ def run_protocol(args, state: dict | None, classes: tuple[str, ...], features: F
                       "n_test": int(len(fold.y_test)), **m, "confusion_matrix": cm.tolist(), **out})
         tqdm.write(f"fold {fold.index}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                    f"selected {out['selected']}")
-    if len(folds) != NUM_FOLDS:
-        raise DataError(f"{args.data_path}: found {len(folds)} folds, expected {NUM_FOLDS}")
+    if len(folds) != data.num_folds:
+        raise DataError(f"{args.data_path}: found {len(folds)} folds, expected {data.num_folds}")
 
     optimistic = args.selection == "paper" and protocol != "knn"  # knn selects nothing
     summary = aggregate_folds(confusions, classes)
@@ -659,7 +666,7 @@ def run_protocol(args, state: dict | None, classes: tuple[str, ...], features: F
         "selection_note": (KNN_SELECTION_NOTE.format(k=args.knn_k) if protocol == "knn"
                            else SELECTION_NOTES[args.selection]),
         "ckpt_path": args.ckpt_path or None, "init": "checkpoint" if args.ckpt_path else "random",
-        "data_path": str(args.data_path), "classes": list(classes),
+        "data_path": str(args.data_path), "classes": list(classes), "data": data.info(),
         "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "ckpt_path", "out_dir")},
         "protocols_in_run": list(protocols),
         "summary": summary, "folds": folds,
@@ -700,14 +707,38 @@ def run_protocol(args, state: dict | None, classes: tuple[str, ...], features: F
     return result
 
 
+def data_options(args) -> DataOptions:
+    return DataOptions(folds=args.folds, resize=args.resize, pad_value=args.pad_value, groups=args.groups,
+                       group_rule=args.group_rule, split_seed=args.split_seed, split=args.split)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a ResNet-18 encoder on POCUS (5-fold, covid19/"
-                                "pneumonia/regular) or any 5-fold image-folder layout (classes from its "
-                                "folders or classes.txt).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "pneumonia/regular) or any labelled image set: pre-split folds or a plain "
+                                "<class>/ image folder (folds made here).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_path", "--data_dir", dest="data_path", required=True,
-                   help="folder with covid_data1..5.pkl (USCL format) or [images/]fold1..5/<class>/*.png "
-                        "(python -m utils.pocus_folds writes both; classes = the class folders, sorted, "
-                        "or classes.txt)")
+                   help="folder with covid_data1..K.pkl (USCL format), [images/]fold1..K/<class>/* (python -m "
+                        "utils.pocus_folds writes both), or a plain ImageFolder <class>/**/* whose folds are made "
+                        "here; classes = the class folders, sorted, or classes.txt")
+    d = p.add_argument_group("data: folds, groups, image fitting")
+    d.add_argument("--folds", type=int, default=NUM_FOLDS, help="K: the number of folds")
+    d.add_argument("--groups", default=None,
+                   help="ImageFolder: CSV with columns file,group (file relative to --data_path, or a unique bare "
+                        "name), so that one patient never sits on both sides of a fold")
+    d.add_argument("--group_rule", default=None,
+                   help=f"ImageFolder, without --groups: {' or '.join(GROUP_RULES)} (folder = the first folder "
+                        "below the class; frame = the <video>__f<frame> names of utils.pocus_folds) or a regular "
+                        "expression whose first group, searched in the file name, is the group")
+    d.add_argument("--split_seed", type=int, default=0,
+                   help="ImageFolder: seed of the fold assignment (not --seed: every seed shares the folds)")
+    d.add_argument("--split", default=None,
+                   help=f"ImageFolder: a {SPLIT_NAME} to use (default: OUT_DIR/{SPLIT_NAME} if a run there made "
+                        "one, else a new split written there)")
+    d.add_argument("--resize", choices=("letterbox", "squash"), default="letterbox",
+                   help="fitting images of another shape to the square input: letterbox keeps the aspect ratio "
+                        "(centred on --pad_value); squash stretches (the aspect ratio lost)")
+    d.add_argument("--pad_value", type=int, default=0, help="grey level of the letterbox padding (0..255)")
     p.add_argument("--ckpt_path", default=None,
                    help="pretrain_aclus.py checkpoint, exported encoder, or torchvision resnet18 state dict; "
                         "omit for the random-init baseline")

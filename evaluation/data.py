@@ -14,8 +14,9 @@ aspect ratio kept; ``squash`` as before). Nothing here trains or evaluates a mod
 from __future__ import annotations
 
 import csv
+import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,138 +103,387 @@ def _manifest_groups(root: Path, k: int, y_train: np.ndarray) -> np.ndarray | No
     return np.array([r[0] for r in rows])
 
 
-def discover(data_path: Path) -> tuple[str, Path]:
-    """``('pickle' | 'folders', root)`` for a data folder, or a DataError saying what is there.
-
-    Use :func:`check_data` to validate every fold before any work."""
+def discover(data_path: Path, folds: int = NUM_FOLDS) -> tuple[str, Path]:
+    """``('pickle' | 'folders' | 'imagefolder', root)`` for a data folder, or a DataError
+    saying what is there. Use :func:`open_data` to validate everything before any work."""
     if not data_path.exists():
         raise DataError(f"{data_path}: data path not found")
     if data_path.is_file():
-        raise DataError(f"{data_path}: expected a folder holding covid_data1..5.pkl or fold1..5/")
+        raise DataError(f"{data_path}: expected a folder holding covid_data1..{folds}.pkl, fold1..{folds}/ "
+                        "or <class>/ folders of images")
     if (data_path / "covid_data1.pkl").exists():
-        missing = [k for k in range(1, NUM_FOLDS + 1) if not (data_path / f"covid_data{k}.pkl").is_file()]
+        missing = [k for k in range(1, folds + 1) if not (data_path / f"covid_data{k}.pkl").is_file()]
         if missing:
-            raise DataError(f"{data_path}: covid_data{missing[0]}.pkl missing (need covid_data1..{NUM_FOLDS}.pkl)")
+            raise DataError(f"{data_path}: covid_data{missing[0]}.pkl missing (need covid_data1..{folds}.pkl)")
         return "pickle", data_path
     for root in (data_path / "images", data_path):
         if (root / "fold1").is_dir():
-            missing = [k for k in range(1, NUM_FOLDS + 1) if not (root / f"fold{k}").is_dir()]
+            missing = [k for k in range(1, folds + 1) if not (root / f"fold{k}").is_dir()]
             if missing:
-                raise DataError(f"{root}: fold{missing[0]}/ missing (need fold1..{NUM_FOLDS}/)")
+                raise DataError(f"{root}: fold{missing[0]}/ missing (need fold1..{folds}/)")
             return "folders", root
-    raise DataError(f"{data_path}: neither USCL pickles (covid_data1..5.pkl) nor an image-folder layout "
-                    "(fold1..5/<class>/*.png) found")
+    if any(d.is_dir() and _image_files(d) for d in data_path.iterdir() if not d.name.startswith(".")):
+        return "imagefolder", data_path
+    raise DataError(f"{data_path}: neither USCL pickles (covid_data1..{folds}.pkl), nor fold1..{folds}/<class>/, "
+                    "nor <class>/ folders of images found")
 
 
-def folder_classes(root: Path) -> tuple[str, ...]:
-    """Class names of an image-folder layout: ``classes.txt`` (one per line, in label order)
-    or else the sorted names of the class folders found in ``fold1..5``."""
+def _image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursive, sorted), hidden files left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _unread_files(folders: list[Path]) -> list[Path]:
+    return [p for d in folders if d.is_dir() for p in sorted(d.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts)
+            and p.suffix.lower() not in IMAGE_EXTS]
+
+
+def _unread_note(root: Path, skipped: list[Path]) -> list[str]:
+    if not skipped:
+        return []
+    kinds = sorted({p.suffix.lower() or "(no extension)" for p in skipped})
+    return [f"{root}: {len(skipped)} file(s) not read, e.g. {skipped[0]} (extensions {kinds}; "
+            f"read: {', '.join(IMAGE_EXTS)})"]
+
+
+def folder_classes(root: Path, fold_dirs: list[Path] | None = None) -> tuple[str, ...]:
+    """Class names: ``root/classes.txt`` (one per line, in label order) or else the sorted
+    names of the class folders (of ``fold_dirs`` in the pre-split layout, of ``root`` in an
+    ImageFolder)."""
     listed = root / "classes.txt"
     if listed.is_file():
         names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
         if len(set(names)) != len(names):
             raise DataError(f"{listed}: a class is listed twice")
     else:
-        names = tuple(sorted({d.name for k in range(1, NUM_FOLDS + 1) for d in (root / f"fold{k}").iterdir()
-                              if d.is_dir()}))
+        names = tuple(sorted({d.name for f in (fold_dirs or [root]) for d in f.iterdir()
+                              if d.is_dir() and not d.name.startswith(".") and _image_files(d)}))
     if len(names) < 2:
         raise DataError(f"{root}: found {len(names)} class(es) {list(names)}; need at least 2 "
-                        "(fold<k>/<class>/*.png, or classes.txt)")
+                        "(<class>/ folders of images, or classes.txt)")
     return names
 
 
-def _read_fold_folder(folder: Path, classes: tuple[str, ...], img_size: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images (resized to ``img_size`` x ``img_size``), labels and source ids of one ``fold<k>/<class>/*``."""
+def fit_square(img: np.ndarray, size: int, resize: str = "letterbox", pad_value: int = 0) -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3. ``letterbox``: the longer side to ``size``, the aspect
+    ratio kept, centred on ``pad_value``; ``squash``: both sides to ``size`` (the aspect lost)."""
     import cv2
 
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
+    if resize == "squash":
+        return cv2.resize(img, (size, size), interpolation=interp)
+    s = size / max(h, w)
+    nh, nw = min(size, max(1, round(h * s))), min(size, max(1, round(w * s)))
+    out = np.full((size, size) + img.shape[2:], pad_value, img.dtype)
+    y, x = (size - nh) // 2, (size - nw) // 2
+    out[y:y + nh, x:x + nw] = cv2.resize(img, (nw, nh), interpolation=interp).reshape((nh, nw) + img.shape[2:])
+    return out
+
+
+def _read_images(paths: list[Path], size: int, resize: str, pad_value: int) -> np.ndarray:
+    return np.stack([fit_square(read_image(p, "rgb"), size, resize, pad_value) for p in paths]
+                    ).transpose(0, 3, 1, 2).copy()
+
+
+def _read_fold_folder(folder: Path, classes: tuple[str, ...], img_size: int, resize: str = "letterbox",
+                      pad_value: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (fitted to ``img_size`` x ``img_size``), labels and source ids of one ``fold<k>/<class>/*``."""
     unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
     if unknown:
         raise DataError(f"{folder / unknown[0]}: class folder not in the class list {list(classes)}")
-    imgs, labels, groups = [], [], []
+    paths, labels, groups = [], [], []
     for ci, cls in enumerate(classes):
-        for p in sorted((folder / cls).glob("*")) if (folder / cls).is_dir() else []:
-            if p.suffix.lower() not in IMAGE_EXTS:
-                continue  # named by data_notes() before any work
-            img = read_image(p, "rgb")
-            if img.shape[:2] != (img_size, img_size):
-                img = cv2.resize(img, (img_size, img_size), interpolation=cv2.INTER_AREA)
-            imgs.append(img)
+        for p in _image_files(folder / cls) if (folder / cls).is_dir() else []:
+            paths.append(p)
             labels.append(ci)
             groups.append(f"{cls}/{group_from_png_name(p.name)}")
-    if not imgs:
+    if not paths:
         raise DataError(f"{folder}: no images in {'/, '.join(classes)}/")
-    return np.stack(imgs).transpose(0, 3, 1, 2).copy(), np.array(labels, dtype=np.int64), np.array(groups)
+    return _read_images(paths, img_size, resize, pad_value), np.array(labels, dtype=np.int64), np.array(groups)
 
 
-def _class_images(folder: Path) -> list[Path]:
-    """The files of one ``fold<k>/<class>/`` folder that the evaluation reads."""
-    return [p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+# --------------------------------------------------------------------------- #
+# groups and folds of an ImageFolder (pure)
+# --------------------------------------------------------------------------- #
+GROUP_RULES = ("folder", "frame")  # or a regular expression whose first group is the group
+SPLIT_NAME = "split.csv"           # beside the results: file, class, group, fold
 
 
-def check_data(data_path: str | Path) -> tuple[tuple[str, ...], list[str]]:
-    """Validate every fold of ``data_path`` before any training.
+def group_of(rel: str, rule: str) -> str:
+    """The group (patient, video) of the file at ``rel`` (``<class>/.../<name>``, POSIX) by ``rule``:
+    ``folder`` = the first folder below the class (``<class>/<patient>/...``), ``frame`` = the
+    ``<video>__f<frame>`` name rule of ``utils.pocus_folds``, else a regular expression
+    searched in the file name whose first group is the group (a name it misses is its own group)."""
+    parts = rel.split("/")
+    if rule == "folder":
+        return parts[1] if len(parts) > 2 else parts[-1]
+    if rule == "frame":
+        return group_from_png_name(parts[-1])
+    m = re.search(rule, parts[-1])
+    return m.group(1) if m and m.groups() else parts[-1]
 
-    -> (class names, notes): a bad ``covid_data4.pkl`` is found here, not after folds 1-3
-    have trained; in the folder layout a class without training images in some fold is an
-    error, and what the evaluation will pass over or score differently is a note (one line
-    each, printed before any work): files it does not read, folders beyond ``fold1..5``, a
-    class absent from a test fold (its macro-F1 then averages the classes present).
+
+def make_split(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (1..k) of every item: stratified by class, one group never in two folds
+    (sklearn's StratifiedGroupKFold, shuffled with ``seed``)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(np.unique(groups)) < k:
+        raise DataError(f"{len(np.unique(groups))} groups cannot fill {k} folds; lower --folds")
+    fold = np.zeros(len(labels), np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups), start=1):
+        fold[test] = f
+    return fold
+
+
+def split_problems(rows: list[dict], classes: tuple[str, ...], k: int) -> tuple[str | None, list[str]]:
+    """(error, notes) of a split table: a class missing from some fold's training part is an
+    error (its classifier could never predict it); a class absent from a test fold, a note."""
+    present = [{r["class"] for r in rows if int(r["fold"]) == f} for f in range(1, k + 1)]
+    notes = []
+    for f in range(1, k + 1):
+        train = set().union(*(present[j] for j in range(k) if j != f - 1))
+        lacking = [c for c in classes if c not in train]
+        if lacking:
+            return (f"fold {f}'s training part (the other folds) has no images of class '{lacking[0]}'; "
+                    "every class needs images in at least two folds"), notes
+        absent = [c for c in classes if c not in present[f - 1]]
+        if absent:
+            notes.append(f"fold {f}: no test images of class {absent}; this fold's macro-F1 averages the "
+                         "classes present")
+    return None, notes
+
+
+def write_split_csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=("file", "class", "group", "fold"), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def read_split(path: Path) -> list[dict]:
+    """Rows of a split file, each checked (file, class, group, fold >= 1)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read the split ({e})") from None
+    if not rows or set(rows[0]) != {"file", "class", "group", "fold"}:
+        raise DataError(f"{path}: a split file has the columns file,class,group,fold")
+    for i, r in enumerate(rows, start=2):
+        if not str(r["fold"]).isdigit() or int(r["fold"]) < 1:
+            raise DataError(f"{path}: line {i}: fold {r['fold']!r} is not a number >= 1")
+    return rows
+
+
+def read_groups_csv(path: Path) -> dict[str, str]:
+    """``file,group`` rows -> {file: group}; ``file`` relative to the data root or a bare name."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read the groups ({e})") from None
+    if not rows or not {"file", "group"} <= set(rows[0]):
+        raise DataError(f"{path}: a groups file has the columns file,group")
+    return {r["file"].replace("\\", "/"): r["group"] for r in rows}
+
+
+# --------------------------------------------------------------------------- #
+# one entry point: validate everything before any work, then yield the folds
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class DataOptions:
+    """How the evaluation reads a data set (all of it from the command line)."""
+    folds: int = NUM_FOLDS
+    resize: str = "letterbox"          # letterbox | squash
+    pad_value: int = 0
+    groups: str | None = None          # ImageFolder: a CSV file,group
+    group_rule: str | None = None      # ImageFolder: folder | frame | a regular expression
+    split_seed: int = 0                # ImageFolder: the fold assignment (shared by every encoder and seed)
+    split: str | None = None           # ImageFolder: a split file to use (default <out_dir>/split.csv)
+
+
+@dataclass
+class DownstreamData:
+    """A validated data set: its classes, the notes to print before any work, and its folds."""
+    kind: str
+    root: Path
+    classes: tuple[str, ...]
+    options: DataOptions
+    notes: list[str] = field(default_factory=list)
+    rows: list[dict] | None = None     # ImageFolder: the split
+    split_path: Path | None = None
+
+    @property
+    def num_folds(self) -> int:
+        return self.options.folds
+
+    def info(self) -> dict:
+        """What the results JSON records about the data."""
+        out = {"layout": self.kind, "folds": self.num_folds, "resize": self.options.resize,
+               "pad_value": self.options.pad_value if self.options.resize == "letterbox" else None,
+               "class_counts": self.class_counts()}
+        if self.rows is not None:
+            out |= {"split_file": str(self.split_path), "split_seed": self.options.split_seed,
+                    "groups": len({r["group"] for r in self.rows})}
+        return out
+
+    def class_counts(self) -> dict[str, int] | None:
+        if self.rows is None:
+            return None
+        return {c: sum(r["class"] == c for r in self.rows) for c in self.classes}
+
+    def iter_folds(self, img_size: int = 224):
+        """Yield the :class:`Fold` objects one at a time."""
+        k, o = self.num_folds, self.options
+        if self.kind == "pickle":
+            for f in range(1, k + 1):
+                path = self.root / f"covid_data{f}.pkl"
+                Xtr, ytr, Xte, yte = check_uscl_tuple(safe_pickle_load(path), str(path))
+                yield Fold(f, Xtr, ytr, Xte, yte, _manifest_groups(self.root, f, ytr), str(path))
+            return
+        if self.kind == "folders":
+            per_fold = [_read_fold_folder(self.root / f"fold{f}", self.classes, img_size, o.resize, o.pad_value)
+                        for f in range(1, k + 1)]
+            for f in range(1, k + 1):
+                train = [x for j, x in enumerate(per_fold, start=1) if j != f]
+                yield Fold(f, np.concatenate([x[0] for x in train]), np.concatenate([x[1] for x in train]),
+                           per_fold[f - 1][0], per_fold[f - 1][1], np.concatenate([x[2] for x in train]),
+                           str(self.root / f"fold{f}"), self.classes)
+            return
+        X = _read_images([self.root / r["file"] for r in self.rows], img_size, o.resize, o.pad_value)
+        y = np.array([self.classes.index(r["class"]) for r in self.rows], np.int64)
+        groups = np.array([r["group"] for r in self.rows])
+        fold = np.array([int(r["fold"]) for r in self.rows])
+        for f in range(1, k + 1):
+            tr, te = fold != f, fold == f
+            yield Fold(f, X[tr], y[tr], X[te], y[te], groups[tr], f"{self.split_path} fold {f}", self.classes)
+
+
+def open_data(data_path: str | Path, options: DataOptions = DataOptions(),
+              out_dir: str | Path | None = None) -> DownstreamData:
+    """Validate a data set before any training and return it.
+
+    A bad ``covid_data4.pkl`` is found here, not after folds 1-3 have trained; a class
+    without training images in some fold is an error; what the evaluation will pass over
+    or score differently is a note (files it does not read, folders beyond the folds, a
+    class absent from a test fold, a split made per image). An ImageFolder gets its split
+    here: read from ``options.split``, or from ``<out_dir>/split.csv`` when a run there made
+    one, or made and written there (the caller writes :attr:`DownstreamData.rows`).
     """
-    kind, root = discover(Path(data_path))
-    notes: list[str] = []
+    k = options.folds
+    kind, root = discover(Path(data_path), k)
+    data = DownstreamData(kind, root, POCUS_CLASSES, options)
     if kind == "pickle":
-        for k in range(1, NUM_FOLDS + 1):
-            path = root / f"covid_data{k}.pkl"
+        for f in range(1, k + 1):
+            path = root / f"covid_data{f}.pkl"
             y_test = check_uscl_tuple(safe_pickle_load(path), str(path))[3]
             absent = [c for i, c in enumerate(POCUS_CLASSES) if not (y_test == i).any()]
             if absent:
-                notes.append(f"{path}: no test images of class {absent}; this fold's macro-F1 averages "
-                             "the classes present")
-        return POCUS_CLASSES, notes
-    classes = folder_classes(root)
-    present = [{c for c in classes if (root / f"fold{k}" / c).is_dir() and _class_images(root / f"fold{k}" / c)}
-               for k in range(1, NUM_FOLDS + 1)]
-    for k in range(1, NUM_FOLDS + 1):
-        train = set().union(*(present[j - 1] for j in range(1, NUM_FOLDS + 1) if j != k))
-        lacking = [c for c in classes if c not in train]
-        if lacking:
-            raise DataError(f"{root}: fold {k}'s training part (the other folds) has no images of class "
-                            f"'{lacking[0]}'; every class needs images in at least two folds")
-        absent = [c for c in classes if c not in present[k - 1]]
-        if absent:
-            notes.append(f"{root / f'fold{k}'}: no test images of class {absent}; this fold's macro-F1 "
-                         "averages the classes present")
-    extra = sorted(d.name for d in root.glob("fold*")
-                   if d.is_dir() and d.name not in {f"fold{k}" for k in range(1, NUM_FOLDS + 1)})
-    if extra:
-        notes.append(f"{root}: {', '.join(extra)} not used (the evaluation reads fold1..{NUM_FOLDS})")
-    skipped = [p for k in range(1, NUM_FOLDS + 1) for c in classes if (root / f"fold{k}" / c).is_dir()
-               for p in (root / f"fold{k}" / c).glob("*")
-               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTS]
-    if skipped:
-        kinds = sorted({p.suffix.lower() or "(no extension)" for p in skipped})
-        notes.append(f"{root}: {len(skipped)} file(s) not read, e.g. {skipped[0]} (extensions {kinds}; "
-                     f"read: {', '.join(IMAGE_EXTS)})")
-    return classes, notes
+                data.notes.append(f"{path}: no test images of class {absent}; this fold's macro-F1 averages "
+                                  "the classes present")
+        return data
+    if kind == "folders":
+        fold_dirs = [root / f"fold{f}" for f in range(1, k + 1)]
+        data.classes = folder_classes(root, fold_dirs)
+        unknown = sorted(d.name for fd in fold_dirs for d in fd.iterdir()
+                         if d.is_dir() and not d.name.startswith(".") and d.name not in data.classes)
+        if unknown:
+            raise DataError(f"{root}: class folder '{unknown[0]}' not in the class list {list(data.classes)}")
+        rows = [{"class": c, "fold": f} for f, fd in enumerate(fold_dirs, start=1) for c in data.classes
+                if (fd / c).is_dir() and _image_files(fd / c)]
+        error, notes = split_problems(rows, data.classes, k)
+        if error:
+            raise DataError(f"{root}: {error}")
+        data.notes += [f"{root}: {n}" for n in notes]
+        extra = sorted(d.name for d in root.glob("fold*")
+                       if d.is_dir() and d.name not in {f"fold{f}" for f in range(1, k + 1)})
+        if extra:
+            data.notes.append(f"{root}: {', '.join(extra)} not used (the evaluation reads fold1..{k}; see --folds)")
+        data.notes += _unread_note(root, _unread_files([fd / c for fd in fold_dirs for c in data.classes]))
+        return data
+    return _open_image_folder(data, out_dir)
 
 
-def iter_folds(data_path: str | Path, img_size: int = 224):
-    """Yield the 5 :class:`Fold` objects one at a time (each USCL pickle holds the full set)."""
-    kind, root = discover(Path(data_path))
-    if kind == "pickle":
-        for k in range(1, NUM_FOLDS + 1):
-            path = root / f"covid_data{k}.pkl"
-            Xtr, ytr, Xte, yte = check_uscl_tuple(safe_pickle_load(path), str(path))
-            yield Fold(k, Xtr, ytr, Xte, yte, _manifest_groups(root, k, ytr), str(path))
-        return
-    classes = folder_classes(root)
-    per_fold = [_read_fold_folder(root / f"fold{k}", classes, img_size) for k in range(1, NUM_FOLDS + 1)]
-    for k in range(1, NUM_FOLDS + 1):
-        train = [f for j, f in enumerate(per_fold, start=1) if j != k]
-        yield Fold(k, np.concatenate([f[0] for f in train]), np.concatenate([f[1] for f in train]),
-                   per_fold[k - 1][0], per_fold[k - 1][1], np.concatenate([f[2] for f in train]),
-                   str(root / f"fold{k}"), classes)
+def _open_image_folder(data: DownstreamData, out_dir: str | Path | None) -> DownstreamData:
+    root, o = data.root, data.options
+    data.classes = folder_classes(root)
+    files = [(p.relative_to(root).as_posix(), c) for c in data.classes for p in _image_files(root / c)]
+    data.notes += _unread_note(root, _unread_files([root / c for c in data.classes]))
+    given = Path(o.split) if o.split else None
+    beside = Path(out_dir) / SPLIT_NAME if out_dir is not None else None
+    source = given if given is not None else (beside if beside is not None and beside.is_file() else None)
+    if source is not None:
+        rows = read_split(source)
+        listed, found = {r["file"] for r in rows}, {f for f, _ in files}
+        if listed != found:
+            gone, new = sorted(listed - found), sorted(found - listed)
+            raise DataError(f"{source}: the split does not match {root}: {len(gone)} of its files are gone"
+                            f"{' (e.g. ' + gone[0] + ')' if gone else ''}, {len(new)} files are not in it"
+                            f"{' (e.g. ' + new[0] + ')' if new else ''}; delete it to split again")
+        wrong = next((r for r in rows if r["class"] != r["file"].split("/")[0]), None)
+        if wrong is not None:
+            raise DataError(f"{source}: {wrong['file']} is listed under class {wrong['class']!r}")
+        folds = {int(r["fold"]) for r in rows}
+        if folds != set(range(1, o.folds + 1)):
+            raise DataError(f"{source}: the split has folds {sorted(folds)}, this run asks for --folds {o.folds}")
+        data.notes.append(f"{root}: the split of {source} ({o.folds} folds)")
+    else:
+        rel = [f for f, _ in files]
+        if o.groups:
+            table = read_groups_csv(Path(o.groups))
+            by_name: dict[str, str | None] = {}
+            for f, g in table.items():
+                name = f.rsplit("/", 1)[-1]
+                by_name[name] = g if name not in by_name else None  # a bare name that is not unique: no
+            missing = [f for f in rel if f not in table and by_name.get(f.rsplit("/", 1)[-1]) is None]
+            if missing:
+                raise DataError(f"{o.groups}: no group for {len(missing)} image(s), e.g. {missing[0]}")
+            groups = [table.get(f) or by_name[f.rsplit("/", 1)[-1]] for f in rel]
+            how = f"groups from {o.groups}"
+        elif o.group_rule:
+            if o.group_rule not in GROUP_RULES:
+                try:
+                    if re.compile(o.group_rule).groups < 1:
+                        raise DataError(f"--group_rule {o.group_rule!r}: the expression needs a (group)")
+                except re.error as e:
+                    raise DataError(f"--group_rule {o.group_rule!r}: not a regular expression ({e})") from None
+            groups = [group_of(f, o.group_rule) for f in rel]
+            how = f"groups by the rule {o.group_rule!r}"
+        else:
+            groups = rel
+            data.notes.append(f"{root}: the split is per image (no --groups CSV or --group_rule): images of one "
+                              "patient or video may sit on both sides of a fold")
+            how = "per image"
+        labels = np.array([data.classes.index(c) for _, c in files])
+        fold = make_split(labels, np.array(groups), o.folds, o.split_seed)  # a patient of two classes stays whole
+        rows = [{"file": f, "class": c, "group": g, "fold": int(k)} for (f, c), g, k in zip(files, groups, fold)]
+        data.notes.append(f"{root}: {len(rows)} images, {len(set(groups))} groups ({how}) split into "
+                          f"{o.folds} stratified folds (seed {o.split_seed})")
+    error, notes = split_problems(rows, data.classes, o.folds)
+    if error:
+        raise DataError(f"{source or root}: {error}")
+    data.notes += [f"{root}: {n}" for n in notes]
+    data.rows, data.split_path = rows, (source or beside)
+    return data
+
+
+def check_data(data_path: str | Path, options: DataOptions = DataOptions()) -> tuple[tuple[str, ...], list[str]]:
+    """(class names, notes) of :func:`open_data` (kept for callers that only check)."""
+    data = open_data(data_path, options)
+    return data.classes, data.notes
+
+
+def iter_folds(data_path: str | Path, img_size: int = 224, options: DataOptions = DataOptions()):
+    """Yield the :class:`Fold` objects of ``data_path`` one at a time."""
+    yield from open_data(data_path, options).iter_folds(img_size)
 
 
 class ArrayDataset(Dataset):

@@ -385,7 +385,7 @@ def test_what_the_evaluation_passes_over_is_named_before_any_work(tmp_path, caps
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
     first_fold = out.index("fold 1:")
     assert all(out.index(n) < first_fold for n in notes), "notes come before any work"
-    assert any("fold5" in n and "['b']" in n and "macro-F1" in n for n in notes)
+    assert any("fold 5" in n and "['b']" in n and "macro-F1" in n for n in notes)
     assert any("fold6 not used" in n for n in notes)
     assert any("clip.gif" in n and "'.gif'" in n for n in notes) and not any(".DS_Store" in n for n in notes)
     r = json.loads((tmp_path / "o" / "eval_linear_last.json").read_text())
