@@ -238,10 +238,10 @@ def snapshot_paths(run_dir: Path, fractions: tuple[float, ...], total_steps: int
 # --------------------------------------------------------------------------- #
 # study
 # --------------------------------------------------------------------------- #
-def portable(arg: str) -> str:
+def portable(arg: str | None) -> str | None:
     """An absolute path as seen from the repository root (settings.json is committed: no machine's
-    own folders in it); any other argument as it is."""
-    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
+    own folders in it); any other argument (None too) as it is."""
+    return os.path.relpath(arg, REPO) if arg is not None and os.path.isabs(arg) else arg
 
 
 def recorded_command(argv: list[str]) -> list[str]:
@@ -309,8 +309,13 @@ def study(a: argparse.Namespace) -> int:
     settings = {"preset": preset.to_dict(), "variant": variant, "arms": all_arms, "where": machine(preset.device),
                 "selection": SELECTION, "command": [Path(sys.argv[0]).name, *recorded_command(sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
-                "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus)},
+                "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus),
+                            "downstream": portable(a.downstream)},
                 "made_by": earlier.get("made_by", {})}
+    if earlier and earlier.get("sources", {}).get("downstream") != settings["sources"]["downstream"]:
+        raise StudyError(f"{results}: its rows were evaluated on "
+                         f"{earlier.get('sources', {}).get('downstream') or 'POCUS'}, this run asks for "
+                         f"{settings['sources']['downstream'] or 'POCUS'}; give another --results")
     if "note" in earlier:  # a hand-written account of earlier sittings (a lost machine) is kept
         settings["note"] = earlier["note"]
 
@@ -349,11 +354,8 @@ def study(a: argparse.Namespace) -> int:
             write_json(stats_file, known)
         frames_of = {arm: len(layout.load_pairs(out / "pretrain_data" / r.pairs_source))
                      for arm, r in runs.items() if arm not in missing_arms}
-        # POCUS folds, once
-        folds = out / "pocus_5fold"
-        st.run("pocus_folds", [py, "-m", "utils.pocus_folds", "--src", str(Path(a.pocus).resolve()),
-                               "--out", str(folds), "--frames_per_video", str(preset.pocus_frames_per_video),
-                               "--size", str(preset.img_size), "--seed", "0"], [folds / "covid_data5.pkl"])
+        # the downstream folds, once: POCUS's by video, or another set's (an ImageFolder's split made here)
+        folds, split_args, settings["downstream"] = downstream_folds(a, st, out, preset, py)
         reference = max(frames_of.values()) if frames_of else n_frames
         steps = preset.epochs * (reference // preset.batch_size)
         settings.update(corpus={"videos": len(videos) if not preset.videos else preset.videos, "frames": n_frames,
@@ -365,7 +367,7 @@ def study(a: argparse.Namespace) -> int:
             return [py, "evaluation_aclus.py", "--data_path", str(folds), "--protocol", protocols,
                     "--selection", SELECTION, "--img_size", str(preset.img_size), "--seed", str(seed),
                     "--epochs", str(preset.ft_epochs), "--workers", str(preset.workers), "--device", preset.device,
-                    "--out_dir", str(eval_dir), "--ckpt_path", str(encoder)]
+                    "--out_dir", str(eval_dir), "--ckpt_path", str(encoder), *split_args]
 
         def evaluate(arm: str, seed: int, fraction: float, steps_done: int, encoder: Path) -> None:
             point = f"f{fraction:.2f}"
@@ -469,7 +471,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="cpu (2-core CPU: ~36 min per seed of the five arms without A-SAM), cpu_long (64 px, 40 epochs: "
                         "the many-sittings campaign), gpu (one H100-class GPU), smoke (minutes; checks the machinery)")
     p.add_argument("--covid_blues", help="COVID-BLUES folder (holding lus_videos/*.mp4); required unless --render_only")
-    p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); required unless --render_only")
+    p.add_argument("--pocus", help="covid19_ultrasound checkout (utils.pocus_folds --src); the downstream set unless "
+                                   "--downstream is given")
+    p.add_argument("--downstream", default=None, metavar="DIR",
+                   help="another labelled downstream set instead of POCUS: anything evaluation_aclus.py --data_path "
+                        "reads (a plain <class>/ ImageFolder gets stratified, grouped folds made once, shared by "
+                        "every arm and seed)")
+    p.add_argument("--downstream_groups", default=None, metavar="CSV",
+                   help="--downstream ImageFolder: file,group CSV (evaluation_aclus.py --groups)")
+    p.add_argument("--downstream_group_rule", default=None,
+                   help="--downstream ImageFolder: evaluation_aclus.py --group_rule (folder, frame or a regex)")
     p.add_argument("--out", default=None, help="local study folder (default outputs/study/<preset>; never committed)")
     p.add_argument("--results", default=None,
                    help="committed results folder (default docs/results/study, docs/results/study_gpu; "
@@ -508,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.render_only:
         results = Path(a.results or REPO / "docs/results/study").resolve()
         return _one_line_errors(lambda: (render(results), 0)[1])
-    if not a.covid_blues or not a.pocus:
-        print("study_real_data.py: error: --covid_blues and --pocus are required (unless --render_only)",
-              file=sys.stderr)
+    if not a.covid_blues or bool(a.pocus) == bool(a.downstream):
+        print("study_real_data.py: error: --covid_blues and one of --pocus or --downstream are required "
+              "(unless --render_only)", file=sys.stderr)
         return 2
     for arm in (x for x in a.arms.split(",") if x):
         if arm not in BASELINES:
@@ -541,13 +552,43 @@ def main(argv: list[str] | None = None) -> int:
         except DataError as e:
             print(f"study_real_data.py: error: {e} (preset {a.preset})", file=sys.stderr)
             return 2
-    for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--asam_ckpt", a.asam_ckpt),
+    for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--downstream", a.downstream),
+                       ("--downstream_groups", a.downstream_groups), ("--asam_ckpt", a.asam_ckpt),
                        ("--asam_masks", a.asam_masks), ("--asam_build", a.asam_build),
                        ("--asam_lung_ckpt", a.asam_lung_ckpt)):
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2
     return _one_line_errors(lambda: study(a))
+
+
+def downstream_folds(a, st: ResumableStages, out: Path, preset, py: str) -> tuple[Path, list[str], dict]:
+    """(the evaluation's --data_path, its extra flags, what settings.json records about the set)."""
+    if not a.downstream:
+        folds = out / "pocus_5fold"
+        st.run("pocus_folds", [py, "-m", "utils.pocus_folds", "--src", str(Path(a.pocus).resolve()),
+                               "--out", str(folds), "--frames_per_video", str(preset.pocus_frames_per_video),
+                               "--size", str(preset.img_size), "--seed", "0"], [folds / "covid_data5.pkl"])
+        return folds, [], {"name": "POCUS", "folds": 5, "split": "split by video"}
+    from evaluation.data import SPLIT_NAME, DataOptions, open_data, write_split_csv
+    from utils.io import atomic_write
+
+    root = Path(a.downstream).resolve()
+    keep = out / "downstream"  # the split of an ImageFolder, made once and reused by every run
+    data = open_data(root, DataOptions(groups=a.downstream_groups, group_rule=a.downstream_group_rule), keep)
+    for note in data.notes:
+        print(f"note: {note}")
+    split_args = []
+    if data.rows is not None:
+        atomic_write(keep / SPLIT_NAME, lambda f: f.write(write_split_csv(data.rows)))
+        split_args = ["--split", str(keep / SPLIT_NAME)]
+        how = ("grouped by " + (f"{Path(a.downstream_groups).name}" if a.downstream_groups else
+                                f"the rule {a.downstream_group_rule}") if a.downstream_groups or a.downstream_group_rule
+               else "split per image")
+    else:
+        how = "its own folds"
+    return root, split_args, {"name": root.name, "layout": data.kind, "folds": data.num_folds,
+                              "classes": list(data.classes), "split": how}
 
 
 def _one_line_errors(fn) -> int:

@@ -175,14 +175,23 @@ def drawn_regions_table(loss: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: what an older settings.json (before --downstream) evaluated on
+POCUS_DOWNSTREAM = {"name": "POCUS", "folds": 5, "split": "split by video"}
+
+
+def downstream_of(settings: dict) -> dict:
+    return settings.get("downstream") or POCUS_DOWNSTREAM
+
+
 def summary_block(rows: list[dict], settings: dict) -> str:
     """The README / RESULTS block: per protocol, the table at the end of the steps and the verdicts."""
     where = settings.get("where", "?")
+    down = downstream_of(settings)
     preset = settings.get("preset", {})
     seeds = sorted({int(r["seed"]) for r in rows})
     parts = [f"Preset `{preset.get('name', '?')}` on {where}: {preset.get('img_size')} px, batch "
              f"{preset.get('batch_size')}, {settings.get('steps', '?')} steps per pre-trained arm; seeds "
-             f"{seeds}; the same 5 POCUS folds (split by video) for every arm. Mean ± sample sd over seeds x folds; "
+             f"{seeds}; the same {down['folds']} {down['name']} folds ({down['split']}) for every arm. Mean ± sample sd over seeds x folds; "
              "differences paired by (seed, fold); 95 % interval from a two-level bootstrap that resamples the folds, "
              f"then the seeds within each drawn fold ({stats.N_BOOT:,} resamples; a verdict that changes with the "
              "bootstrap's seed counts as not distinguishable). Primary comparison: ACLUS vs random init and vs BYOL, "
@@ -209,7 +218,9 @@ def summary_block(rows: list[dict], settings: dict) -> str:
 
 def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, settings: dict,
                      figures: list[str], loss: list[dict] = ()) -> str:
-    md = ["# Pre-training study: COVID-BLUES -> POCUS (5 folds)", "", summary_block(rows, settings)]
+    down = downstream_of(settings)
+    md = [f"# Pre-training study: COVID-BLUES -> {down['name']} ({down['folds']} folds)", "",
+          summary_block(rows, settings)]
     for protocol in protocols_of(rows):
         t = curve_table(rows, protocol)
         if t:
@@ -251,7 +262,7 @@ def _ci(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> tuple[float, flo
     return float(lo), float(hi)
 
 
-def accuracy_figure(rows: list[dict], protocol: str, path: Path) -> Path:
+def accuracy_figure(rows: list[dict], protocol: str, path: Path, downstream: str = "POCUS") -> Path:
     """Per arm: each seed's mean over folds (points), the mean over seeds x folds and its 95 % interval."""
     import matplotlib
 
@@ -270,7 +281,7 @@ def accuracy_figure(rows: list[dict], protocol: str, path: Path) -> Path:
             sv = np.mean([r["accuracy"] for r in mine if r["seed"] == s])
             ax.plot([i + 0.15], [sv], "o", ms=4, alpha=0.7, color=f"C{s % 10}")
     ax.set_xticks(range(len(arms)), arms, rotation=20)
-    ax.set_ylabel("POCUS accuracy")
+    ax.set_ylabel(f"{downstream} accuracy")
     ax.set_title(f"{protocol}: mean and 95 % interval (black), per-seed means (colour)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -279,7 +290,7 @@ def accuracy_figure(rows: list[dict], protocol: str, path: Path) -> Path:
     return path
 
 
-def curve_figure(rows: list[dict], protocol: str, path: Path) -> Path:
+def curve_figure(rows: list[dict], protocol: str, path: Path, downstream: str = "POCUS") -> Path:
     """Accuracy against the share of pre-training steps (mean ± sd over seeds x folds); baselines as lines."""
     import matplotlib
 
@@ -300,7 +311,7 @@ def curve_figure(rows: list[dict], protocol: str, path: Path) -> Path:
               sum(r["fraction"] == f for r in rs) > 1 else 0.0 for f in fr]
         ax.errorbar(fr, m, yerr=sd, marker="o", capsize=3, label=arm, color=f"C{k}")
     ax.set_xlabel("share of the pre-training steps")
-    ax.set_ylabel("POCUS accuracy")
+    ax.set_ylabel(f"{downstream} accuracy")
     ax.set_title(f"{protocol}: accuracy over pre-training (mean ± sd)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -343,9 +354,10 @@ def render_all(results: Path, rows: list[dict], runs: list[dict], loss: list[dic
     """Write figures and ``results.md`` into ``results``; splice the summary block into ``docs``."""
     figures = []
     for protocol in protocols_of(rows):
-        figures.append(str(accuracy_figure(rows, protocol, results / f"accuracy_{protocol}.png")))
+        name = downstream_of(settings)["name"]
+        figures.append(str(accuracy_figure(rows, protocol, results / f"accuracy_{protocol}.png", name)))
         if any(r["arm"] not in BASELINES for r in rows):
-            figures.append(str(curve_figure(rows, protocol, results / f"curve_{protocol}.png")))
+            figures.append(str(curve_figure(rows, protocol, results / f"curve_{protocol}.png", name)))
     lf = loss_figure(loss, results / "loss_terms.png")
     if lf:
         figures.append(str(lf))

@@ -196,7 +196,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert srd.main(base + ["--asam_ckpt", str(tmp_path / "none.pt")]) == 2
     assert "--asam_ckpt" in capsys.readouterr().err
     assert srd.main(["--out", str(tmp_path / "o")]) == 2
-    assert "--covid_blues and --pocus are required" in capsys.readouterr().err
+    assert "--covid_blues and one of --pocus or --downstream are required" in capsys.readouterr().err
+    assert srd.main(base + ["--downstream", str(tmp_path)]) == 2          # both downstream sets at once
+    assert "one of --pocus or --downstream" in capsys.readouterr().err
     assert srd.main(["--render_only", "--results", str(tmp_path / "r")]) == 1
     assert "settings.json: not found" in capsys.readouterr().err
 
@@ -264,6 +266,49 @@ def test_smoke_preset_on_real_data(shared_data, tmp_path, capsys):
     (results / "results.md").unlink()
     assert srd.main(["--render_only", "--results", str(results)]) == 0
     assert "detcon_superpixel" in (results / "results.md").read_text()
+
+
+def test_the_render_names_the_downstream_set_of_the_settings(tmp_path):
+    rows = _study_rows(0.03)
+    settings = {"preset": plan.PRESETS["cpu"].to_dict(), "where": "CPU", "steps": 100,
+                "downstream": {"name": "BUSI", "folds": 4, "split": "grouped by groups.csv"}}
+    assert "the same 4 BUSI folds (grouped by groups.csv) for every arm" in render.summary_block(rows, settings)
+    md = render.results_markdown(rows, [], {}, settings, [])
+    assert md.startswith("# Pre-training study: COVID-BLUES -> BUSI (4 folds)") and "POCUS" not in md
+    old = {k: v for k, v in settings.items() if k != "downstream"}        # a settings.json of before
+    assert "the same 5 POCUS folds (split by video)" in render.summary_block(rows, old)
+
+
+def test_the_study_on_another_downstream_set(shared_data, tmp_path, capsys):
+    """--downstream: an ImageFolder of three classes instead of POCUS; its split is made once and
+    every evaluation of the study uses it; a results folder of POCUS rows refuses it."""
+    import cv2
+    import numpy as np
+
+    blues = shared_data / "covid_blues"
+    if not (blues / "lus_videos").is_dir():
+        pytest.skip("covid_blues/lus_videos missing in the shared data")
+    mine = tmp_path / "my_set"
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(("a", "b", "c")):
+        for i in range(10):
+            (mine / cls).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(mine / cls / f"p{i}_0.png"), rng.integers(0, 40, (30, 40), dtype=np.uint8) + 70 * ci)
+    out, results = tmp_path / "study", tmp_path / "results"
+    args = ["--covid_blues", str(blues), "--downstream", str(mine), "--downstream_group_rule", r"^(p\d+)_",
+            "--out", str(out), "--results", str(results), "--preset", "smoke", "--arms", "random"]
+    assert srd.main(args) == 0
+    settings = json.loads((results / "settings.json").read_text())
+    assert settings["downstream"] == {"name": "my_set", "layout": "imagefolder", "folds": 5,
+                                      "classes": ["a", "b", "c"], "split": "grouped by the rule ^(p\\d+)_"}
+    split = (out / "downstream" / "split.csv").read_text()
+    evals = list((out / "eval").rglob("split.csv"))
+    assert evals and all(p.read_text() == split for p in evals)
+    assert "my_set folds" in (results / "results.md").read_text()
+    capsys.readouterr()
+    pocus_args = [a for a in args if a not in ("--downstream", str(mine), "--downstream_group_rule", r"^(p\d+)_")]
+    assert srd.main(pocus_args + ["--pocus", str(tmp_path)]) == 1
+    assert "its rows were evaluated on" in capsys.readouterr().err
 
 
 def test_default_results_folders(tmp_path):
