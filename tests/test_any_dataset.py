@@ -105,6 +105,13 @@ def test_evaluation_on_my_own_image_folder(image_folder, tmp_path, capsys):
     assert set(r["summary"]["pooled_per_class"]) == set(CLASSES)
     assert r["summary"]["pooled_total"] == len(split)
     assert all(c in printed for c in CLASSES)
+    # Grad-CAM montages and their summary speak of the folder's classes too
+    cam = tmp_path / "cam"
+    assert ev.main(["--data_path", str(image_folder), *FAST[:2], "--img_size", "40", *FAST[4:], "--out_dir", str(cam),
+                    "--split", str(out / "split.csv"), "--gradcam", "1"]) == 0
+    g = json.loads((cam / "eval_linear_last.json").read_text())["gradcam"]
+    assert set(g["images"]) == set(CLASSES) and sum(g["images"].values()) == 3 * len(CLASSES)
+    assert len(list((cam / "gradcam").glob("*.png"))) == 3
     # a re-run in the same folder uses the same split, even with another --split_seed
     before = (out / "split.csv").read_text()
     assert ev.main(["--data_path", str(image_folder), *FAST, "--out_dir", str(out), "--split_seed", "5",
