@@ -55,7 +55,7 @@ from study.results import read_json, write_json  # noqa: E402
 from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SOURCE_FLAGS, SUB, Preset,  # noqa: E402
                         arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides,
                         variant_of)
-from study.provenance import git_state, machine, package_versions  # noqa: E402
+from study.provenance import code_version, git_state, machine, package_versions  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
 from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
 
@@ -131,8 +131,10 @@ def check_results_folder(folder: Path, preset: Preset) -> None:
     for k, v in now.items():
         if k in ("seeds", "workers", "threads"):  # more seeds extend a study; workers change no number
             continue
-        old = before.get(k)
-        if old is not None and (list(old) if isinstance(old, (list, tuple)) else old) != \
+        if k not in before:  # a preset key newer than the rows: nothing to compare
+            continue
+        old = before[k]      # None too: a base_lr left to the config is not the same as base_lr 2.0
+        if (list(old) if isinstance(old, (list, tuple)) else old) != \
                 (list(v) if isinstance(v, (list, tuple)) else v):
             raise StudyError(f"{path}: its rows were made with preset {k}={old!r}, now {v!r}; "
                              "use another --results to compare settings")
@@ -325,7 +327,7 @@ def study(a: argparse.Namespace) -> int:
         settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
         settings["session_wall_s"] = round(time.time() - t0, 1)
         settings["pending"] = pending(store, all_arms, preset, settings.get("missing_arms", {}))
-        settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), settings["git"]["commit"],
+        settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), code_version(settings["git"]),
                                                   done_before, completed_pairs(store, arms, preset))
         if settings.get("steps") is not None:
             write_json(results / "settings.json", settings)

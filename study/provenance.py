@@ -30,6 +30,11 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "modified_tracked_files": status.splitlines() if status else []}
 
 
+def code_version(git: dict) -> str | None:
+    """The commit, marked ``+modified`` when tracked files differed from it: rows made by an
+    edited tree are never attributed to the clean commit."""
+    commit = git.get("commit")
+    return f"{commit}+modified" if commit and git.get("modified_tracked_files") else commit
 
 
 def machine(device: str) -> str:

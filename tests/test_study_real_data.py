@@ -210,6 +210,12 @@ def test_results_made_with_other_settings_are_refused(tmp_path):
         srd.check_results_folder(tmp_path, plan.PRESETS["cpu"])
     srd.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**plan.PRESETS["cpu"].to_dict(),
                                                                         "img_size": 64, "seeds": (7,)}))
+    cpu = plan.PRESETS["cpu"].to_dict()
+    res.write_json(tmp_path / "settings.json", {"preset": {**cpu, "base_lr": None}})
+    with pytest.raises(StudyError, match="preset base_lr=None, now 2.0"):     # None is a setting too
+        srd.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**cpu, "base_lr": 2.0}))
+    res.write_json(tmp_path / "settings.json", {"preset": {k: v for k, v in cpu.items() if k != "base_lr"}})
+    srd.check_results_folder(tmp_path, plan.PRESETS["cpu"])                   # a key newer than the rows
 
 
 def test_corrupt_result_files_are_one_line_errors(tmp_path, capsys):
@@ -348,6 +354,10 @@ def test_settings_say_which_commit_made_which_pairs():
                                {"random seed 0", "byol seed 0", "aclus_superpixel seed 0"})
     assert made == {"aaa": ["byol seed 0", "random seed 0"], "bbb": ["aclus_superpixel seed 0"]}
     assert res.attribute_pairs(made, "ccc", set(), {"byol seed 0"}) == made   # re-listed: stays with aaa
+    from study.provenance import code_version
+
+    assert code_version({"commit": "aaa", "modified_tracked_files": []}) == "aaa"
+    assert code_version({"commit": "aaa", "modified_tracked_files": [" M models/losses.py"]}) == "aaa+modified"
 
 
 def test_a_study_killed_without_its_finally_keeps_which_commit_made_its_rows(shared_data, tmp_path):
