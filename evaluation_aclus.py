@@ -645,7 +645,8 @@ def run_protocol(args, state: dict | None, data: DownstreamData, features: Featu
                 out["classifier"] = str(gcam.save_classifier(
                     model, Path(args.out_dir) / "classifiers" / f"{tag}_{arm}_fold{fold.index}.pth", classes,
                     protocol=protocol, selection=args.selection, arm=arm, fold=fold.index,
-                    img_size=args.img_size, norm_mean=list(NORM_MEAN), norm_std=list(NORM_STD),
+                    img_size=args.img_size, resize=args.resize, pad_value=args.pad_value,
+                    norm_mean=list(NORM_MEAN), norm_std=list(NORM_STD),
                     data_path=str(args.data_path), ckpt_path=args.ckpt_path or None))
             if args.gradcam:
                 png = Path(args.out_dir) / "gradcam" / f"{args.cam}_{tag}_{arm}_fold{fold.index}.png"

@@ -75,17 +75,15 @@ def explain(args) -> Path:
     paths = [paths[i] for i in keep]
     out_dir = ensure_writable_dir(args.out_dir, "--out_dir")
 
-    import cv2
-
-    from evaluation_aclus import make_transforms
+    from evaluation.data import fit_square, make_transforms
     from models.encoder_io import NORM_MEAN, NORM_STD
 
     tf = make_transforms(img_size, False)
+    # as the evaluation read the classifier's images (classifiers saved before letterboxing squashed)
+    resize, pad = meta.get("resize", "squash"), int(meta.get("pad_value") or 0)
     batch = []
-    for p in paths:  # as the evaluation's folder loader: square resize, INTER_AREA
-        img = read_image(p, "rgb")
-        if img.shape[:2] != (img_size, img_size):
-            img = cv2.resize(img, (img_size, img_size), interpolation=cv2.INTER_AREA)
+    for p in paths:
+        img = fit_square(read_image(p, "rgb"), img_size, resize, pad)
         batch.append(tf(torch.from_numpy(img.transpose(2, 0, 1).copy())))
     device = torch.device(args.device)
     model = model.to(device)
