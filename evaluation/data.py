@@ -463,7 +463,10 @@ def _open_image_folder(data: DownstreamData, out_dir: str | Path | None) -> Down
                               "patient or video may sit on both sides of a fold")
             how = "per image"
         labels = np.array([data.classes.index(c) for _, c in files])
-        fold = make_split(labels, np.array(groups), o.folds, o.split_seed)  # a patient of two classes stays whole
+        try:  # a patient of two classes stays whole: groups are not split by class
+            fold = make_split(labels, np.array(groups), o.folds, o.split_seed)
+        except DataError as e:
+            raise DataError(f"{root}: {e}") from None
         rows = [{"file": f, "class": c, "group": g, "fold": int(k)} for (f, c), g, k in zip(files, groups, fold)]
         data.notes.append(f"{root}: {len(rows)} images, {len(set(groups))} groups ({how}) split into "
                           f"{o.folds} stratified folds (seed {o.split_seed})")
