@@ -110,7 +110,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from evaluation.data import (GROUP_RULES, NUM_FOLDS, SPLIT_NAME, ArrayDataset, DataOptions,  # noqa: F401
-                             DownstreamData, Fold, carve_validation, check_data, check_images, check_labels,
+                             DownstreamData, Fold, carve_validation, check_images, check_labels,
                              check_uscl_tuple, discover, folder_classes, group_from_png_name, iter_folds,
                              make_transforms, open_data, write_split_csv)
 from models.encoder_io import NORM_MEAN, NORM_STD, build_resnet18, load_resnet18_state

@@ -478,12 +478,6 @@ def _open_image_folder(data: DownstreamData, out_dir: str | Path | None) -> Down
     return data
 
 
-def check_data(data_path: str | Path, options: DataOptions = DataOptions()) -> tuple[tuple[str, ...], list[str]]:
-    """(class names, notes) of :func:`open_data` (kept for callers that only check)."""
-    data = open_data(data_path, options)
-    return data.classes, data.notes
-
-
 def iter_folds(data_path: str | Path, img_size: int = 224, options: DataOptions = DataOptions()):
     """Yield the :class:`Fold` objects of ``data_path`` one at a time."""
     yield from open_data(data_path, options).iter_folds(img_size)
