@@ -1,4 +1,4 @@
-"""Stage 6: evaluate a ResNet-18 encoder on POCUS lung ultrasound (5-fold, 3 classes).
+"""Stage 6: evaluate a ResNet-18 encoder on POCUS lung ultrasound (5-fold, 3 classes) or any labelled image set.
 
 Usage::
 
