@@ -320,6 +320,7 @@ class DownstreamData:
     notes: list[str] = field(default_factory=list)
     rows: list[dict] | None = None     # ImageFolder: the split
     split_path: Path | None = None
+    _decoded: dict = field(default_factory=dict, repr=False)  # img_size -> the decoded images, read once
 
     @property
     def num_folds(self) -> int:
@@ -350,15 +351,20 @@ class DownstreamData:
                 yield Fold(f, Xtr, ytr, Xte, yte, _manifest_groups(self.root, f, ytr), str(path))
             return
         if self.kind == "folders":
-            per_fold = [_read_fold_folder(self.root / f"fold{f}", self.classes, img_size, o.resize, o.pad_value)
-                        for f in range(1, k + 1)]
+            if img_size not in self._decoded:  # the features pass and every protocol share one read
+                self._decoded[img_size] = [_read_fold_folder(self.root / f"fold{f}", self.classes, img_size,
+                                                             o.resize, o.pad_value) for f in range(1, k + 1)]
+            per_fold = self._decoded[img_size]
             for f in range(1, k + 1):
                 train = [x for j, x in enumerate(per_fold, start=1) if j != f]
                 yield Fold(f, np.concatenate([x[0] for x in train]), np.concatenate([x[1] for x in train]),
                            per_fold[f - 1][0], per_fold[f - 1][1], np.concatenate([x[2] for x in train]),
                            str(self.root / f"fold{f}"), self.classes)
             return
-        X = _read_images([self.root / r["file"] for r in self.rows], img_size, o.resize, o.pad_value)
+        if img_size not in self._decoded:
+            self._decoded[img_size] = _read_images([self.root / r["file"] for r in self.rows], img_size,
+                                                   o.resize, o.pad_value)
+        X = self._decoded[img_size]
         y = np.array([self.classes.index(r["class"]) for r in self.rows], np.int64)
         groups = np.array([r["group"] for r in self.rows])
         fold = np.array([int(r["fold"]) for r in self.rows])
