@@ -11,6 +11,7 @@ Data flow for B images, grid g (the prompter's working grid, ≤ 32):
     4 x AlignmentBlock:  E <- LN(E + CrossAttn(E -> F));  T <- LN(T + CrossAttn(T + P -> E));
                          T <- LN(T + MLP(T))
     -> sparse prompt embeddings (B, T, 256); the dense prompt is SAM's no-mask embedding.
+    presence head: mean of the T tokens -> LN -> MLP -> one logit per (image, prompt)
 
 P, the task tokens themselves, is added to the token queries of every block, as SAM's
 decoder re-adds its prompt embeddings, and the tokens start at unit scale: each block's
@@ -52,11 +53,12 @@ class AutoPrompter(nn.Module):
     """(images, SAM embeddings, prompt index) -> sparse prompt embeddings (B, T, dim)."""
 
     def __init__(self, num_prompts: int, num_tokens: int = 2, dim: int = 256, grid: int = 32,
-                 depth: int = 4, num_heads: int = 8, cnn_width: int = 32, keep_identity: bool = True):
+                 depth: int = 4, num_heads: int = 8, cnn_width: int = 32, keep_identity: bool = True,
+                 presence: bool = True):
         super().__init__()
         self.config = dict(num_prompts=num_prompts, num_tokens=num_tokens, dim=dim, grid=grid,
                            depth=depth, num_heads=num_heads, cnn_width=cnn_width,
-                           keep_identity=keep_identity)
+                           keep_identity=keep_identity, presence=presence)
         self.grid = grid
         self.keep_identity = keep_identity
         self.tokens = nn.Parameter(torch.randn(num_prompts, num_tokens, dim) * (1.0 if keep_identity else 0.02))
@@ -68,6 +70,10 @@ class AutoPrompter(nn.Module):
             nn.Conv2d(4 * w, dim, 1))
         self.pos = nn.Parameter(torch.randn(1, grid * grid, dim) * 0.02)
         self.blocks = nn.ModuleList([AlignmentBlock(dim, num_heads) for _ in range(depth)])
+        # "is this anatomy here at all?": one logit from the prompt's own tokens, which have
+        # read the image; trained on the empty targets of negatives (SAM/presence.py)
+        self.presence_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim // 4), nn.GELU(),
+                                           nn.Linear(dim // 4, 1)) if presence else None
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor,
                 prompt_idx: torch.Tensor) -> torch.Tensor:
@@ -87,6 +93,13 @@ class AutoPrompter(nn.Module):
         for blk in self.blocks:
             emb, tok = blk(emb, cnn, tok, self.pos, tok_pe)
         return tok.reshape(B, K, T, D) if multi else tok
+
+    def presence(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Presence logits of prompt tokens: (..., T, D) -> (...); a model without the head
+        (checkpoints written before it existed) raises."""
+        if self.presence_head is None:
+            raise ValueError("this auto-prompter has no presence head (trained before it existed)")
+        return self.presence_head(tokens.mean(-2))[..., 0]
 
 
 def prompter_grid(embedding_grid: int, cap: int = 32) -> int:

@@ -55,7 +55,7 @@ def segmenter_from_checkpoint(ck: dict) -> PromptableSegmenter:
 def prompter_from_checkpoint(ck: dict) -> AutoPrompter:
     if "prompter" not in ck:
         raise DataError(f"a '{ck.get('kind')}' checkpoint has no auto-prompter (stage 2 writes one)")
-    # checkpoints written before keep_identity existed have the old layout
-    p = AutoPrompter(**{"keep_identity": False, **ck["prompter_args"]})
+    # checkpoints written before keep_identity / the presence head existed have the old layout
+    p = AutoPrompter(**{"keep_identity": False, "presence": False, **ck["prompter_args"]})
     p.load_state_dict(ck["prompter"])
     return p

@@ -2,7 +2,8 @@
 
 The batched decoder of :mod:`SAM.segmenter` (``BatchedMaskDecoder``) decodes one prompt set
 per image through segment-anything's modules; mask inference (``SAM/infer_masks.py``) decodes
-K prompt sets (one per anatomy) for every image, where the same arithmetic can be reordered:
+K prompt sets (one per anatomy) for every image, and stage 2 (``SAM/train_auto_prompter.py``)
+trains through one, where the same arithmetic can be reordered:
 
 * :func:`decode_low_res`: (B, 256, g, g) embeddings and (B, K, T, 256) prompt tokens ->
   (B, K, 4 rows, 4 cols) single-mask low-res logits; the g x g image tokens are never
@@ -13,7 +14,8 @@ K prompt sets (one per anatomy) for every image, where the same arithmetic can b
 * :func:`fast_decoder_applies`: whether a segmenter's decoder has the structure the fast
   path re-implements (otherwise the module itself is run).
 
-The logits equal the module's up to float rounding (~1e-5; tests/test_benchmarks.py).
+The logits, and their gradients, equal the module's up to float rounding (~1e-5;
+tests/test_benchmarks.py); weights the single-mask output never reads get no gradient.
 """
 from __future__ import annotations
 
@@ -170,7 +172,8 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
                        valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
                        threshold: float = 0.5, min_pred_iou: float | None = None,
                        min_stability: float | None = None,
-                       return_scores: bool = False) -> list[np.ndarray] | tuple[list[np.ndarray], list[list[dict]]]:
+                       return_scores: bool = False, presence_thresholds: np.ndarray | None = None
+                       ) -> list[np.ndarray] | tuple[list[np.ndarray], list[list[dict]]]:
     """images (B, 3, S, S) in [0, 1], letterboxed with content ``valid[b]`` -> B uint8 index
     maps (H_b x W_b): 0 background, k where the k-th prompt is the most probable anatomy and
     above ``threshold``.
@@ -178,8 +181,11 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     Quality filter (off when None): a prompt's mask whose predicted IoU (SAM's IoU head, not
     bounded to [0, 1] in an untrained model) is below ``min_pred_iou`` or whose stability score (:func:`stability_score` at the ``threshold``
     logit, offset 1, on the low-res logits inside the content) is below ``min_stability``
-    is left out of that image's map. With ``return_scores`` also one list per image of
-    ``{"pred_iou", "stability", "kept"}`` per prompt, in prompt order."""
+    is left out of that image's map. Presence decision (``presence_thresholds``, one per prompt
+    id, e.g. :func:`SAM.presence.threshold_vector` of the checkpoint; None: off): a prompt
+    whose presence logit (the prompter's head) is below its threshold marks nothing.
+    With ``return_scores`` also one list per image of ``{"pred_iou", "stability", "kept"}``
+    (and ``"presence"`` with a presence head) per prompt, in prompt order."""
     B, K = images.shape[0], len(prompt_ids)
     emb = seg.embed(images)                                               # B x 256 x g x g
     idx = torch.tensor(prompt_ids, device=images.device).expand(B, K)    # B x K
@@ -190,6 +196,13 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     rows = math.ceil(max(h for h, _ in content) / scale)
     cols = math.ceil(max(w for _, w in content) / scale)
     logits, pred_iou = decode_low_res(seg, emb, sparse, rows, cols, with_iou=True)  # B x K x 4r x 4c, B x K
+    has_head = getattr(prompter, "presence_head", None) is not None
+    presence = prompter.presence(sparse) if has_head else None                          # B x K
+    if presence_thresholds is not None:
+        if not has_head:
+            raise ValueError("a presence threshold needs an auto-prompter with a presence head")
+        judged_present = presence >= torch.as_tensor(presence_thresholds, dtype=presence.dtype,
+                                                     device=presence.device)            # B x K
     logit_threshold = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else 0.0
     out, scores = [], []
     for b, size in enumerate(sizes):
@@ -200,6 +213,8 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
             kept &= pred_iou[b] >= min_pred_iou
         if min_stability is not None:
             kept &= stability >= min_stability
+        if presence_thresholds is not None:
+            kept &= judged_present[b]
         full = nn.functional.interpolate(logits[b, None, :, :vh, :vw], size=tuple(size),
                                          mode="bilinear", align_corners=False)[0]
         # probabilities, not logits, are compared: sigmoid saturates (1.0 above ~17), and the
@@ -208,5 +223,6 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
         best, arg = prob.max(0)                                           # H x W
         out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
         scores.append([{"pred_iou": round(float(i), 4), "stability": round(float(s), 4), "kept": bool(k)}
-                       for i, s, k in zip(pred_iou[b], stability, kept)])
+                       | ({"presence": round(float(presence[b, j]), 4)} if has_head else {})
+                       for j, (i, s, k) in enumerate(zip(pred_iou[b], stability, kept))])
     return (out, scores) if return_scores else out

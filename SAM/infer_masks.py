@@ -23,6 +23,11 @@ layout is ``utils/mask_layout.py``'s (:func:`~utils.mask_layout.label_jobs`), wh
   label map; ``--min_pred_iou`` / ``--min_stability`` (off by default; SAM's automatic mask
   generator uses 0.88 / 0.95) leave a failing mask out of the map, and the run reports how
   many masks each filter removed;
+* presence: a prompt whose presence score (the auto-prompter's head) is below the threshold
+  stage 2 chose on its validation split (stored in the checkpoint; ``--presence off`` or a
+  number overrides it) marks nothing on that image; the score goes to ``.scores.json``, and
+  ``asam_counts_rank<R>.json`` holds how many masks the decision removed and the share of
+  images on which each prompt keeps a region;
 * one meaning per folder: the settings that shape a label map (checkpoint digest, prompts,
   threshold, quality filter) go to ``<out_dir>/asam_settings.json``; a re-run with other
   settings, or on label maps this stage did not write (a SAMUS set's ground truth), is refused
@@ -55,6 +60,7 @@ from tqdm import tqdm  # noqa: E402
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.seg_training import pick_device, run_as_script  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
+from SAM.presence import threshold_vector  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
 from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
@@ -74,10 +80,39 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def label_settings(ckpt_sha256: str, prompts: list[str], args: argparse.Namespace) -> dict:
-    """Everything that decides the content of a label map (not batch size, workers, device)."""
-    return {"checkpoint_sha256": ckpt_sha256, "prompts": list(prompts), "threshold": args.threshold,
-            "min_pred_iou": args.min_pred_iou, "min_stability": args.min_stability}
+def label_settings(ckpt_sha256: str, prompts: list[str], args: argparse.Namespace,
+                   presence: list[float] | None = None) -> dict:
+    """Everything that decides the content of a label map (not batch size, workers, device);
+    ``presence``: the presence threshold of each prompt (None: no presence decision; a folder
+    written before the decision existed reads as None)."""
+    out = {"checkpoint_sha256": ckpt_sha256, "prompts": list(prompts), "threshold": args.threshold,
+           "min_pred_iou": args.min_pred_iou, "min_stability": args.min_stability}
+    if presence is not None:
+        out["presence_thresholds"] = [None if not np.isfinite(t) else round(float(t), 6) for t in presence]
+    return out
+
+
+def parse_presence(value: str) -> str | float:
+    """--presence: 'checkpoint', 'off' or a number (one threshold for every prompt)."""
+    if value in ("checkpoint", "off"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}': expected checkpoint, off or a number") from None
+
+
+def presence_thresholds(ck: dict, prompts: list[str], choice: str | float) -> tuple[np.ndarray | None, str]:
+    """The presence thresholds of ``prompts`` for a --presence choice, and a line saying which."""
+    if choice == "off":
+        return None, "presence decision off (--presence off): every prompt marks what it finds"
+    if not isinstance(choice, str):
+        return threshold_vector(None, prompts, choice), f"presence threshold {choice:g} for every prompt (--presence)"
+    record = ck.get("presence")
+    if record is None:
+        return None, ("the checkpoint has no presence thresholds (trained before the presence head, or with "
+                      "--presence_weight 0): every prompt marks what it finds")
+    return threshold_vector(record, prompts), f"presence decision of the checkpoint: {record['rule']}"
 
 
 def settings_conflict(old: dict | None, old_classes: dict | None, new: dict, labels_exist: bool) -> str | None:
@@ -174,10 +209,10 @@ def montage(tiles: list[np.ndarray], tile: int = 192, cols: int = 4) -> np.ndarr
 
 def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
               todo: list[tuple[Path, Path]], writer: BackgroundWriter, device: torch.device,
-              args: argparse.Namespace, rank: int, bad: list[str],
-              removed: dict[str, int]) -> tuple[int, list[np.ndarray]]:
-    """Mask every batch of ``loader``; bad images go to ``bad``, filter counts to ``removed``.
-    -> (written, montage tiles)."""
+              args: argparse.Namespace, rank: int, bad: list[str], removed: dict[str, int],
+              thresholds: np.ndarray | None, regions: list[int]) -> tuple[int, list[np.ndarray]]:
+    """Mask every batch of ``loader``; bad images go to ``bad``, filter counts to ``removed``,
+    the number of maps holding a region of prompt k to ``regions[k]``. -> (written, montage tiles)."""
     tiles, written = [], 0
     for items in tqdm(loader, desc=f"A-SAM masks (rank {rank})", dynamic_ncols=True):
         good = []
@@ -192,13 +227,18 @@ def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
         images = torch.stack([x for _, (x, _), _ in good]).to(device)
         maps, scores = predict_index_maps(seg, prompter, images, prompt_ids, [v for _, (_, v), _ in good],
                                           [o.shape[:2] for _, _, o in good], args.threshold,
-                                          args.min_pred_iou, args.min_stability, return_scores=True)
+                                          args.min_pred_iou, args.min_stability, return_scores=True,
+                                          presence_thresholds=thresholds)
         for (i, _, orig), lab, per_prompt in zip(good, maps, scores):
-            for s in per_prompt:
+            for k, s in enumerate(per_prompt):
                 removed["masks"] += 1
                 removed["pred_iou"] += args.min_pred_iou is not None and s["pred_iou"] < args.min_pred_iou
                 removed["stability"] += args.min_stability is not None and s["stability"] < args.min_stability
+                removed["presence"] += bool(thresholds is not None and s["presence"] < thresholds[k])
                 removed["either"] += not s["kept"]
+            present = np.bincount(lab.ravel(), minlength=len(per_prompt) + 1)[1:] > 0
+            for k, has in enumerate(present):
+                regions[k] += int(has)
             record = {str(k + 1): s for k, s in enumerate(per_prompt)}  # keys as asam_classes.json
             # before the label: the label is the completion mark a resumed run trusts
             atomic_write(todo[i][1].with_suffix(".scores.json"), lambda f, r=record: f.write(json.dumps(r).encode()))
@@ -231,6 +271,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min_stability", type=float, default=None,
                    help="leave out masks whose stability score is below this (off by default; SAM's "
                         "automatic mask generator: 0.95)")
+    p.add_argument("--presence", type=parse_presence, default="checkpoint",
+                   help="checkpoint (default): a prompt whose presence score is below the threshold "
+                        "stage 2 chose on its validation split marks nothing; off: no decision; a "
+                        "number: that threshold on the presence logit for every prompt")
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
     p.add_argument("--montage_n", type=int, default=16, help="images in the montage")
@@ -265,10 +309,15 @@ def main(argv=None) -> dict:
         raise SystemExit(f"prompts {unknown} unknown to {args.ckpt}; it knows {keys}")
     prompt_ids = [keys.index(k) for k in wanted]
 
+    if args.presence != "off" and not isinstance(args.presence, str) and prompter.presence_head is None:
+        raise SystemExit(f"--presence {args.presence:g}: {args.ckpt} has no presence head (trained before it "
+                         "existed, or with --presence_weight 0)")
+    thresholds, presence_note = presence_thresholds(ck, wanted, args.presence)
+
     jobs = label_jobs(data_dir, out_dir)
     if not jobs:
         raise SystemExit(f"no images under {data_dir}/<Sub>/img/")
-    settings = label_settings(file_sha256(args.ckpt), wanted, args)
+    settings = label_settings(file_sha256(args.ckpt), wanted, args, thresholds)
     read = lambda name: json.loads((out_dir / name).read_text()) if (out_dir / name).is_file() else None  # noqa: E731
     mine = shard(jobs, rank, world)
     conflict = settings_conflict(read(SETTINGS_NAME), read(CLASSES_NAME), settings,
@@ -290,18 +339,19 @@ def main(argv=None) -> dict:
     atomic_write(out_dir / CLASSES_NAME, lambda f: f.write(json.dumps(mapping, indent=1).encode()))
     atomic_write(out_dir / SETTINGS_NAME, lambda f: f.write(json.dumps(settings, indent=1).encode()))
     print(f"rank {rank}/{world}: {len(mine)} images in shard, {len(mine) - len(todo)} done before, "
-          f"{len(todo)} to mask with prompts {wanted}")
+          f"{len(todo)} to mask with prompts {wanted}; {presence_note}")
 
     workers = default_workers() if args.workers is None else args.workers
     loader = DataLoader(ImageFiles([j[0] for j in todo], seg.img_size), batch_size=args.batch_size,
                         num_workers=workers, collate_fn=_collate)
     bad: list[str] = []
-    removed = {"masks": 0, "pred_iou": 0, "stability": 0, "either": 0}
+    removed = {"masks": 0, "pred_iou": 0, "stability": 0, "presence": 0, "either": 0}
+    regions = [0] * len(wanted)
     writer = BackgroundWriter()
     t0 = time.perf_counter()
     try:
         written, tiles = _mask_all(loader, seg, prompter, prompt_ids, todo, writer, device, args,
-                                   rank, bad, removed)
+                                   rank, bad, removed, thresholds, regions)
     finally:
         writer.close()
     seconds = time.perf_counter() - t0
@@ -314,12 +364,19 @@ def main(argv=None) -> dict:
     rate = written / seconds if seconds > 0 and written else 0.0
     print(f"rank {rank}: wrote {written} label maps in {seconds:.1f} s ({rate:.3f} images/s); "
           f"{len(bad)} bad images skipped")
-    if args.min_pred_iou is not None or args.min_stability is not None:
-        print(f"rank {rank}: quality filter removed {removed['either']} of {removed['masks']} masks "
+    if args.min_pred_iou is not None or args.min_stability is not None or thresholds is not None:
+        print(f"rank {rank}: filters removed {removed['either']} of {removed['masks']} masks "
               f"(predicted IoU < {args.min_pred_iou}: {removed['pred_iou']}, "
-              f"stability < {args.min_stability}: {removed['stability']})")
+              f"stability < {args.min_stability}: {removed['stability']}, "
+              f"judged absent: {removed['presence'] if thresholds is not None else 'off'})")
+    share = {k: round(n / written, 4) if written else None for k, n in zip(wanted, regions)}
+    print(f"rank {rank}: share of images keeping a region, per prompt: {share}")
+    counts = {"written": written, "removed": removed, "images_with_region": dict(zip(wanted, regions)),
+              "share_with_region": share, "presence": presence_note}
+    atomic_write(out_dir / f"asam_counts_rank{rank}.json", lambda f: f.write(json.dumps(counts, indent=1).encode()))
     return {"written": written, "skipped_existing": len(mine) - len(todo), "bad": bad,
-            "seconds": seconds, "images_per_s": rate, "removed": removed}
+            "seconds": seconds, "images_per_s": rate, "removed": removed,
+            "images_with_region": dict(zip(wanted, regions)), "share_with_region": share}
 
 
 if __name__ == "__main__":

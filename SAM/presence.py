@@ -10,6 +10,35 @@ decided by measuring these metrics on the alternatives.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+# the score the decision reads, and the alternatives measured beside it (SAM/train_auto_prompter.py
+# --eval_test, benchmarks/bench_asam.py): the prompter's presence head, SAM's predicted IoU,
+# the mask's highest probability and its area (share of the image's pixels above 0.5)
+SCORES = ("head", "pred_iou", "max_prob", "area")
+
+
+def presence_loss(presence_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE of (B,) presence logits against "the target mask is not empty", target (B, L, L).
+    An empty target (a negative line, or an image without the anatomy) is "absent"."""
+    present = target.flatten(1).amax(1) > 0
+    return F.binary_cross_entropy_with_logits(presence_logits.float(), present.float())
+
+
+def mask_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model-free presence scores of low-res mask logits (B, H, W): the highest probability
+    and the area share above 0.5, each (B,)."""
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    return {"max_prob": prob.amax(1), "area": (prob > 0.5).float().mean(1)}
+
+
+def choose_thresholds(keys: list[str], present: list[bool], scores: list[float],
+                      max_fpr: float = 0.05) -> dict[str, dict]:
+    """:func:`choose_threshold` per prompt key over one row per (image, prompt)."""
+    keys_, present_, scores_ = np.asarray(keys), np.asarray(present, bool), np.asarray(scores, np.float64)
+    return {k: choose_threshold(scores_[keys_ == k], present_[keys_ == k], max_fpr)
+            for k in sorted(set(keys))}
 
 
 def choose_threshold(scores: np.ndarray, present: np.ndarray, max_fpr: float = 0.05) -> dict:
@@ -49,3 +78,68 @@ def presence_metrics(scores: np.ndarray, present: np.ndarray, threshold: float) 
     present = np.asarray(present, bool)
     auroc = float(roc_auc_score(present, scores)) if 0 < present.sum() < len(present) else None
     return {"threshold": float(threshold), "auroc": auroc, **decision_rates(scores, present, threshold)}
+
+
+def presence_record(rows: list[dict], keys: list[str], max_fpr: float, split: str) -> dict:
+    """What a checkpoint keeps of its presence decision, from validation rows of
+    :func:`SAM.seg_training.presence_rows`: per prompt key the threshold on the head's logit
+    (``None``: always present, when the split has no image without that anatomy to calibrate
+    on, or no line of it at all), its validation rates, and every score's AUROC there."""
+    thresholds, auroc = {}, {name: {} for name in SCORES}
+    for k in keys:
+        mine = [r for r in rows if r["key"] == k]
+        present = np.array([r["present"] for r in mine], bool)
+        if not len(mine) or present.all():
+            thresholds[k] = {"threshold": None, "n_present": int(present.sum()), "n_absent": 0,
+                             "why": "no validation image without this anatomy: always present"}
+        else:
+            thresholds[k] = choose_threshold(np.array([r["head"] for r in mine]), present, max_fpr)
+        for name in SCORES:
+            auroc[name][k] = (presence_metrics(np.array([r[name] for r in mine]), present, 0.0)["auroc"]
+                              if len(mine) and name in mine[0] else None)
+    return {"score": "head", "rule": f"present when the presence logit >= the prompt's threshold, the lowest "
+                                     f"with false-positive rate <= {max_fpr:g} on the {split} split",
+            "max_fpr": float(max_fpr), "split": split, "thresholds": thresholds, "auroc": auroc}
+
+
+def threshold_vector(record: dict | None, keys: list[str], override: float | None = None) -> np.ndarray | None:
+    """Thresholds of ``keys`` in order (-inf where always present); ``override`` replaces every
+    one; None without a record (and no override): no decision."""
+    if override is not None:
+        return np.full(len(keys), float(override))
+    if record is None:
+        return None
+    t = [record["thresholds"].get(k, {}).get("threshold") for k in keys]
+    return np.array([-np.inf if v is None else v for v in t], np.float64)
+
+
+def presence_test_metrics(rows: list[dict], record: dict) -> dict:
+    """Per prompt key on test rows: the decision's rates at the stored threshold, the head's
+    AUROC, and the AUROC of each alternative score (None where one class is missing)."""
+    out = {}
+    for k in sorted({r["key"] for r in rows}):
+        mine = [r for r in rows if r["key"] == k]
+        present = np.array([r["present"] for r in mine], bool)
+        t = record["thresholds"].get(k, {}).get("threshold")
+        metrics = presence_metrics(np.array([r["head"] for r in mine]), present,
+                                   -np.inf if t is None else t)
+        metrics["threshold"] = t
+        metrics["auroc_by_score"] = {name: presence_metrics(np.array([r[name] for r in mine]), present, 0.0)["auroc"]
+                                     for name in SCORES if name in mine[0]}
+        out[k] = metrics
+    return out
+
+
+def format_presence(record: dict) -> str:
+    """The thresholds and validation AUROCs of a presence record, as a small table."""
+    names = [n for n in SCORES if any(v is not None for v in record["auroc"][n].values())]
+    lines = [f"presence ({record['rule']}):",
+             f"{'prompt':<28} {'threshold':>9} {'FPR':>6} {'TPR':>6} " + " ".join(f"{'AUROC ' + n:>15}" for n in names)]
+    for k, t in record["thresholds"].items():
+        thr = "always" if t["threshold"] is None else f"{t['threshold']:.3f}"
+        fpr = "-" if t.get("fpr") is None else f"{t['fpr']:.3f}"
+        tpr = "-" if t.get("tpr") is None else f"{t['tpr']:.3f}"
+        au = " ".join("-".rjust(15) if record["auroc"][n][k] is None else f"{record['auroc'][n][k]:>15.3f}"
+                      for n in names)
+        lines.append(f"{k:<28} {thr:>9} {fpr:>6} {tpr:>6} {au}")
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
+from SAM.presence import mask_scores
 from SAM.samus_data import SAMUSDataset, collate, restore_logits
 from SAM.seg_metrics import MetricTable, format_summary
 from utils.distributed import seed_everything, to_device
@@ -116,6 +117,31 @@ def evaluate(predict_fn: Callable[[dict], torch.Tensor], loader: DataLoader, key
             pred = (up[0] > 0).cpu().numpy()
             table.add(ds.lines[int(batch["index"][b])].prompt_key, pred, gt)
     return table.summary()
+
+
+@torch.no_grad()
+def presence_rows(score_fn: Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                  loader: DataLoader, device: torch.device, desc: str = "presence",
+                  amp: bool = False) -> list[dict]:
+    """One row per split line: {key, present, <score>: value for each score}. ``score_fn``
+    maps a batch to (low-res logits (B, 1, L, L), {name: (B,)} model scores); the mask's own
+    scores (:func:`SAM.presence.mask_scores`) are read at the image's size. "present" is
+    "the line's mask at the image's size is not empty"."""
+    ds: SAMUSDataset = loader.dataset
+    amp = amp_enabled(amp, device)
+    rows = []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        batch = to_device(batch, device)
+        with autocast(amp):
+            logits, scores = score_fn(batch)
+        for b in range(logits.shape[0]):
+            gt = batch["orig_mask"][b]
+            up = restore_logits(logits[b], batch["valid"][b].tolist(), ds.img_size, gt.shape)  # 1 x H x W
+            row = {"key": ds.lines[int(batch["index"][b])].prompt_key, "present": bool(gt.any())}
+            row |= {k: float(v[b]) for k, v in scores.items()}
+            row |= {k: float(v[0]) for k, v in mask_scores(up).items()}
+            rows.append(row)
+    return rows
 
 
 def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],

@@ -65,6 +65,38 @@ def test_fast_decoder_matches_the_module():
     torch.testing.assert_close(crop, ref[..., :20, :32], atol=1e-4, rtol=1e-4)
 
 
+def test_fast_decoder_trains_like_the_module():
+    """Stage 2 trains through decode_low_res: its loss, the prompt tokens' gradient and every
+    decoder weight's gradient equal the module's. Weights the single-mask output never reads
+    (the other masks' hypernetworks, the IoU head, key biases that softmax cancels) get no
+    gradient on the fast path and an all-zero (or rounding-size) one through the module.
+    Bugs caught: a detached image stream, an in-place op autograd cannot see through."""
+    torch.manual_seed(2)
+    seg = build_segmenter("vit_tiny", 64, random_init=True).train()
+    B, T = 3, 2
+    emb = torch.randn(B, 256, seg.grid, seg.grid)
+    target = torch.rand(B, 1, seg.low_res, seg.low_res)
+    grads = []
+    for fast in (False, True):
+        seg.zero_grad(set_to_none=True)
+        sparse = torch.randn(B, T, 256, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        logits = (fast_decoder.decode_low_res(seg, emb, sparse[:, None], seg.grid, seg.grid) if fast
+                  else seg.decode(emb, sparse))                              # B x 1 x L x L
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        loss.backward()
+        grads.append((loss.detach(), sparse.grad,
+                      {n: p.grad for n, p in seg.mask_decoder.named_parameters() if p.grad is not None}))
+    (ref_loss, ref_tok, ref), (loss, tok, fast) = grads
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tok, ref_tok, atol=1e-6, rtol=1e-3)
+    unread = set(ref) - set(fast)
+    assert unread and all(ref[n].abs().max() < 1e-6 for n in unread), sorted(unread)
+    assert "output_hypernetworks_mlps.0.layers.0.weight" in fast and "iou_token.weight" in fast
+    for n, g in fast.items():
+        if not n.endswith("k_proj.bias"):                                  # softmax cancels it: ~0 both ways
+            torch.testing.assert_close(g, ref[n], atol=1e-6, rtol=1e-3, msg=n)
+
+
 @torch.inference_mode()
 def test_index_maps_match_the_reference_up_to_ties():
     """predict_index_maps == sigmoid(restore_logits(seg.decode(...))).max(0) of the module,

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from SAM.presence import choose_threshold, presence_metrics
+from SAM import fast_decoder
+from SAM.auto_prompter import AutoPrompter, prompter_grid
+from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, save_checkpoint
+from SAM.presence import choose_threshold, presence_metrics, presence_record, threshold_vector
+from SAM.segmenter import build_segmenter
 
 
 def test_the_chosen_threshold_is_the_lowest_within_the_false_positive_budget():
@@ -30,3 +35,50 @@ def test_edge_cases_and_metrics():
     assert presence_metrics(scores, np.ones(4, bool), 0.3)["auroc"] is None
     with pytest.raises(ValueError, match="max_fpr"):
         choose_threshold(scores, present, 1.5)
+
+
+@torch.inference_mode()
+def test_an_anatomy_judged_absent_leaves_no_region_and_its_score_is_recorded():
+    """A prompt whose presence score is below its threshold (a stand-in: threshold +inf, so
+    any score of the model is below it) marks nothing;
+    the others keep exactly the regions they had. Bug caught: a decision computed but not applied."""
+    torch.manual_seed(1)
+    seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
+    prompter = AutoPrompter(3, grid=prompter_grid(seg.grid)).eval()
+    images = torch.rand(2, 3, 64, 64)
+    args = (seg, prompter, images, [0, 1, 2], [(64, 64)] * 2, [(64, 64)] * 2)
+    maps, scores = fast_decoder.predict_index_maps(*args, threshold=0.3, return_scores=True)
+    assert all("presence" in s for per_image in scores for s in per_image)
+    assert any((m == 2).any() for m in maps), "the stand-in needs prompt 2 to mark something first"
+    thresholds = np.array([-np.inf, np.inf, -np.inf])                  # prompt 2 (index 1) judged absent
+    decided, dscores = fast_decoder.predict_index_maps(*args, threshold=0.3, return_scores=True,
+                                                       presence_thresholds=thresholds)
+    for b in range(2):
+        assert not (decided[b] == 2).any()
+        assert [s["kept"] for s in dscores[b]] == [True, False, True]
+        same = maps[b] != 2
+        assert np.all(decided[b][same] == maps[b][same])
+
+
+def test_thresholds_are_chosen_per_prompt_and_round_trip_through_the_checkpoint(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = [{"key": k, "present": bool(p), "head": float(rng.normal(2.0 if p else -1.0)), "pred_iou": 0.5,
+             "max_prob": 0.9, "area": 0.1}
+            for k in ("A/1", "B/1") for p in rng.random(40) < 0.5]
+    rows += [{"key": "C/1", "present": True, "head": 0.0, "pred_iou": 0.5, "max_prob": 0.9, "area": 0.1}]
+    record = presence_record(rows, ["A/1", "B/1", "C/1", "D/1"], 0.05, "val")
+    for k in ("A/1", "B/1"):
+        mine = [r for r in rows if r["key"] == k]
+        ref = choose_threshold(np.array([r["head"] for r in mine]), np.array([r["present"] for r in mine]), 0.05)
+        assert record["thresholds"][k] == ref
+    assert record["thresholds"]["C/1"]["threshold"] is None            # nothing absent to calibrate on
+    assert record["thresholds"]["D/1"]["threshold"] is None            # no validation line at all
+    seg = build_segmenter("vit_tiny", 64, random_init=True)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, "asam_stage2", seg, ["A/1", "B/1", "C/1", "D/1"], AutoPrompter(4, grid=8), presence=record)
+    ck = load_checkpoint(path, ("asam_stage2",))
+    assert ck["presence"] == record and prompter_from_checkpoint(ck).presence_head is not None
+    vec = threshold_vector(ck["presence"], ["B/1", "C/1", "A/1"])
+    assert vec.tolist() == [record["thresholds"]["B/1"]["threshold"], -np.inf, record["thresholds"]["A/1"]["threshold"]]
+    assert threshold_vector(ck["presence"], ["A/1"], override=0.25).tolist() == [0.25]
+    assert threshold_vector(None, ["A/1"]) is None

@@ -119,11 +119,16 @@ def test_infer_masks_writes_resumes_shards_and_skips_bad(run, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     again = infer_masks.main(args)                   # resumable: nothing left but the bad file
     assert again["written"] == 0 and again["skipped_existing"] == 5
-    # the quality scores of every mask lie beside its label map
+    # the quality and presence scores of every mask lie beside its label map; with no quality
+    # filter a mask is left out only where the checkpoint's presence decision says "absent"
+    thresholds = json.loads((data / "asam_settings.json").read_text())["presence_thresholds"]
     for p in labels:
         scores = json.loads(p.with_suffix(".scores.json").read_text())
         assert set(scores) == {"1", "2", "3", "4"}
-        assert all(0 <= s["stability"] <= 1 and s["kept"] for s in scores.values())
+        assert all(0 <= s["stability"] <= 1 for s in scores.values())
+        assert all(s["kept"] == (t is None or s["presence"] >= t)       # scores are rounded to 1e-4
+                   for s, t in zip((scores[str(k)] for k in range(1, 5)), thresholds)
+                   if t is None or abs(s["presence"] - t) > 1e-4)
     # a filter nothing passes removes every mask, counted, and the maps are empty
     strict = infer_masks.main(["--ckpt", str(run["s2"] / "best.pt"), "--data_dir", str(data), "--workers", "0",
                                "--out_dir", str(run["tmp"] / "strict"), "--min_stability", "1.01"])
