@@ -33,14 +33,6 @@ def mask_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"max_prob": prob.amax(1), "area": (prob > 0.5).float().mean(1)}
 
 
-def choose_thresholds(keys: list[str], present: list[bool], scores: list[float],
-                      max_fpr: float = 0.05) -> dict[str, dict]:
-    """:func:`choose_threshold` per prompt key over one row per (image, prompt)."""
-    keys_, present_, scores_ = np.asarray(keys), np.asarray(present, bool), np.asarray(scores, np.float64)
-    return {k: choose_threshold(scores_[keys_ == k], present_[keys_ == k], max_fpr)
-            for k in sorted(set(keys))}
-
-
 def choose_threshold(scores: np.ndarray, present: np.ndarray, max_fpr: float = 0.05) -> dict:
     """The lowest threshold ``t`` (decision: ``score >= t``) whose false-positive rate on the
     absent images is at most ``max_fpr``: the most recall the budget allows.
@@ -87,16 +79,15 @@ def presence_record(rows: list[dict], keys: list[str], max_fpr: float, split: st
     on, or no line of it at all), its validation rates, and every score's AUROC there."""
     thresholds, auroc = {}, {name: {} for name in SCORES}
     for k in keys:
-        mine = [r for r in rows if r["key"] == k]
-        present = np.array([r["present"] for r in mine], bool)
-        if not len(mine) or present.all():
+        mine, present = _rows_of(rows, k)
+        if present.all():                                   # also: no line of this prompt at all
             thresholds[k] = {"threshold": None, "n_present": int(present.sum()), "n_absent": 0,
                              "why": "no validation image without this anatomy: always present"}
         else:
             thresholds[k] = choose_threshold(np.array([r["head"] for r in mine]), present, max_fpr)
+        by_score = _auroc_by_score(mine, present)
         for name in SCORES:
-            auroc[name][k] = (presence_metrics(np.array([r[name] for r in mine]), present, 0.0)["auroc"]
-                              if len(mine) and name in mine[0] else None)
+            auroc[name][k] = by_score.get(name)
     return {"score": "head", "rule": f"present when the presence logit >= the prompt's threshold, the lowest "
                                      f"with false-positive rate <= {max_fpr:g} on the {split} split",
             "max_fpr": float(max_fpr), "split": split, "thresholds": thresholds, "auroc": auroc}
@@ -118,16 +109,24 @@ def presence_test_metrics(rows: list[dict], record: dict) -> dict:
     AUROC, and the AUROC of each alternative score (None where one class is missing)."""
     out = {}
     for k in sorted({r["key"] for r in rows}):
-        mine = [r for r in rows if r["key"] == k]
-        present = np.array([r["present"] for r in mine], bool)
+        mine, present = _rows_of(rows, k)
         t = record["thresholds"].get(k, {}).get("threshold")
         metrics = presence_metrics(np.array([r["head"] for r in mine]), present,
                                    -np.inf if t is None else t)
-        metrics["threshold"] = t
-        metrics["auroc_by_score"] = {name: presence_metrics(np.array([r[name] for r in mine]), present, 0.0)["auroc"]
-                                     for name in SCORES if name in mine[0]}
-        out[k] = metrics
+        out[k] = metrics | {"threshold": t, "auroc_by_score": _auroc_by_score(mine, present)}
     return out
+
+
+def _rows_of(rows: list[dict], key: str) -> tuple[list[dict], np.ndarray]:
+    """The rows of one prompt key and their "present" flags."""
+    mine = [r for r in rows if r["key"] == key]
+    return mine, np.array([r["present"] for r in mine], bool)
+
+
+def _auroc_by_score(mine: list[dict], present: np.ndarray) -> dict[str, float | None]:
+    """AUROC of every score the rows carry (None where one class is missing)."""
+    return {name: presence_metrics(np.array([r[name] for r in mine]), present, 0.0)["auroc"]
+            for name in SCORES if mine and name in mine[0]}
 
 
 def format_presence(record: dict) -> str:
