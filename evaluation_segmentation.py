@@ -26,12 +26,11 @@ import time
 
 import torch
 
-from evaluation.segmentation import (FRACTIONS, VARIANTS, SegNet, fit, label_subsets, load_split, predict,
-                                     score, strata)
+from evaluation.segmentation import FRACTIONS, VARIANTS, SegNet, fit, label_subsets, load_split, predict, score, strata
 from models.encoder_io import load_resnet18_state
 from SAM.samus_data import read_class_json
 from utils.distributed import seed_everything
-from utils.flags import AT_LEAST_1, POSITIVE, SEED, Range, check_flag_ranges
+from utils.flags import AT_LEAST_1, POSITIVE, SEED, Range, check_flag_ranges, exit_code
 from utils.io import DataError, atomic_write, ensure_writable_dir
 
 #: data sets that also train A-SAM (SAM/config.py tasks HC18, USGRA)
@@ -129,12 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except DataError as e:
-        print(f"evaluation_segmentation.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(args), "evaluation_segmentation.py")
 
 
 if __name__ == "__main__":

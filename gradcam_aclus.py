@@ -24,7 +24,7 @@ Output in ``--out_dir``: ``<cam>_<classifier stem>.png`` (each map over its imag
 predicted class and the map's sector share in the title) and ``.npy`` beside it (the maps,
 image index into ``<...>.files.txt``, labels, predictions, shares; ``np.load`` without pickle).
 The sector share is the share of the map's energy inside the non-black region of the
-image (``utils.gradcam.sector_mask``). Bad input is one line, exit status 2.
+image (``evaluation.cam_shares.sector_mask``). Bad input is one line, exit status 2.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import gradcam as gcam
+from evaluation import cam_shares
+from evaluation import gradcam as gcam
 from utils.flags import AT_LEAST_0, AT_LEAST_1, check_flag_ranges
 from utils.io import DataError, atomic_write, ensure_writable_dir, read_image
 from utils.mask_layout import is_image
@@ -93,15 +94,15 @@ def explain(args) -> Path:
     label = np.array([true_label(p, classes) for p in paths], dtype=np.int64)
     target = np.where((label >= 0) & (args.cam_target == "true"), label, pred)
     cams, _ = gcam.compute_cams(model, x, target, args.cam, args.batch_size)
-    images = gcam.display_images(x, NORM_MEAN, NORM_STD)
-    sector = np.stack([gcam.sector_mask(im) for im in images])
-    rec = gcam.cam_records(np.arange(len(paths)), label, pred, target, cams, classes,
-                           gcam.energy_share(cams, sector))
+    images = cam_shares.display_images(x, NORM_MEAN, NORM_STD)
+    sector = np.stack([cam_shares.sector_mask(im) for im in images])
+    rec = cam_shares.cam_records(np.arange(len(paths)), label, pred, target, cams, classes,
+                           cam_shares.energy_share(cams, sector))
     stem = f"{args.cam}_{Path(args.classifier).stem}"
     png = out_dir / f"{stem}.png"
     listing = "".join(f"{i}\t{p}\n" for i, p in enumerate(paths)).encode()
     atomic_write(out_dir / f"{stem}.files.txt", lambda f: f.write(listing))
-    gcam.write_cam_outputs(rec, images, png, f"{args.cam} ({args.cam_target} class where known), "
+    cam_shares.write_cam_outputs(rec, images, png, f"{args.cam} ({args.cam_target} class where known), "
                            f"{Path(args.classifier).name}", cols=args.cols)
     for p, r in zip(paths, rec):
         share = "no energy" if not np.isfinite(r["sector_share"]) else f"sector share {r['sector_share']:.3f}"

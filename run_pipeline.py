@@ -40,6 +40,7 @@ from utils import mask_layout as layout
 from utils.flags import AT_LEAST_1, check_flag_ranges
 from utils.io import DataError
 from utils.plots import plot_loss_curves
+from utils.stage_files import ASAM_BEST, ENCODER_NAME, confusion_name, eval_result_name
 from utils.stage_runner import StageFailed, need, run_command
 
 REPO = Path(__file__).resolve().parent
@@ -112,7 +113,8 @@ def hide_exact_labels(train_dir: Path) -> int:
 def asam_dice(train_dir: Path, classes_json: Path) -> dict[str, float]:
     """Dice of each A-SAM anatomy against the generator's exact map, pooled over all scans."""
     from utils.io import read_label
-    from utils.synthetic_us import ANATOMY_IDS, SAMUS_ANATOMY_CLASSES
+    from utils.synthetic_scan import ANATOMY_IDS
+    from utils.synthetic_us import SAMUS_ANATOMY_CLASSES
 
     class_to_anatomy = {f"{SEG_DATASET}/{c}": a for a, c in SAMUS_ANATOMY_CLASSES.items()}
     class_to_anatomy["SynLung-Pleura/1"] = ANATOMY_IDS["pleura"]
@@ -181,11 +183,11 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
     timed("1 A-SAM stage 1", "1 A-SAM stage 1 (adapters, click prompts)", [
         py, "SAM/only_train_sam.py", *seg, "--backbone", "vit_tiny", "--epochs", str(s.asam1_epochs),
         "--out_dir", str(runs / "asam_stage1")])
-    stage1 = need(runs / "asam_stage1" / "best.pt", "1 A-SAM stage 1")
+    stage1 = need(runs / "asam_stage1" / ASAM_BEST, "1 A-SAM stage 1")
     timed("2 A-SAM stage 2", "2 A-SAM stage 2 (auto-prompter)", [
         py, "SAM/train_auto_prompter.py", *seg, "--sam_ckpt", str(stage1),
         "--epochs", str(s.asam2_epochs), "--out_dir", str(runs / "asam_stage2")])
-    stage2 = need(runs / "asam_stage2" / "best.pt", "2 A-SAM stage 2")
+    stage2 = need(runs / "asam_stage2" / ASAM_BEST, "2 A-SAM stage 2")
     timed("3 A-SAM masks", "3 A-SAM masks of the pre-training scans", [
         py, "SAM/infer_masks.py", "--ckpt", str(stage2), "--data_dir", str(train),
         "--workers", "0", "--batch_size", "16", "--threshold", str(s.mask_threshold),
@@ -202,7 +204,7 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
         py, "pretrain_aclus.py", "--cfg", "configs/synthetic_cpu.yaml", "--device", "cpu",
         "-o", f"data.image_dir={data}", "-o", f"checkpoint.ckpt_path={runs / 'pretrain'}",
         "-o", "checkpoint.resume_path=", *epochs, *extra])
-    encoder = need(runs / "pretrain" / "encoder_resnet18.pth", "5 ACLUS pre-training")
+    encoder = need(runs / "pretrain" / ENCODER_NAME, "5 ACLUS pre-training")
     plot_loss_curves(need(runs / "pretrain" / "log.jsonl", "5 ACLUS pre-training"),
                      figs / "pretrain_loss_curves.png", "ACLUS pre-training on synthetic scans")
 
@@ -213,9 +215,9 @@ def pipeline(out: Path, s: Settings, threads: int) -> int:
         timed("6 evaluation", f"6 evaluation, {label}", [
             py, "evaluation_aclus.py", "--data_path", str(data / "pocus"), "--protocol", "linear",
             "--img_size", str(s.eval_size), "--out_dir", str(runs / f"eval_{key}"), *args])
-        result_json = need(runs / f"eval_{key}" / "eval_linear_last.json", f"6 evaluation, {label}")
+        result_json = need(runs / f"eval_{key}" / eval_result_name("linear", "last"), f"6 evaluation, {label}")
         results[label] = json.loads(result_json.read_text())
-        shutil.copy(need(runs / f"eval_{key}" / "confusion_linear_last.png", f"6 evaluation, {label}"),
+        shutil.copy(need(runs / f"eval_{key}" / confusion_name("linear", "last"), f"6 evaluation, {label}"),
                     figs / f"confusion_{key}.png")
 
     print_table(results)

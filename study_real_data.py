@@ -51,12 +51,15 @@ sys.path.insert(0, str(REPO))
 
 from study import StudyError  # noqa: E402
 from study import results as res  # noqa: E402
-from study.results import read_json, write_json  # noqa: E402
-from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SOURCE_FLAGS, SUB, Preset,  # noqa: E402
-                        arm_fractions, equal_step_epochs, expected_keys, parse_run, pretrain_overrides,
-                        variant_of)
-from study.provenance import code_version, git_state, machine, package_versions  # noqa: E402
+from study.downstream import downstream_folds  # noqa: E402
+from study.mask_sources import MASK_SOURCES, SUB, MaskJob, link  # noqa: E402
+from study.plan import (BASELINES, DEFAULT_ARMS, PRESETS, SOURCE_FLAGS, Preset, arm_fractions,  # noqa: E402
+                        equal_step_epochs, parse_run, pretrain_overrides, variant_of)
+from study.provenance import (code_version, git_state, machine, package_versions, portable,  # noqa: E402
+                              recorded_command)
+from study.results import Results, check_results_folder, completed_pairs, pending, read_json, write_json  # noqa: E402
 from utils import mask_layout as layout  # noqa: E402
+from utils.stage_files import ENCODER_NAME, eval_result_name, snapshot_name  # noqa: E402
 from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
 
 SELECTION = "last"  # fixed C / k / epochs: nothing is chosen on any test fold
@@ -73,19 +76,6 @@ def find_videos(covid_blues: Path) -> list[Path]:
     return videos
 
 
-def link(target: Path, at: Path) -> None:
-    """Relative symlink ``at -> target`` (replaced if it points elsewhere)."""
-    at.parent.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(target, at.parent)
-    if at.is_symlink():
-        if os.readlink(at) == rel:
-            return
-        at.unlink()
-    elif at.exists():
-        raise StudyError(f"{at}: exists and is not a link; remove it or use another --out")
-    os.symlink(rel, at)
-
-
 def preset_of(a: argparse.Namespace) -> tuple[Preset, str]:
     """The preset with the command line's own changes (seeds, stride; epochs and base_lr make a
     variant, whose runs live apart), and the variant's name (``""``: none)."""
@@ -98,100 +88,18 @@ def preset_of(a: argparse.Namespace) -> tuple[Preset, str]:
     return dataclasses.replace(p, **changes), variant
 
 
-class Results:
-    """The committed result files of one study (``--results``), kept in memory and rewritten whole."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.rows = res.read_rows(folder / "per_fold.csv", res.FOLD_COLUMNS)
-        self.runs = res.read_rows(folder / "runs.csv", res.RUN_COLUMNS)
-        self.loss = res.read_rows(folder / "loss.csv", res.LOSS_COLUMNS)
-
-    def done(self, arm: str, seed: int, preset: Preset) -> bool:
-        return expected_keys(arm, preset) <= res.done_keys(self.rows, arm, seed)
-
-    def add_rows(self, new: list[dict]) -> None:
-        self.rows = res.replace_rows(self.rows, new, ("arm", "seed", "fraction", "protocol", "fold"))
-        res.write_rows(self.folder / "per_fold.csv", self.rows, res.FOLD_COLUMNS)
-
-    def add_run(self, run: dict, loss: list[dict]) -> None:
-        self.runs = res.replace_rows(self.runs, [run], ("arm", "seed"))
-        self.loss = [r for r in self.loss if (r["arm"], r["seed"]) != (run["arm"], run["seed"])] + loss
-        res.write_rows(self.folder / "runs.csv", self.runs, res.RUN_COLUMNS)
-        res.write_rows(self.folder / "loss.csv", self.loss, res.LOSS_COLUMNS)
-
-
-def check_results_folder(folder: Path, preset: Preset) -> None:
-    """Refuse to add rows to a results folder made with other preset settings."""
-    path = folder / "settings.json"
-    if not path.is_file() or not (folder / "per_fold.csv").is_file():
-        return
-    before = read_json(path).get("preset", {})
-    now = preset.to_dict()
-    for k, v in now.items():
-        if k in ("seeds", "workers", "threads"):  # more seeds extend a study; workers change no number
-            continue
-        if k not in before:  # a preset key newer than the rows: nothing to compare
-            continue
-        old = before[k]      # None too: a base_lr left to the config is not the same as base_lr 2.0
-        if (list(old) if isinstance(old, (list, tuple)) else old) != \
-                (list(v) if isinstance(v, (list, tuple)) else v):
-            raise StudyError(f"{path}: its rows were made with preset {k}={old!r}, now {v!r}; "
-                             "use another --results to compare settings")
-
-
 # --------------------------------------------------------------------------- #
 # stages
 # --------------------------------------------------------------------------- #
 def build_masks(a, st: ResumableStages, out: Path, frames: Path, sources: set[str], py: str) -> dict[str, str]:
-    """Label trees and pair lists for each needed source; returns {source: why missing} for those not built."""
+    """Label trees (:mod:`study.mask_sources`) and pair lists for each needed source; returns
+    {source: why missing} for those not built."""
     missing = {}
-    asam_ckpt = a.asam_ckpt
-    if "asam" in sources and not asam_ckpt and not a.asam_masks and a.asam_build:
-        asam_dir = out / "asam_lite"
-        st.run("asam_build", [py, "SAM/train_auto_prompter.py", "--task", "HC18_USGRA", "--data_root",
-                              str(Path(a.asam_build).resolve()), "--backbone", "lite", "--out_dir", str(asam_dir),
-                              "--eval_test"], [asam_dir / "best.pt"],
-               note="A-SAM stage 2 (lite) on HC18 + USGRA: hours on a CPU")
-        asam_ckpt = str(asam_dir / "best.pt")
     for source in sorted(sources):
         labels = out / "masks" / source
-        if source == "superpixel":
-            st.run("masks_superpixel", [py, "utils/superpixel_masks.py", "--data_dir", str(frames),
-                                        "--out_dir", str(labels), "--scale", str(a.sp_scale),
-                                        "--min_area", str(a.sp_min_area), "--max_segments", str(a.sp_max_segments)],
-                   [labels / SUB / layout.LABEL_DIR])
-        elif source == "sam_auto":
-            st.run("masks_sam_auto", [py, "SAM/auto_masks.py", "--data_dir", str(frames), "--out_dir", str(labels),
-                                      "--device", "cpu", "--montage", "none", "--min_pred_iou", "0.75",
-                                      "--min_stability", "0.75", "--nms_iou", "0.7", "--min_area", "0.004",
-                                      "--max_regions", "32", "--overlap", "small_on_top"],
-                   [labels / SUB / layout.LABEL_DIR],
-                   note="SAM everything mode (LiteMedSAM): ~15 s per frame on a 2-core CPU")
-        elif source == "asam_lung":
-            if not a.asam_lung_ckpt:
-                missing[source] = "no lung A-SAM checkpoint (--asam_lung_ckpt; benchmarks/measure_lung_asam.py trains one)"
-                continue
-            from utils.synthetic_us import LUNG_PROMPTS
-            st.run("masks_asam_lung", [py, "SAM/infer_masks.py", "--ckpt", str(Path(a.asam_lung_ckpt).resolve()),
-                                       "--data_dir", str(frames), "--out_dir", str(labels), "--batch_size",
-                                       str(a.asam_batch), "--workers", "0", "--device", "cpu",
-                                       "--prompts", ",".join(LUNG_PROMPTS)],
-                   [labels / SUB / layout.LABEL_DIR], note="lung A-SAM inference (its lung-anatomy prompts)")
-        elif a.asam_masks:
-            src = Path(a.asam_masks).resolve() / SUB / layout.LABEL_DIR
-            if not src.is_dir():
-                raise StudyError(f"{src}: --asam_masks must hold {SUB}/label/*.png")
-            link(src, labels / SUB / layout.LABEL_DIR)
-        elif asam_ckpt:
-            cmd = [py, "SAM/infer_masks.py", "--ckpt", str(Path(asam_ckpt).resolve()), "--data_dir", str(frames),
-                   "--out_dir", str(labels), "--batch_size", str(a.asam_batch), "--workers", "0",
-                   "--device", "cpu"]
-            if a.asam_prompts:
-                cmd += ["--prompts", a.asam_prompts]
-            st.run("masks_asam", cmd, [labels / SUB / layout.LABEL_DIR], note="A-SAM inference")
-        else:
-            missing[source] = "no A-SAM checkpoint (--asam_ckpt, --asam_masks or --asam_build)"
+        why = MASK_SOURCES[source].make(MaskJob(a, st, out, frames, labels, py))
+        if why:
+            missing[source] = why
             continue
         data = out / "pretrain_data" / source
         link(frames / SUB / layout.IMG_DIR, layout.split_dir(data) / SUB / layout.IMG_DIR)
@@ -202,11 +110,11 @@ def build_masks(a, st: ResumableStages, out: Path, frames: Path, sources: set[st
 
 
 def mask_statistics(out: Path, frames: Path, sources: list[str], view: int) -> dict:
-    """utils.mask_stats.summarise of every built source's label maps (frames without a label count as empty)."""
+    """pretraining.mask_stats.summarise of every built source's label maps (frames without a label count as empty)."""
     import numpy as np
 
+    from pretraining.mask_stats import frame_stats, summarise
     from utils.io import read_label
-    from utils.mask_stats import frame_stats, summarise
 
     stats = {}
     for source in sources:
@@ -225,49 +133,25 @@ def log_records(run_dir: Path) -> list[dict]:
 
 def snapshot_paths(run_dir: Path, fractions: tuple[float, ...], total_steps: int) -> list[tuple[float, int, Path]]:
     """(fraction, steps, encoder file) of each probe point of a finished run."""
-    from pretrain_aclus import snapshot_steps
+    from pretraining.run_files import snapshot_steps
 
     out = []
     for f in fractions:
         if f >= 1.0:
-            out.append((1.0, total_steps, run_dir / "encoder_resnet18.pth"))
+            out.append((1.0, total_steps, run_dir / ENCODER_NAME))
         else:
             (steps,) = snapshot_steps((f,), total_steps)
-            out.append((f, steps, run_dir / f"encoder_resnet18_step{steps}.pth"))
+            out.append((f, steps, run_dir / snapshot_name(steps)))
     return out
 
 
 # --------------------------------------------------------------------------- #
 # study
 # --------------------------------------------------------------------------- #
-def portable(arg: str | None) -> str | None:
-    """An absolute path as seen from the repository root (settings.json is committed: no machine's
-    own folders in it); any other argument (None too) as it is."""
-    return os.path.relpath(arg, REPO) if arg is not None and os.path.isabs(arg) else arg
-
-
-def recorded_command(argv: list[str]) -> list[str]:
-    """The command line as settings.json keeps it: paths from the repository root, and the
-    local ``--out`` folder (machine-specific, never committed) as a placeholder."""
-    out, skip = [], False
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        if skip:
-            out.append("<local study folder>")
-        elif flag == "--out" and eq:
-            out.append("--out=<local study folder>")
-        elif flag.startswith("--") and eq:
-            out.append(f"{flag}={portable(value)}")
-        else:
-            out.append(portable(arg))
-        skip = arg == "--out"
-    return out
-
-
 def arms_not_run(arms: list[str], missing: dict[str, str], a: argparse.Namespace) -> dict[str, str]:
     """Every default arm this study has no rows for, with the reason: its masks are missing, or it
     was left out of ``--arms`` (then: what it would need)."""
-    given = {"asam": a.asam_ckpt or a.asam_masks or a.asam_build, "asam_lung": a.asam_lung_ckpt}
+    given = {name: source.given(a) for name, source in MASK_SOURCES.items()}
     out = dict(missing)
     for arm in DEFAULT_ARMS:
         if arm in arms or arm in out:
@@ -374,7 +258,7 @@ def study(a: argparse.Namespace) -> int:
         def evaluate(arm: str, seed: int, fraction: float, steps_done: int, encoder: Path) -> None:
             point = f"f{fraction:.2f}"
             eval_dir = work / "eval" / arm / f"seed{seed}" / point
-            jsons = [eval_dir / f"eval_{p}_{SELECTION}.json" for p in preset.protocols]
+            jsons = [eval_dir / eval_result_name(p, SELECTION) for p in preset.protocols]
             st.run(f"{tag}eval_{arm}_s{seed}_{point}", eval_cmd(",".join(preset.protocols), encoder, eval_dir, seed), jsons)
             run = runs.get(arm)
             new = []
@@ -386,7 +270,7 @@ def study(a: argparse.Namespace) -> int:
             if a.gradcam and fraction in (0.0, 1.0):  # maps stay in <out> (real pixels: never committed)
                 cam_dir = eval_dir / "gradcam"
                 st.run(f"{tag}gradcam_{arm}_s{seed}", [*eval_cmd("linear", encoder, cam_dir, seed), "--gradcam",
-                                                  str(a.gradcam)], [cam_dir / f"eval_linear_{SELECTION}.json"])
+                                                  str(a.gradcam)], [cam_dir / eval_result_name("linear", SELECTION)])
 
         extra = preset.overrides + ((f"optimizer.base_lr={preset.base_lr}",) if preset.base_lr is not None else ())
         for seed in preset.seeds:
@@ -397,7 +281,7 @@ def study(a: argparse.Namespace) -> int:
                     print(f"[skip] {arm} seed {seed}: its rows are in {results / 'per_fold.csv'}", flush=True)
                     continue
                 if arm in BASELINES:
-                    enc = work / "runs" / arm / f"seed{seed}" / "encoder_resnet18.pth"
+                    enc = work / "runs" / arm / f"seed{seed}" / ENCODER_NAME
                     cmd = [py, "-m", "study.bn_control", "--out", str(enc), "--seed", str(seed),
                            "--img_size", str(preset.img_size),
                            "--statistics", "start" if arm == "random" else "corpus"]
@@ -418,7 +302,7 @@ def study(a: argparse.Namespace) -> int:
                                            warmup_epochs=warmup, seed=seed, workers=preset.workers,
                                            crop_scale=preset.crop_scale, log_step=a.log_step,
                                            fractions=fractions, extra=extra)]
-                rec = st.run(f"{tag}pretrain_{arm}_s{seed}", cmd, [run_dir / "encoder_resnet18.pth"])
+                rec = st.run(f"{tag}pretrain_{arm}_s{seed}", cmd, [run_dir / ENCODER_NAME])
                 records = log_records(run_dir)
                 total = epochs * (frames_of[arm] // preset.batch_size)
                 epoch_s = [r.get("seconds", 0.0) for r in records if r.get("kind") == "epoch"]
@@ -437,16 +321,6 @@ def study(a: argparse.Namespace) -> int:
         save_settings()
     render(results)
     return 0
-
-
-def completed_pairs(store: Results, arms: list[str], preset: Preset) -> set[str]:
-    """``"arm seed N"`` of every (arm, seed) of this study whose rows are all there."""
-    return {f"{arm} seed {s}" for s in preset.seeds for arm in arms if store.done(arm, s, preset)}
-
-
-def pending(store: Results, arms: list[str], preset: Preset, missing: dict) -> list[str]:
-    return [f"{arm} seed {s}" for s in preset.seeds for arm in arms
-            if arm not in missing and not store.done(arm, s, preset)]
 
 
 def render(results: Path) -> Path:
@@ -488,29 +362,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="committed results folder (default docs/results/study, docs/results/study_gpu; "
                         "smoke: <out>/results)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help="comma list: random, bn_control, byol, <detcon|aclus>_<superpixel|asam|sam_auto|asam_lung>")
+                   help=f"comma list: random, bn_control, byol, lightly_byol, <detcon|aclus>_<{'|'.join(MASK_SOURCES)}>")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
     p.add_argument("--frame_stride", type=int, default=None, help="every k-th COVID-BLUES frame (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None,
                    help="another schedule length (a variant: its runs and rows live apart, the warm-up keeps its share)")
     p.add_argument("--base_lr", type=float, default=None,
                    help="another optimizer.base_lr (a variant, e.g. one point of a learning-rate sweep)")
-    p.add_argument("--asam_ckpt", default=None, help="A-SAM stage-2 checkpoint for SAM/infer_masks.py")
-    p.add_argument("--asam_masks", default=None, help="precomputed A-SAM label tree <DIR>/COVID-BLUES/label/*.png")
-    p.add_argument("--asam_build", default=None, metavar="SEG_ROOT",
-                   help="no A-SAM checkpoint: train one (lite backbone, HC18 + USGRA under SEG_ROOT) first")
-    p.add_argument("--asam_lung_ckpt", default=None,
-                   help="stage-2 checkpoint that knows the SynLung-Lung anatomies (source asam_lung; "
-                        "benchmarks/measure_lung_asam.py trains one)")
-    p.add_argument("--asam_prompts", default=None, help="infer_masks --prompts (default: all of the checkpoint)")
-    p.add_argument("--asam_batch", type=int, default=4, help="infer_masks --batch_size")
     p.add_argument("--gradcam", type=int, default=0, metavar="N",
                    help="Grad-CAM of N test images per class and fold for each arm's final encoder (linear probe), "
                         "under <out>/eval/ (0 = off)")
-    p.add_argument("--sp_scale", type=float, default=30.0, help="superpixel_masks --scale")
-    p.add_argument("--sp_min_area", type=float, default=0.004, help="superpixel_masks --min_area")
-    p.add_argument("--sp_max_segments", type=int, default=32, help="superpixel_masks --max_segments")
     p.add_argument("--log_step", type=int, default=5, help="pre-training log interval (steps)")
+    for source in MASK_SOURCES.values():  # each source's own flags
+        source.add_arguments(p.add_argument_group(f"mask source {source.name}: {source.label}"))
     p.add_argument("--render_only", action="store_true",
                    help="only render results.md, figures and the README / RESULTS block from --results")
     return p
@@ -532,14 +396,13 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 print(f"study_real_data.py: error: --arms: {e}", file=sys.stderr)
                 return 2
-    from utils.flags import AT_LEAST_0, AT_LEAST_1, POSITIVE, PROBABILITY, check_flag_ranges
+    from utils.flags import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_flag_ranges
     from utils.io import DataError
 
     try:
         check_flag_ranges(a, {"--frame_stride": AT_LEAST_1, "--epochs": AT_LEAST_1, "--base_lr": POSITIVE,
-                              "--asam_batch": AT_LEAST_1, "--gradcam": AT_LEAST_0, "--sp_scale": POSITIVE,
-                              "--sp_min_area": PROBABILITY, "--sp_max_segments": AT_LEAST_1,
-                              "--log_step": AT_LEAST_1})
+                              "--gradcam": AT_LEAST_0, "--log_step": AT_LEAST_1,
+                              **{k: v for s in MASK_SOURCES.values() for k, v in s.flag_ranges.items()}})
     except DataError as e:
         print(f"study_real_data.py: error: {e}", file=sys.stderr)
         return 2
@@ -547,50 +410,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study_real_data.py: error: --seeds {a.seeds!r}: expected a comma list of integers", file=sys.stderr)
         return 2
     if a.gradcam:  # the evaluation would refuse it, but only after frames, masks and pre-training
-        from evaluation_aclus import check_gradcam_args
+        from evaluation.explain import check_gradcam_args
 
         try:
             check_gradcam_args(argparse.Namespace(gradcam=a.gradcam, img_size=PRESETS[a.preset].img_size))
         except DataError as e:
             print(f"study_real_data.py: error: {e} (preset {a.preset})", file=sys.stderr)
             return 2
-    for flag, path in (("--covid_blues", a.covid_blues), ("--pocus", a.pocus), ("--downstream", a.downstream),
-                       ("--downstream_groups", a.downstream_groups), ("--asam_ckpt", a.asam_ckpt),
-                       ("--asam_masks", a.asam_masks), ("--asam_build", a.asam_build),
-                       ("--asam_lung_ckpt", a.asam_lung_ckpt)):
+    path_flags = ["--covid_blues", "--pocus", "--downstream", "--downstream_groups",
+                  *(f for source in MASK_SOURCES.values() for f in source.path_flags)]
+    for flag, path in ((f, getattr(a, f[2:])) for f in path_flags):
         if path and not Path(path).exists():
             print(f"study_real_data.py: error: {flag} {path}: not found", file=sys.stderr)
             return 2
     return _one_line_errors(lambda: study(a))
-
-
-def downstream_folds(a, st: ResumableStages, out: Path, preset, py: str) -> tuple[Path, list[str], dict]:
-    """(the evaluation's --data_path, its extra flags, what settings.json records about the set)."""
-    if not a.downstream:
-        folds = out / "pocus_5fold"
-        st.run("pocus_folds", [py, "-m", "utils.pocus_folds", "--src", str(Path(a.pocus).resolve()),
-                               "--out", str(folds), "--frames_per_video", str(preset.pocus_frames_per_video),
-                               "--size", str(preset.img_size), "--seed", "0"], [folds / "covid_data5.pkl"])
-        return folds, [], {"name": "POCUS", "folds": 5, "split": "split by video"}
-    from evaluation.data import SPLIT_NAME, DataOptions, open_data, write_split_csv
-    from utils.io import atomic_write
-
-    root = Path(a.downstream).resolve()
-    keep = out / "downstream"  # the split of an ImageFolder, made once and reused by every run
-    data = open_data(root, DataOptions(groups=a.downstream_groups, group_rule=a.downstream_group_rule), keep)
-    for note in data.notes:
-        print(f"note: {note}")
-    split_args = []
-    if data.rows is not None:
-        atomic_write(keep / SPLIT_NAME, lambda f: f.write(write_split_csv(data.rows)))
-        split_args = ["--split", str(keep / SPLIT_NAME)]
-        how = ("grouped by " + (f"{Path(a.downstream_groups).name}" if a.downstream_groups else
-                                f"the rule {a.downstream_group_rule}") if a.downstream_groups or a.downstream_group_rule
-               else "split per image")
-    else:
-        how = "its own folds"
-    return root, split_args, {"name": root.name, "layout": data.kind, "folds": data.num_folds,
-                              "classes": list(data.classes), "split": how}
 
 
 def _one_line_errors(fn) -> int:

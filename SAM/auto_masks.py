@@ -247,9 +247,8 @@ def run(data_dir: Path, out_dir: Path, params: AutoMaskParams, device: str = "cp
         weights: str | None = None, montage_png: Path | None = None, montage_n: int = 8,
         limit: int = 0) -> dict:
     """Write the missing label maps; returns the run's totals, seconds and bad images."""
-    from SAM.infer_masks import montage
     from SAM.segmenter import build_segmenter
-    from utils.plots import overlay_labels
+    from utils.plots import montage, overlay_labels
 
     jobs = check_inputs(data_dir, out_dir)
     if limit:

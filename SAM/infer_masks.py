@@ -58,15 +58,14 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from SAM.seg_training import pick_device, run_as_script  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.presence import threshold_vector  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
-from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges  # noqa: E402
+from SAM.seg_training import pick_device, run_as_script  # noqa: E402
+from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges, script_parser  # noqa: E402
 from utils.io import DataError, atomic_write, atomic_write_png, ensure_writable_dir, read_image  # noqa: E402
 from utils.mask_layout import ensure_label_dirs, label_jobs  # noqa: E402
-from utils.plots import overlay_labels  # noqa: E402
-
+from utils.plots import montage, overlay_labels  # noqa: E402
 
 SETTINGS_NAME = "asam_settings.json"   # what made the label maps of an out_dir
 CLASSES_NAME = "asam_classes.json"     # label index -> prompt key
@@ -194,19 +193,6 @@ def default_workers() -> int:
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
-def montage(tiles: list[np.ndarray], tile: int = 192, cols: int = 4) -> np.ndarray:
-    """RGB tiles of any size -> one RGB grid image, each tile letterboxed to tile x tile."""
-    rows = (len(tiles) + cols - 1) // cols
-    grid = np.zeros((rows * tile, cols * tile, 3), np.uint8)
-    for i, t in enumerate(tiles):
-        s = tile / max(t.shape[:2])
-        r = cv2.resize(t, (max(1, round(t.shape[1] * s)), max(1, round(t.shape[0] * s))),
-                       interpolation=cv2.INTER_AREA)
-        y, x = (i // cols) * tile, (i % cols) * tile
-        grid[y:y + r.shape[0], x:x + r.shape[1]] = r
-    return grid
-
-
 def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
               todo: list[tuple[Path, Path]], writer: BackgroundWriter, device: torch.device,
               args: argparse.Namespace, rank: int, bad: list[str], removed: dict[str, int],
@@ -250,8 +236,7 @@ def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (kind asam_stage2)")
     p.add_argument("--data_dir", required=True, help="folder with <Sub>/img/ sub-folders")
     p.add_argument("--out_dir", default=None, help="where <Sub>/label/ goes (default: --data_dir)")

@@ -26,6 +26,7 @@ from SAM.samus_data import SAMUSDataset, collate, restore_logits
 from SAM.seg_metrics import MetricTable, format_summary
 from utils.distributed import seed_everything, to_device
 from utils.io import DataError, ensure_writable_dir
+from utils.stage_files import ASAM_BEST, ASAM_LAST
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -49,7 +50,7 @@ def start_run(args, kind: str):
     cfg = task_config_from_args(args)
     seed_everything(cfg.seed)
     out_dir = ensure_writable_dir(args.out_dir, "--out_dir")
-    last = out_dir / "last.pt"
+    last = out_dir / ASAM_LAST
     resume = load_checkpoint(last, (kind,)) if args.resume and last.is_file() else None
     return cfg, pick_device(args.device), out_dir, prompt_keys(cfg.data_root, cfg.datasets), resume
 
@@ -209,9 +210,9 @@ def train(*, out_dir: Path, loss_fn: Callable[[dict], torch.Tensor],
         print(f"epoch {epoch}: loss {np.mean(losses):.4f}, val Dice {dice:.4f}"
               f"{' (best)' if is_best else ''}\n{format_summary(summary)}")
         if is_best:
-            save(out_dir / "best.pt", epoch=epoch, best_dice=best, val=summary)
+            save(out_dir / ASAM_BEST, epoch=epoch, best_dice=best, val=summary)
         # last.pt carries the optimizer so that --resume continues exactly here
-        save(out_dir / "last.pt", epoch=epoch, best_dice=best, optimizer=optimizer.state_dict(),
+        save(out_dir / ASAM_LAST, epoch=epoch, best_dice=best, optimizer=optimizer.state_dict(),
              **({"scaler": scaler.state_dict()} if amp else {}))
     writer.close()
     log.close()

@@ -37,17 +37,18 @@ import torch  # noqa: E402
 from SAM.auto_prompter import AutoPrompter, prompter_grid  # noqa: E402
 from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_checkpoint,  # noqa: E402
                             segmenter_from_checkpoint)
-from SAM.config import parse_bool, add_task_args  # noqa: E402
+from SAM.config import add_task_args, parse_bool  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
 from SAM.fast_decoder import decode_low_res  # noqa: E402
-from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges  # noqa: E402
-from SAM.presence import (format_presence, presence_loss, presence_record,  # noqa: E402
-                          presence_test_metrics, threshold_vector)
-from SAM.seg_training import evaluate, make_loader, presence_rows, run_as_script, start_run, train  # noqa: E402
+from SAM.presence import (format_presence, presence_loss, presence_record, presence_test_metrics,  # noqa: E402
+                          threshold_vector)
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
+from SAM.seg_training import evaluate, make_loader, presence_rows, run_as_script, start_run, train  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
+from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges  # noqa: E402
 from utils.io import atomic_torch_save, atomic_write  # noqa: E402
+from utils.stage_files import ASAM_BEST  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
             return torch.where(keep[:, None, None, None], lg, torch.full_like(lg, -1e4))
         return decided
 
-    ck = load_checkpoint(out_dir / "best.pt", ("asam_stage2",))
+    ck = load_checkpoint(out_dir / ASAM_BEST, ("asam_stage2",))
     seg.load_state_dict(ck["model"])
     prompter.load_state_dict(ck["prompter"])
     set_train_mode(False)
@@ -219,7 +220,7 @@ def main(argv=None) -> dict:
             cache.fill(val_all)
         rows = presence_rows(lambda b: scores(b, val_all), loader_of(val_all), device, amp=args.amp)
         ck["presence"] = presence_record(rows, keys, args.presence_max_fpr, cfg.val_split)
-        atomic_torch_save(ck, out_dir / "best.pt")
+        atomic_torch_save(ck, out_dir / ASAM_BEST)
         print(format_presence(ck["presence"]))
     if args.eval_test:
         test_ds = mk(cfg.test_split, False, True, cfg.max_test, neg=float(len(keys)))

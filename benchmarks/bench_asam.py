@@ -46,11 +46,12 @@ import torch  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
 from SAM.config import parse_bool  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
-from SAM.seg_training import evaluate, make_loader  # noqa: E402
 from SAM.samus_data import SAMUSDataset, image_to_tensor, prompt_keys  # noqa: E402
 from SAM.seg_metrics import format_summary  # noqa: E402
+from SAM.seg_training import evaluate, make_loader  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
 from utils.io import atomic_write, atomic_write_png, read_image  # noqa: E402
+from utils.stage_files import ASAM_BEST  # noqa: E402
 
 DATASETS = ("FetalHead-HC18", "Nerve-USGRA")
 
@@ -73,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_val", type=int, default=0)
     p.add_argument("--max_test", type=int, default=0)
     p.add_argument("--infer_images", type=int, default=32,
-                   help="images for the throughput test (32; at 16 start-up costs dominate)")
+                   help="images for the throughput test (32; at 16 start-up costs dominate; 0 skips "
+                        "it, e.g. while another job loads the machine)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     p.add_argument("--negative_rates", default="0",
                    help="comma list: one stage 2 per stage-2 --negative_rate, each in "
@@ -123,7 +125,7 @@ def throughput(seg, ckpt: Path, ds: SAMUSDataset, n: int, batch: int, work: Path
 
 def write_synthetic_images(folder: Path, n: int, size: int) -> list[Path]:
     """n synthetic scans under <folder>/Syn/img: square and 2:3 letterboxed ones alternate."""
-    from utils.synthetic_us import make_scan
+    from utils.synthetic_scan import make_scan
 
     paths = []
     for i in range(n):
@@ -206,7 +208,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from benchmarks.measure_mask_sources import machine
+    from benchmarks.machine import machine
     where = machine()  # the load average before any work
     work = Path(args.work_dir)
     root = Path(args.seg_root)
@@ -239,12 +241,14 @@ def main(argv=None) -> dict:
         # log.jsonl is appended to: a retrained or resumed epoch counts once, with its last record
         epochs = list({(e := json.loads(l))["epoch"]: e for l in (stage2 / "log.jsonl").read_text().splitlines()
                        if l.strip()}.values())
-        runs[f"{rate:g}"] = {"negative_rate": rate, "checkpoint": repo_relative(stage2 / "best.pt"),
+        runs[f"{rate:g}"] = {"negative_rate": rate, "checkpoint": repo_relative(stage2 / ASAM_BEST),
                              "stage2_seconds": train_s, "epochs": len(epochs),
                              "epoch_seconds": sum(e.get("seconds", 0.0) for e in epochs),
                              "test": json.loads((stage2 / "test_metrics.json").read_text())}
-    first = work / f"stage2_neg{args.negative_rates[0]:g}" / "best.pt"
-    speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work)
+        if (stage2 / "test_presence.json").is_file():  # a presence head: its rule, rates, AUROCs
+            runs[f"{rate:g}"]["presence"] = json.loads((stage2 / "test_presence.json").read_text())
+    first = work / f"stage2_neg{args.negative_rates[0]:g}" / ASAM_BEST
+    speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work) if args.infer_images else None
 
     result = {"what": "A-SAM (LiteMedSAM backbone, encoder frozen) on HC18 + USGRA: box-prompted "
                       "baseline, prompt-free stage 2 per negative rate, mask-inference throughput",
@@ -256,9 +260,10 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else work / "bench_asam.json"
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(results_table(box, runs, keys))
-    print(f"throughput at batch {speed['batch_size']} on {speed['images']} images: infer_masks "
-          f"{speed['infer_masks_img_per_s']:.3f} img/s, encoder alone {speed['encoder_img_per_s']:.3f} "
-          f"img/s, pipeline overhead {speed['pipeline_overhead_pct']:.1f} %")
+    if speed:
+        print(f"throughput at batch {speed['batch_size']} on {speed['images']} images: infer_masks "
+              f"{speed['infer_masks_img_per_s']:.3f} img/s, encoder alone {speed['encoder_img_per_s']:.3f} "
+              f"img/s, pipeline overhead {speed['pipeline_overhead_pct']:.1f} %")
     print(f"wrote {out}")
     return result
 

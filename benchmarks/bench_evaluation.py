@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,14 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import evaluation_aclus as ev  # noqa: E402
+from benchmarks.machine import machine  # noqa: E402
+from evaluation.runner import evaluate, get_args_parser  # noqa: E402
 from utils.pocus_folds import build  # noqa: E402
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads, {gpu}")
 
 
 def main(argv=None) -> int:
@@ -59,16 +52,14 @@ def main(argv=None) -> int:
           f"(skipped {report['skipped']}, unreadable {report['unreadable'] or 'none'})")
 
     t = time.time()
-    if ev.main(["--data_path", str(out / "folds"), "--protocol", "linear", "--out_dir", str(out / "linear"),
-                *common]) != 0:
-        return 1
+    evaluate(get_args_parser().parse_args(["--data_path", str(out / "folds"), "--protocol", "linear",
+                                           "--out_dir", str(out / "linear"), *common]))
     t_linear = time.time() - t
     lin = json.loads((out / "linear" / "eval_linear_last.json").read_text())["summary"]
 
     t = time.time()
-    if ev.main(["--data_path", str(out / "folds"), "--protocol", "finetune", "--epochs", str(args.finetune_epochs),
-                "--out_dir", str(out / "finetune"), *common]) != 0:
-        return 1
+    evaluate(get_args_parser().parse_args(["--data_path", str(out / "folds"), "--protocol", "finetune", "--epochs",
+                                           str(args.finetune_epochs), "--out_dir", str(out / "finetune"), *common]))
     t_ft = time.time() - t
     ft = json.loads((out / "finetune" / "eval_finetune_last.json").read_text())["summary"]
     t_ft_30 = t_ft * 30 / args.finetune_epochs  # training dominates; the one test pass per fold is tiny

@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import pretrain_aclus  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from pretraining.config import load_config  # noqa: E402
+from pretraining.loop import train  # noqa: E402
 
 CONFIG = REPO / "configs" / "example.yaml"
 
@@ -31,13 +31,11 @@ CONFIG = REPO / "configs" / "example.yaml"
 def timed_run(data: str, method: str, steps: int, run_dir: Path) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
-    rc = pretrain_aclus.main(["--cfg", str(CONFIG), "--device", "cuda", "--max_steps", str(steps),
-                              "-o", f"data.image_dir={data}", "-o", f"model.method={method}",
-                              "-o", f"checkpoint.ckpt_path={run_dir}", "-o", "checkpoint.resume_path=",
-                              "-o", "optimizer.total_epochs=10"])
+    cfg = load_config(CONFIG, [f"data.image_dir={data}", f"model.method={method}", f"checkpoint.ckpt_path={run_dir}",
+                               "checkpoint.resume_path=", "optimizer.total_epochs=10"])
+    # pretrain_aclus.py's loop with the options its command line would give
+    train(cfg, argparse.Namespace(device="cuda", resume=None, max_steps=steps, overwrite=True))
     torch.cuda.synchronize()
-    if rc != 0:
-        raise SystemExit(f"pretrain_aclus.py failed for {method} (exit {rc})")
     return time.perf_counter() - t
 
 

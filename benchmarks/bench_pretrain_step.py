@@ -3,7 +3,7 @@
     python benchmarks/bench_pretrain_step.py --batch 32 --size 112 --steps 5 --json docs/results/bench_pretrain_step.json
     python benchmarks/bench_pretrain_step.py --batches 8,32,192 --size 224 --methods aclus --amp auto --loader
 
-A step is the training loop's own ``pretrain_aclus.train_step`` (the on-device augmentation
+A step is the training loop's own ``pretraining.step.train_step`` (the on-device augmentation
 of a batch of crops, forward of the online and target networks, losses, backward, LARS
 update, target EMA) on a fixed batch of crops, with the precision, memory format and
 compilation the loop would use (``--amp``, ``--compile``; channels-last on CUDA); data
@@ -43,11 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.aclus import build_model  # noqa: E402
 from models.methods import METHODS, get_method  # noqa: E402
-from pretrain_aclus import augment_seed, build_optimizer, prepare_model, resolve_precision, train_step  # noqa: E402
-from utils.config import PretrainConfig  # noqa: E402
-from utils.gpu_augment import augment_batch  # noqa: E402
-from utils.pretrain_data import make_crops, relabel_mask  # noqa: E402
-from utils.synthetic_us import make_scan  # noqa: E402
+from pretraining.augment import augment_batch  # noqa: E402
+from pretraining.config import PretrainConfig  # noqa: E402
+from pretraining.data import make_crops, relabel_mask  # noqa: E402
+from pretraining.optim import build_optimizer  # noqa: E402
+from pretraining.precision import prepare_model, resolve_precision  # noqa: E402
+from pretraining.step import augment_seed, train_step  # noqa: E402
+from utils.synthetic_scan import make_scan  # noqa: E402
 
 REFERENCE = "lightly_byol"
 #: the reference here is lightly's whole recipe (its ResNet, heads, loss and update_momentum) in a
@@ -63,7 +65,7 @@ SCAN_POOL = 16
 
 
 def make_batch(batch: int, size: int, method: str) -> dict[str, torch.Tensor]:
-    """A batch of the loader's crops (uint8, :func:`utils.pretrain_data.make_crops`) of synthetic
+    """A batch of the loader's crops (uint8, :func:`pretraining.data.make_crops`) of synthetic
     scans at twice the view side, as the training step receives it."""
     spec = get_method(method)
     scans = [make_scan(seed=i, size=2 * size, scan_class=i % 3) for i in range(min(batch, SCAN_POOL))]
@@ -83,7 +85,7 @@ def make_step(method: str, batch: int, size: int, device: torch.device, cfg: Pre
               ) -> Callable[[], None]:
     """One training step of ``method`` on a fixed batch, as the training loop runs it.
 
-    ``cfg``: a loaded config (``utils.config.load_config``) for the head sizes, optimizer, AMP,
+    ``cfg``: a loaded config (``pretraining.config.load_config``) for the head sizes, optimizer, AMP,
     memory format and compilation (``amp.*``); default: the paper-size defaults (fp32).
     ``lightly_byol`` builds lightly's BYOL instead.
     """
@@ -189,9 +191,9 @@ def loader_throughput(batch: int, size: int, workers: int, batches: int, crop_sc
     the per-sample path (files read and views augmented by the workers) for comparison."""
     from torch.utils.data import DataLoader
 
+    from pretraining.data import AnatomyPairDataset, EpochSampler
     from utils.generate_masks_pkls import generate
     from utils.mask_layout import load_pairs
-    from utils.pretrain_data import AnatomyPairDataset, EpochSampler
     from utils.synthetic_us import write_pretrain_layout
 
     n_images = n_images or max(batch, 2 * SCAN_POOL)

@@ -35,12 +35,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.aclus import build_model  # noqa: E402
-from pretrain_aclus import CKPT_KIND, augment_seed, build_loader  # noqa: E402
+from pretraining.augment import augment_batch  # noqa: E402
+from pretraining.config import load_config  # noqa: E402
+from pretraining.loop import CKPT_KIND, build_loader  # noqa: E402
+from pretraining.step import augment_seed  # noqa: E402
 from study.provenance import machine  # noqa: E402
 from utils.checkpoint import find_resume_checkpoint  # noqa: E402
-from utils.config import load_config  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
-from utils.gpu_augment import augment_batch  # noqa: E402
 
 CONDITIONS = ("running", "running_no_damage", "running_other_image", "batch", "batch_other_image")
 

@@ -15,7 +15,7 @@ with HC18 and USGRA, measured on held-out synthetic scans and on real lung frame
    study's frames); ``SAM/infer_masks.py`` with this checkpoint's lung prompts, and with every
    prompt of ``--compare`` (an A-SAM that never saw a lung); per source and prompt: the share
    of frames where it fires, regions per frame, pixel share, C5 survival
-   (:mod:`utils.mask_stats`), and the spread of the pleura's vertical centroid within a video.
+   (:mod:`pretraining.mask_stats`), and the spread of the pleura's vertical centroid within a video.
 
 Writes ``--out`` (default docs/results/lung_asam.json) and ``--montage`` (the lung A-SAM on
 held-out synthetic scans); real-frame overlays stay in ``<work_dir>`` (COVID-BLUES licence).
@@ -36,18 +36,20 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks.bench_asam import repo_relative  # noqa: E402
+from pretraining.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
 from utils.extract_frames import spread_evenly, video_of  # noqa: E402
+from utils.flags import script_parser  # noqa: E402
 from utils.io import atomic_write, read_label  # noqa: E402
-from utils.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
-from utils.synthetic_us import ANATOMY_IDS, LUNG_DATASET, LUNG_PROMPTS, STYLES, write_lung_layout  # noqa: E402
+from utils.stage_files import ASAM_BEST, ASAM_LAST  # noqa: E402
+from utils.synthetic_scan import ANATOMY_IDS, STYLES  # noqa: E402
+from utils.synthetic_us import LUNG_DATASET, LUNG_PROMPTS, write_lung_layout  # noqa: E402
 
 PLEURA = f"{LUNG_DATASET}/{ANATOMY_IDS['pleura']}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--seg_root", required=True, help="SAMUS root with HC18 and USGRA")
     p.add_argument("--lung_frames", required=True, help="<Sub>/img/<video>_f<index>.png tree of real frames")
     p.add_argument("--compare", default=None, help="another stage-2 checkpoint to measure on the same frames")
@@ -121,7 +123,7 @@ def measure_source(label_root: Path, videos: dict[str, list[str]], prompts: list
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from benchmarks.measure_mask_sources import machine
+    from benchmarks.machine import machine
     where = machine()  # the load average before any work
     work = Path(a.work_dir)
     t0 = time.perf_counter()
@@ -138,7 +140,7 @@ def main(argv=None) -> dict:
             "--max_test", str(a.max_test), "--negative_rate", str(a.negative_rate), "--workers", "1",
             "--device", "cpu", "--prompter_grid", str(a.prompter_grid), "--balance_prompts", "true",
             "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
-            + (["--resume"] if (stage2 / "last.pt").is_file() else []))
+            + (["--resume"] if (stage2 / ASAM_LAST).is_file() else []))
     train_s = time.perf_counter() - t1
     test = json.loads((stage2 / "test_metrics.json").read_text())
 
@@ -152,7 +154,7 @@ def main(argv=None) -> dict:
         if not link.exists():
             link.symlink_to((data / LUNG_DATASET / "img" / f"{n}.png").resolve())
     shutil.rmtree(work / "synthetic_masks", ignore_errors=True)   # infer_masks skips finished maps
-    infer_masks.main(["--ckpt", str(stage2 / "best.pt"), "--data_dir", str(syn), "--out_dir", str(work / "synthetic_masks"),
+    infer_masks.main(["--ckpt", str(stage2 / ASAM_BEST), "--data_dir", str(syn), "--out_dir", str(work / "synthetic_masks"),
                       "--prompts", ",".join(LUNG_PROMPTS), "--device", "cpu", "--workers", "0",
                       "--montage", a.montage])
 
@@ -160,7 +162,7 @@ def main(argv=None) -> dict:
     videos = pick_real_frames(Path(a.lung_frames), a.n_videos, a.frames_per_video, real)
     if not videos:
         raise SystemExit(f"--lung_frames {a.lung_frames}: no <Sub>/img/*.png frames there")
-    sources = {"asam_lung": (stage2 / "best.pt", list(LUNG_PROMPTS))}
+    sources = {"asam_lung": (stage2 / ASAM_BEST, list(LUNG_PROMPTS))}
     if a.compare:
         from SAM.checkpoint import load_checkpoint
         sources["asam_hc18_usgra"] = (Path(a.compare), load_checkpoint(a.compare, ("asam_stage2",))["prompt_keys"])

@@ -9,7 +9,7 @@
 (b) COVID-BLUES lung frames: the middle frame of ``--n_lung`` videos spread evenly over the
     sorted list (:func:`utils.extract_frames.extract_video`), into ``--work_dir`` (a local
     folder: frames and overlays never go into the repository); per source the statistics of
-    :mod:`utils.mask_stats` (fires, regions per frame, pixel shares, C5 survival at 112 px);
+    :mod:`pretraining.mask_stats` (fires, regions per frame, pixel shares, C5 survival at 112 px);
 (c) seconds per image of each source on this machine (model loading excluded).
 
 sam_auto's label maps are measured under both overlap rules of
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,16 +33,15 @@ sys.path.insert(0, str(REPO))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from benchmarks.machine import machine  # noqa: E402
+from pretraining.mask_stats import frame_stats, summarise  # noqa: E402
 from SAM.auto_masks import AutoMaskParams, auto_label_map, min_region_pixels, paint_label_map  # noqa: E402
-from SAM.infer_masks import montage  # noqa: E402
 from SAM.samus_data import read_split  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
 from utils.extract_frames import extract_video, spread_evenly  # noqa: E402
 from utils.io import atomic_write, atomic_write_png, read_image, read_label  # noqa: E402
-from utils.mask_stats import frame_stats, summarise  # noqa: E402
-from utils.plots import overlay_labels  # noqa: E402
+from utils.plots import montage, overlay_labels  # noqa: E402
 from utils.superpixel_masks import SuperpixelParams, superpixel_labels  # noqa: E402
 
 MATCH_IOU = 0.5
@@ -71,17 +68,6 @@ def recall_summary(values: list[float]) -> dict:
     return {"anatomies": int(v.size), "recall_at_0.5": float((v >= MATCH_IOU).mean()) if v.size else None,
             "mean_best_iou": float(v.mean()) if v.size else None,
             "std_best_iou": float(v.std(ddof=1)) if v.size > 1 else None}
-
-
-def machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_avg_1min_at_start": os.getloadavg()[0], "commit": commit,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def both_sources(seg, img: np.ndarray, params: AutoMaskParams, sp: SuperpixelParams, secs: dict):
@@ -174,7 +160,7 @@ def measure_lung(seg, frames: list[Path], params: AutoMaskParams, sp: Superpixel
 
 
 def synthetic_montage(seg, params: AutoMaskParams, png: Path, n: int = 4) -> dict:
-    from utils.synthetic_us import make_scan
+    from utils.synthetic_scan import make_scan
 
     tiles, regions = [], []
     for seed in range(n):

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from utils import realism  # noqa: E402
 from utils.extract_frames import spread_evenly, video_of  # noqa: E402
 from utils.io import atomic_write, atomic_write_png, read_image  # noqa: E402
-from utils.synthetic_us import STYLES, ScanStyle, derive_seed, make_scan  # noqa: E402
+from utils.synthetic_scan import STYLES, ScanStyle, derive_seed, make_scan  # noqa: E402
 
 # how much each statistic may differ before it costs one unit in the fit's score
 SCALES = {"histogram_w1": 5.0, "depth_profile_mad": 5.0, "speckle_contrast_diff": 0.03,
@@ -163,7 +163,7 @@ def montage(styles: dict[str, ScanStyle], path: Path, n: int = 6, side: int = 12
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from benchmarks.measure_mask_sources import machine
+    from benchmarks.machine import machine
     where = machine()  # the load average before any work
     t0 = time.perf_counter()
     split = {name: real_frames(folder, a.per_video) for name, folder in a.real.items()}
@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
         styles["fitted"] = fitted
         result["fit"] = {"style": dataclasses.asdict(fitted), "history": history,
                          **{k: getattr(a, k) for k in ("candidates", "refine", "fit_synthetic", "seed")}}
-        print(f"fitted (paste into utils/synthetic_us.REALISTIC): {fitted!r}")
+        print(f"fitted (paste into utils/synthetic_scan.REALISTIC): {fitted!r}")
     elif Path(a.out).is_file() and "fit" in json.loads(Path(a.out).read_text()):
         # a re-measurement keeps the record of the fit that chose REALISTIC
         result["fit"] = json.loads(Path(a.out).read_text())["fit"]

@@ -39,7 +39,7 @@ EVAL_SIZE = {"demo": 64, "paper": 224}
 def configured_batch(stage: str, setting: str) -> int:
     """The batch size each stage runs with in that setting (its config / script default)."""
     if stage == "pretrain":
-        from utils.config import load_config
+        from pretraining.config import load_config
         return load_config(CONFIGS[setting]).data.train_batch_size
     if stage == "evaluation":
         return 32                                   # evaluation_aclus.py --batch_size (paper: 32)
@@ -117,7 +117,7 @@ def _asam_step(stage: str, setting: str, batch: int, device: torch.device) -> Ca
 
 def _pretrain_step(setting: str, batch: int, device: torch.device) -> Callable[[], None]:
     from benchmarks.bench_pretrain_step import make_step
-    from utils.config import load_config
+    from pretraining.config import load_config
 
     cfg = load_config(CONFIGS[setting])
     return make_step(cfg.model.method, batch, cfg.data.resize_size, device, cfg)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,21 +34,13 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import peak_memory  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from benchmarks.machine import machine  # noqa: E402
+from pretraining.config import load_config  # noqa: E402
 
 METHODS = ("byol", "detcon", "aclus")
 #: paper-setting stages too slow for a full-batch step on a small CPU (the evaluation step,
 #: a ResNet-18 at 224 px, is measured at its real batch: its 1 -> 2 slope is lost in noise)
 EXTRAPOLATED = ("asam_stage1", "asam_stage2", "mask_inference", "pretrain")
-
-
-def machine() -> dict:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "load_avg_1min_at_start": load, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
 
 
 # --------------------------------------------------------------------------- #

@@ -2,7 +2,7 @@
 """Grad-CAM of a random-init and a learned encoder on synthetic scans: ``python figs/draw_gradcam.py``.
 
 The experiment is the one ``tests/test_gradcam.py::test_learned_encoder_puts_more_of_its_map_on_the_class_anatomy``
-asserts on (imported from there, so the figure and the test cannot drift apart), over
+asserts on (both import it from evaluation/cam_experiment.py, so they cannot drift apart), over
 ``--seeds`` (default 0 1 2):
 
 * data: fold 1 of the synthetic POCUS set with ``local_findings`` (the classes differ only at
@@ -11,10 +11,10 @@ asserts on (imported from there, so the figure and the test cannot drift apart),
   evaluation reads them (``covid_data1.pkl`` + ``covid_data1_cam_masks.npz``);
 * arms: one random-init ResNet-18, and the same init trained supervised on fold 1's
   training scans (100 Adam steps); both explained by the evaluation's linear protocol
-  (logistic regression, C = 0.1, :func:`utils.gradcam.linear_probe_classifier`), Grad-CAM of
+  (logistic regression, C = 0.1, :func:`evaluation.cam_shares.linear_probe_classifier`), Grad-CAM of
   the true class at ``layer4[-1]``;
 * number: the share of each map's energy on the scan's class anatomy
-  (:func:`utils.gradcam.synthetic_class_region`), beside the share a uniform map gets (the
+  (:func:`evaluation.cam_shares.synthetic_class_region`), beside the share a uniform map gets (the
   region's area) and the learned encoder's share when the WRONG class is explained.
 
 Writes ``figs/gradcam_synthetic.png`` (seed 0: two test scans per class; row 1 the scan
@@ -38,9 +38,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from evaluation import cam_experiment as exp  # noqa: E402
+from evaluation import cam_shares  # noqa: E402
 from models.encoder_io import NORM_MEAN, NORM_STD  # noqa: E402
-from tests import test_gradcam as exp  # noqa: E402
-from utils import gradcam as gcam  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 from utils.plots import overlay_labels, plot_image_grid  # noqa: E402
 
@@ -63,13 +63,13 @@ def draw(r: dict, png: Path, stats: dict) -> None:
     """The first ``SHOWN`` test scans of each class of one seed's run."""
     y = r["data"]["y_test"]
     keep = np.concatenate([np.flatnonzero(y == c)[:SHOWN] for c in range(3)])
-    images = gcam.display_images(r["data"]["x_test"][keep], NORM_MEAN, NORM_STD)   # K x S x S x 3
+    images = cam_shares.display_images(r["data"]["x_test"][keep], NORM_MEAN, NORM_STD)   # K x S x S x 3
     tiles, titles = [], []
     for img, m, c in zip(images, r["data"]["region"][keep], y[keep]):
         tiles.append(overlay_labels((img * 255).astype(np.uint8), m.astype(np.int64), alpha=0.25, outline=True))
         titles.append(f"{CLASSES[c]}: {REGIONS[CLASSES[c]]}\n(area {m.mean():.2f})")
     for arm in ("random", "learned"):
-        tiles += gcam.overlays(images, r[arm]["cams"][keep])
+        tiles += cam_shares.overlays(images, r[arm]["cams"][keep])
         titles += [f"{arm}: share {s:.2f}" if np.isfinite(s) else f"{arm}: empty map" for s in r[arm]["shares"][keep]]
     m = {k: v["mean"] for k, v in stats.items()}
     plot_image_grid(tiles, png, titles, cols=len(keep), tile_inches=1.45, dpi=76,
@@ -99,10 +99,10 @@ def summary(per_seed: dict, seconds: float) -> dict:
                          "img_size": exp.ANATOMY_IMG,
                          "learned": f"the random init trained supervised on fold 1's training scans: "
                                     f"{exp.ANATOMY_STEPS} Adam steps, batch 16, lr 1e-3, horizontal flips "
-                                    "(tests/test_gradcam.py::train_reference_encoder)",
+                                    "(evaluation/cam_experiment.py::train_reference_encoder)",
                          "random": "torch.manual_seed(seed); torchvision ResNet-18",
                          "protocol": f"linear probe (StandardScaler + LogisticRegression, C = {exp.ANATOMY_LIN_C}), "
-                                     "centred (utils.gradcam.linear_probe_classifier)",
+                                     "centred (evaluation.cam_shares.linear_probe_classifier)",
                          "cam": "gradcam", "cam_target": "true", "layer": "layer4[-1]"},
             "seeds": per_seed, "summary": stats, "wall_time_s": round(seconds, 1),
             "packages": {"torch": torch.__version__, "pytorch_grad_cam": _version("grad-cam")}}

@@ -24,7 +24,7 @@ optimizer step by the training loop.
 No step reads a value back from the device but one (which images' crops overlap, for the
 context pass with batch statistics; none with ``context_batchnorm="running"``): label ids are bounded by ``num_ids``
 (``data.max_mask_ids``; the loader numbers each image's ids 0..n-1 and refuses masks
-with more, :func:`utils.pretrain_data.relabel_mask`), so every shape is known on the host.
+with more, :func:`pretraining.data.relabel_mask`), so every shape is known on the host.
 On CUDA the encoders may run in channels-last memory format (:meth:`ACLUS.set_channels_last`).
 """
 from __future__ import annotations
@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from models.backbone import C5_DIM, FPN_DIM, SCALES, MLP, MultiScaleEncoder
-from models.losses import (byol_loss, context_loss, detcon_infonce, label_grids, mask_pool,
-                           region_present, sample_region_ids)
+from models.backbone import C5_DIM, FPN_DIM, MLP, SCALES, MultiScaleEncoder
+from models.losses import (byol_loss, context_loss, detcon_infonce, label_grids, mask_pool, region_present,
+                           sample_region_ids)
 from models.methods import get_method
 
 if TYPE_CHECKING:
-    from utils.config import PretrainConfig
+    from pretraining.config import PretrainConfig
 
 
 @contextmanager
@@ -313,7 +313,7 @@ class ACLUS(nn.Module):
 
 
 def build_model(cfg: PretrainConfig) -> ACLUS:
-    """Build the model of a loaded config; its head sizes were checked by ``utils.config``
+    """Build the model of a loaded config; its head sizes were checked by ``pretraining.config``
     (the projection takes the FPN width, the predictor maps the projection's size to itself)."""
     m, loss = cfg.model, cfg.loss
     return ACLUS(

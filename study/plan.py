@@ -7,16 +7,13 @@ from pathlib import Path
 
 from models.methods import METHODS
 from study import StudyError
+from study.mask_sources import MASK_SOURCES as REGISTRY
 
-#: the sub-folder name of the COVID-BLUES frames in every layout of the study
-SUB = "COVID-BLUES"
-MASK_SOURCES = ("superpixel", "asam", "sam_auto", "asam_lung")
+MASK_SOURCES = tuple(REGISTRY)
 DEFAULT_RUNS = ("byol", "detcon_superpixel", "detcon_asam", "aclus_asam")
-SOURCE_LABELS = {"superpixel": "Felzenszwalb superpixels", "asam": "A-SAM",
-                 "sam_auto": "SAM everything mode (LiteMedSAM, box grid)",
-                 "asam_lung": "A-SAM taught lung anatomy on synthetic scans", None: "- (whole image)"}
+SOURCE_LABELS = {**{k: v.label for k, v in REGISTRY.items()}, None: "- (whole image)"}
 #: the flag that provides each model-made source, for "not run" messages
-SOURCE_FLAGS = {"asam": "--asam_ckpt / --asam_masks", "asam_lung": "--asam_lung_ckpt"}
+SOURCE_FLAGS = {k: v.needs for k, v in REGISTRY.items() if v.needs}
 #: arms without pre-training: the random start of a seed, and that start with the corpus's
 #: BatchNorm statistics (study/bn_control.py); both are probed once, at step 0
 BASELINES = ("random", "bn_control")
@@ -120,7 +117,9 @@ def parse_run(name: str) -> Run:
     ValueError otherwise."""
     if name in METHODS and METHODS[name].whole_image:   # byol, byol_fpn: the mask source is irrelevant
         return Run(name, name, None, "superpixel")
-    method, _, source = name.partition("_")
+    # <method>_<source>, split at the source's name: method and source names may hold "_" themselves
+    source = max((s for s in MASK_SOURCES if name.endswith(f"_{s}")), key=len, default="")
+    method = name[: -len(source) - 1] if source else name
     if method not in METHODS or METHODS[method].whole_image or source not in MASK_SOURCES:
         raise ValueError(f"unknown run '{name}': expected byol or <detcon|aclus>_<{'|'.join(MASK_SOURCES)}>")
     return Run(name, method, source, source)

@@ -1,9 +1,12 @@
 """What ran: package versions and the git state, recorded in the study's ``settings.json``."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scikit-image", "opencv-python",
@@ -56,3 +59,27 @@ def machine(device: str) -> str:
     except OSError:
         pass
     return f"CPU, {os.cpu_count()} cores ({model})"
+
+
+def portable(arg: str | None) -> str | None:
+    """An absolute path as seen from the repository root (settings.json is committed: no machine's
+    own folders in it); any other argument (None too) as it is."""
+    return os.path.relpath(arg, REPO) if arg is not None and os.path.isabs(arg) else arg
+
+
+def recorded_command(argv: list[str]) -> list[str]:
+    """The command line as settings.json keeps it: paths from the repository root, and the
+    local ``--out`` folder (machine-specific, never committed) as a placeholder."""
+    out, skip = [], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if skip:
+            out.append("<local study folder>")
+        elif flag == "--out" and eq:
+            out.append("--out=<local study folder>")
+        elif flag.startswith("--") and eq:
+            out.append(f"{flag}={portable(value)}")
+        else:
+            out.append(portable(arg))
+        skip = arg == "--out"
+    return out

@@ -142,7 +142,7 @@ def runs_table(runs: list[dict]) -> str:
 
 
 def mask_table(mask_stats: dict, view: int | None = None) -> str:
-    """Per mask source, the :func:`utils.mask_stats.summarise` of its label maps: how many
+    """Per mask source, the :func:`pretraining.mask_stats.summarise` of its label maps: how many
     regions own a cell of each scale's grid in a whole-image view of the preset's size."""
     def num(v, d=3):
         return "–" if v is None else f"{v:.{d}f}"

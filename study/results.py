@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from study import StudyError
+from study.plan import Preset, expected_keys
 
 FOLD_COLUMNS = ("arm", "method", "mask_source", "seed", "fraction", "steps", "protocol", "fold",
                 "n_test", "accuracy", "macro_f1")
@@ -143,3 +144,55 @@ def attribute_pairs(made_by: dict[str, list[str]], commit: str | None, done_befo
     if new:
         out.setdefault(commit or "unknown", []).extend(new)
     return out
+
+
+class Results:
+    """The committed result files of one study (``--results``), kept in memory and rewritten whole."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.rows = read_rows(folder / "per_fold.csv", FOLD_COLUMNS)
+        self.runs = read_rows(folder / "runs.csv", RUN_COLUMNS)
+        self.loss = read_rows(folder / "loss.csv", LOSS_COLUMNS)
+
+    def done(self, arm: str, seed: int, preset: Preset) -> bool:
+        return expected_keys(arm, preset) <= done_keys(self.rows, arm, seed)
+
+    def add_rows(self, new: list[dict]) -> None:
+        self.rows = replace_rows(self.rows, new, ("arm", "seed", "fraction", "protocol", "fold"))
+        write_rows(self.folder / "per_fold.csv", self.rows, FOLD_COLUMNS)
+
+    def add_run(self, run: dict, loss: list[dict]) -> None:
+        self.runs = replace_rows(self.runs, [run], ("arm", "seed"))
+        self.loss = [r for r in self.loss if (r["arm"], r["seed"]) != (run["arm"], run["seed"])] + loss
+        write_rows(self.folder / "runs.csv", self.runs, RUN_COLUMNS)
+        write_rows(self.folder / "loss.csv", self.loss, LOSS_COLUMNS)
+
+
+def check_results_folder(folder: Path, preset: Preset) -> None:
+    """Refuse to add rows to a results folder made with other preset settings."""
+    path = folder / "settings.json"
+    if not path.is_file() or not (folder / "per_fold.csv").is_file():
+        return
+    before = read_json(path).get("preset", {})
+    now = preset.to_dict()
+    for k, v in now.items():
+        if k in ("seeds", "workers", "threads"):  # more seeds extend a study; workers change no number
+            continue
+        if k not in before:  # a preset key newer than the rows: nothing to compare
+            continue
+        old = before[k]      # None too: a base_lr left to the config is not the same as base_lr 2.0
+        if (list(old) if isinstance(old, (list, tuple)) else old) != \
+                (list(v) if isinstance(v, (list, tuple)) else v):
+            raise StudyError(f"{path}: its rows were made with preset {k}={old!r}, now {v!r}; "
+                             "use another --results to compare settings")
+
+
+def completed_pairs(store: Results, arms: list[str], preset: Preset) -> set[str]:
+    """``"arm seed N"`` of every (arm, seed) of this study whose rows are all there."""
+    return {f"{arm} seed {s}" for s in preset.seeds for arm in arms if store.done(arm, s, preset)}
+
+
+def pending(store: Results, arms: list[str], preset: Preset, missing: dict) -> list[str]:
+    return [f"{arm} seed {s}" for s in preset.seeds for arm in arms
+            if arm not in missing and not store.done(arm, s, preset)]

@@ -42,6 +42,32 @@ def synthetic_pretrain_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def pocus_pickles_32px(tmp_path_factory) -> Path:
+    """covid_data1..5.pkl: 1 video x 3 classes x 5 folds x 2 frames = 30 images, 32 px (fast protocol runs)."""
+    from utils.synthetic_us import write_pocus_folds
+
+    root = tmp_path_factory.mktemp("syn_pocus_small")
+    write_pocus_folds(root, videos_per_class_per_fold=1, frames_per_video=2, size=32, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_asam_inputs():
+    """A random-init ViT-tiny segmenter and 3-prompt auto-prompter (eval mode, seed 1) with two
+    64 px images: the arguments of SAM.fast_decoder.predict_index_maps, prompts 0..2."""
+    import torch
+
+    from SAM.auto_prompter import AutoPrompter, prompter_grid
+    from SAM.segmenter import build_segmenter
+
+    torch.manual_seed(1)
+    seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
+    prompter = AutoPrompter(3, grid=prompter_grid(seg.grid)).eval()
+    images = torch.rand(2, 3, 64, 64)
+    return seg, prompter, images, [0, 1, 2], [(64, 64)] * 2, [(64, 64)] * 2
+
+
 def tiny_pretrain_config(tmp: Path, data_dir: Path, **sections) -> Path:
     """Write a CPU-sized config (32 px views, small heads) and return its path."""
     import yaml

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import evaluation_aclus as ev
-from evaluation.data import DataOptions, fit_square, group_of, make_split, open_data
+from evaluation.data import DataOptions, fit_square, open_data
+from evaluation.splits import group_of, make_split, write_split_csv
 
 CLASSES = ("benign", "malignant", "normal")             # sorted folder names = label order
 PATIENTS = {"benign": 7, "malignant": 5, "normal": 3}
@@ -136,7 +137,7 @@ def test_a_split_that_no_longer_matches_the_folder_is_one_line(image_folder, tmp
     out = tmp_path / "o"
     data = open_data(image_folder, DataOptions(folds=3))
     out.mkdir()
-    (out / "split.csv").write_bytes(ev.write_split_csv(data.rows[1:]))   # one image missing from it
+    (out / "split.csv").write_bytes(write_split_csv(data.rows[1:]))   # one image missing from it
     assert ev.main(["--data_path", str(image_folder), *FAST, "--out_dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 files are not in it" in err[0] and "delete it to split again" in err[0]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from SAM.auto_masks import (COUNTERS, SCORES_FILE, AutoMaskParams, auto_label_map, box_grid, main,
-                            nms_keep, paint_label_map, quality_filter)
+from SAM.auto_masks import (COUNTERS, SCORES_FILE, AutoMaskParams, auto_label_map, box_grid, main, nms_keep,
+                            paint_label_map, quality_filter)
 
 
 def rect(shape, y0, y1, x0, x1) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_low_predicted_iou_leaves_the_map_empty():
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory):
     from utils.io import atomic_write_png
-    from utils.synthetic_us import make_scan
+    from utils.synthetic_scan import make_scan
 
     data = tmp_path_factory.mktemp("auto_masks") / "data"
     for seed, rel in ((0, "a.png"), (1, "clip/b.png")):

@@ -1,4 +1,4 @@
-"""utils/config.py: the typed pre-training config, converted and checked once at load.
+"""pretraining/config.py (on utils/config.py): the typed pre-training config, converted and checked once at load.
 
 Each test names in its docstring the bug that makes it fail.
 """
@@ -12,8 +12,9 @@ import torch
 import yaml
 
 import pretrain_aclus
-from utils.config import (DEFAULTS, FPN_WIDTH, ConfigError, PretrainConfig, ignored_keys, load_config,
-                          run_dir)
+from pretraining import loop
+from pretraining.config import DEFAULTS, FPN_WIDTH, ConfigError, PretrainConfig, ignored_keys, load_config, run_dir
+from pretraining.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -32,7 +33,7 @@ def _error(path: Path, *overrides: str) -> str:
 
 
 def _legacy_records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "utils.config" and "legacy" in r.getMessage()]
+    return [r for r in caplog.records if r.name == "pretraining.config" and "legacy" in r.getMessage()]
 
 
 def test_scientific_notation_in_a_file_and_in_an_override_is_a_float(tmp_path):
@@ -66,8 +67,9 @@ def test_pretrain_exits_with_the_config_error_before_data_or_model(tmp_path, mak
     def never(*a, **k):
         raise AssertionError("built data or model from an invalid config")
 
-    for name in ("train", "build_loader", "build_model"):
-        monkeypatch.setattr(pretrain_aclus, name, never)
+    monkeypatch.setattr(pretrain_aclus, "train", never)
+    for name in ("build_loader", "build_model"):
+        monkeypatch.setattr(loop, name, never)
     cfg = make_pretrain_config(tmp_path, tmp_path / "no_such_data")
     rc = pretrain_aclus.main(["--cfg", str(cfg), "--device", "cpu", "-o", "optimizer.base_lr=abc"])
     err = capsys.readouterr().err
@@ -273,5 +275,5 @@ def test_precision_on_the_cpu(opt_level, dtype, expected):
     """Breaks if O0 autocasts, if the CPU autocasts without being asked (the old O1 runs were
     fp32 there), or if amp.dtype: bf16 is ignored on the CPU."""
     cfg = PretrainConfig().with_values({"amp.opt_level": opt_level, "amp.dtype": dtype})
-    precision = pretrain_aclus.resolve_precision(cfg.amp, torch.device("cpu"))
+    precision = resolve_precision(cfg.amp, torch.device("cpu"))
     assert str(precision) == expected and not precision.needs_scaler

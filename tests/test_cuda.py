@@ -154,10 +154,12 @@ def test_one_process_group_gathers_and_runs_syncbn(tmp_path):
 def _small_step(method: str = "aclus", batch: int = 8, size: int = 64):
     """(step closure, model) of a small-headed train_step on DEVICE with the config's defaults
     (amp O1 auto: bf16 on a GPU that has it; channels-last on CUDA)."""
-    import pretrain_aclus
     from benchmarks.bench_pretrain_step import make_batch
     from models.aclus import build_model
-    from utils.config import PretrainConfig
+    from pretraining.config import PretrainConfig
+    from pretraining.optim import build_optimizer
+    from pretraining.precision import prepare_model, resolve_precision
+    from pretraining.step import train_step
 
     cfg = PretrainConfig().with_values({
         "model.method": method, "amp.opt_level": "O1", "model.projection.hidden_dim": 64,
@@ -165,16 +167,16 @@ def _small_step(method: str = "aclus", batch: int = 8, size: int = 64):
     device = torch.device(DEVICE)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    pretrain_aclus.prepare_model(model, cfg.amp, device)
-    optimizer, _, _ = pretrain_aclus.build_optimizer(cfg, model, batch, 1)
-    precision = pretrain_aclus.resolve_precision(cfg.amp, device)
+    prepare_model(model, cfg.amp, device)
+    optimizer, _, _ = build_optimizer(cfg, model, batch, 1)
+    precision = resolve_precision(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
     data = {k: v.to(device) for k, v in make_batch(batch, size, method).items()}
     gen = torch.Generator(device=device).manual_seed(0)
     aug = torch.Generator(device=device).manual_seed(1)
 
     def step():
-        return pretrain_aclus.train_step(model, model, optimizer, scaler, data, 0.1, 0.99, gen, precision, aug)
+        return train_step(model, model, optimizer, scaler, data, 0.1, 0.99, gen, precision, aug)
     return step, model, precision
 
 
@@ -204,7 +206,7 @@ def test_bf16_step_loss_matches_fp32_on_the_device():
 
     from benchmarks.bench_pretrain_step import make_batch
     from models.aclus import ACLUS
-    from utils.gpu_augment import augment_batch
+    from pretraining.augment import augment_batch
 
     device = torch.device(DEVICE)
     batch = augment_batch({k: v.to(device) for k, v in make_batch(8, 64, "aclus").items()},
@@ -225,8 +227,8 @@ def test_batched_augmentation_on_the_device_has_the_per_sample_probabilities():
     """The on-device draws (a CUDA generator) keep the per-sample probabilities and ranges."""
     import math
 
-    from utils import gpu_augment as ga
-    from utils.context_damage import context_damage_batch
+    from pretraining import augment as ga
+    from pretraining.context_damage import context_damage_batch
 
     device = torch.device(DEVICE)
     g = torch.Generator(device=device).manual_seed(0)

@@ -14,18 +14,21 @@ import pytest
 import torch
 import torchvision
 
+import evaluation.features
+import evaluation.protocols
 import evaluation_aclus as ev
-from utils.synthetic_us import write_pocus_folds
+from evaluation.data import Fold, iter_folds, make_transforms
+from evaluation.features import FeatureCache
+from evaluation.protocols import knn_predict, run_finetune_cached_fold, train_and_select
+from evaluation.runner import evaluate, get_args_parser
+from models.encoder_io import build_resnet18
 
 FAST = ["--img_size", "32", "--workers", "0", "--batch_size", "16"]
 
 
 @pytest.fixture(scope="module")
-def syn_small(tmp_path_factory):
-    """covid_data1..5.pkl: 1 video x 3 classes x 5 folds x 2 frames = 30 images, 32 px."""
-    root = tmp_path_factory.mktemp("syn_protocols")
-    write_pocus_folds(root, videos_per_class_per_fold=1, frames_per_video=2, size=32, seed=0)
-    return root
+def syn_small(pocus_pickles_32px):
+    return pocus_pickles_32px
 
 
 def _run(argv, capsys):
@@ -62,7 +65,7 @@ def test_knn_matches_the_spec_loop_with_forced_ties():
     y_train = np.concatenate([rng.integers(0, 3, 15), rng.integers(0, 3, 15)])
     F_test = np.concatenate([rng.normal(size=(40, 8)), base[:5] * 0.5])
     for k in (1, 2, 4, 5, 20, 100):  # 100 > N: all training images vote
-        got = ev.knn_predict(F_train, y_train, F_test, k, 3)
+        got = knn_predict(F_train, y_train, F_test, k, 3)
         want = knn_brute_force(F_train, y_train, F_test, min(k, len(y_train)), 3)
         np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
     # the tie rules were exercised: some test images had tied votes
@@ -85,7 +88,7 @@ def test_knn_matches_sklearn_without_ties():
     F_test = centres[y_test] + rng.normal(size=(60, 16))
     for k in (1, 7, 21):  # two classes, odd k: no vote ties
         ref = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(F_train, y_train).predict(F_test)
-        got = ev.knn_predict(F_train, y_train, F_test, k, 2)
+        got = knn_predict(F_train, y_train, F_test, k, 2)
         np.testing.assert_array_equal(got, ref)
     assert 0.6 < (got == y_test).mean() < 1.0  # a test where the answer is not trivial
 
@@ -99,7 +102,7 @@ def _tiny_fold(seed=0, n_train=40, n_test=12, size=32):
     # class-dependent brightness so that training has something to learn
     X_tr = (rng.integers(0, 120, (n_train, 3, size, size)) + 60 * y_tr[:, None, None, None]).astype(np.uint8)
     X_te = (rng.integers(0, 120, (n_test, 3, size, size)) + 60 * y_te[:, None, None, None]).astype(np.uint8)
-    return ev.Fold(1, X_tr, y_tr, X_te, y_te, None, "tiny")
+    return Fold(1, X_tr, y_tr, X_te, y_te, None, "tiny")
 
 
 def _reference_finetune(state, fold, epochs, batch, lr, wd, seed):
@@ -144,13 +147,13 @@ def test_finetune_cached_equals_a_full_network_trained_on_the_same_images():
         elif k.endswith("running_var"):
             state[k] = torch.rand_like(state[k]) + 0.5
     fold = _tiny_fold()
-    args = ev.get_args_parser().parse_args(["--data_path", "x", "--epochs", "3", "--save_classifiers", *FAST])
-    features = ev.FeatureCache(state, args, torch.device("cpu"), keep_maps=True)
-    out = ev.run_finetune_cached_fold(fold, features, args, torch.device("cpu"))
+    args = get_args_parser().parse_args(["--data_path", "x", "--epochs", "3", "--save_classifiers", *FAST])
+    features = FeatureCache(state, args, torch.device("cpu"), keep_maps=True)
+    out = run_finetune_cached_fold(fold, features, args, torch.device("cpu"))
     ref_logits = _reference_finetune(state, fold, 3, 16, args.lr, args.weight_decay, args.seed)
     np.testing.assert_array_equal(out["pred"], ref_logits.argmax(1).numpy())
     with torch.no_grad():  # the full network handed to Grad-CAM / --save_classifiers
-        tf = ev.make_transforms(32, False)
+        tf = make_transforms(32, False)
         logits = out["model"](torch.stack([tf(torch.from_numpy(x)) for x in fold.X_test]))
     torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
     assert len(out["train_loss"]) == 3 and out["selected"] == {"epoch": 3}
@@ -165,9 +168,9 @@ def test_finetune_cached_val_and_paper_selection(tmp_path):
     fold = _tiny_fold(n_train=60)
     fold.groups_train = np.arange(60) // 3
     for sel in ("val", "paper"):
-        args = ev.get_args_parser().parse_args(["--data_path", "x", "--epochs", "3", "--selection", sel, *FAST])
-        features = ev.FeatureCache(None, args, torch.device("cpu"), keep_maps=True)
-        out = ev.run_finetune_cached_fold(fold, features, args, torch.device("cpu"))
+        args = get_args_parser().parse_args(["--data_path", "x", "--epochs", "3", "--selection", sel, *FAST])
+        features = FeatureCache(None, args, torch.device("cpu"), keep_maps=True)
+        out = run_finetune_cached_fold(fold, features, args, torch.device("cpu"))
         scores = out["val_accuracy"] if sel == "val" else out["test_accuracy_per_epoch"]
         assert len(scores) == 3 and out["selected"]["epoch"] == int(np.argmax(scores)) + 1
         if sel == "paper":
@@ -195,8 +198,8 @@ def test_val_selection_restores_the_weights_of_the_selected_epoch():
     predict_val = lambda: np.r_[np.zeros(val_scores[int(model.w)]), np.ones(4 - val_scores[int(model.w)])]
     predict_test = lambda: np.full(5, int(model.w))  # the test "prediction" names the epoch it came from
     sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.1), lambda e: 1.0)
-    args = ev.get_args_parser().parse_args(["--data_path", "x", "--epochs", "4", "--selection", "val"])
-    out = ev.train_and_select(model, train_epoch, sched, predict_test, np.zeros(5, dtype=int),
+    args = get_args_parser().parse_args(["--data_path", "x", "--epochs", "4", "--selection", "val"])
+    out = train_and_select(model, train_epoch, sched, predict_test, np.zeros(5, dtype=int),
                               predict_val=predict_val, y_val=y_val, args=args)
     assert out["selected"]["epoch"] == 2 and out["val_accuracy"] == [0.25, 0.75, 0.5, 0.75]
     assert out["pred"].tolist() == [2] * 5 and float(model.w) == 2.0
@@ -210,19 +213,20 @@ def test_comma_list_encodes_each_image_once_and_equals_single_runs(syn_small, tm
     # frozen layers itself, one protocol's state (RNG, cache) changing another's result, a
     # protocol's JSON missing or overwritten by another's
     calls = []
-    orig = ev.build_resnet18
+    orig = build_resnet18
 
     def counting(n, state=None):
         model = orig(n, state)
         model.conv1.register_forward_hook(lambda m, i, o: calls.append(len(o)))
         return model
 
-    monkeypatch.setattr(ev, "build_resnet18", counting)
+    for module in (evaluation.features, evaluation.protocols):  # the cache's encoder and the protocols' networks
+        monkeypatch.setattr(module, "build_resnet18", counting)
     both = tmp_path / "both"
     code, out = _run(["--data_path", syn_small, "--protocol", "linear, knn,finetune_cached", "--epochs", "2",
                       "--knn_k", "5", "--out_dir", both, *FAST], capsys)
     assert code == 0, out.err[-2000:]
-    distinct = {x.tobytes() for f in ev.iter_folds(syn_small) for x in np.concatenate([f.X_train, f.X_test])}
+    distinct = {x.tobytes() for f in iter_folds(syn_small) for x in np.concatenate([f.X_train, f.X_test])}
     assert sum(calls) == len(distinct) == 30, (sum(calls), len(distinct))
     reports = {}
     for p in ("linear", "knn", "finetune_cached"):
@@ -248,12 +252,12 @@ def test_comma_list_encodes_each_image_once_and_equals_single_runs(syn_small, tm
 
 
 def test_evaluate_returns_one_result_per_protocol(syn_small, tmp_path, capsys):
-    args = ev.get_args_parser().parse_args(["--data_path", str(syn_small), "--protocol", "knn,linear",
+    args = get_args_parser().parse_args(["--data_path", str(syn_small), "--protocol", "knn,linear",
                                             "--out_dir", str(tmp_path), *FAST])
-    res = ev.evaluate(args)
+    res = evaluate(args)
     assert set(res) == {"knn", "linear"} and res["linear"]["protocol"] == "linear"
     args.protocol = "knn"
-    assert ev.evaluate(args)["protocol"] == "knn"  # a single protocol: the result itself, as before
+    assert evaluate(args)["protocol"] == "knn"  # a single protocol: the result itself, as before
 
 
 @pytest.mark.parametrize("argv, expect", [

@@ -16,7 +16,13 @@ import pytest
 import torch
 import torchvision
 
+import evaluation.protocols
 import evaluation_aclus as ev
+from evaluation.data import carve_validation, iter_folds, make_transforms
+from evaluation.protocols import run_finetune_fold
+from evaluation.runner import get_args_parser
+from evaluation.splits import group_from_png_name
+from models.encoder_io import build_resnet18
 from utils.classification_metrics import aggregate_folds, confusion_matrix, metrics_from_confusion, select_index
 from utils.synthetic_us import make_pocus_folds, write_pocus_folds
 
@@ -33,11 +39,8 @@ def syn_folds(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def syn_small(tmp_path_factory):
-    """1 video x 3 classes x 5 folds x 2 frames = 30 images, 32 px: for the slower finetune runs."""
-    root = tmp_path_factory.mktemp("syn_pocus_small")
-    write_pocus_folds(root, videos_per_class_per_fold=1, frames_per_video=2, size=32, seed=0)
-    return root
+def syn_small(pocus_pickles_32px):
+    return pocus_pickles_32px
 
 
 SUBTLE = 0.2
@@ -119,14 +122,14 @@ def test_select_index_rules():
 
 
 def test_group_from_png_name():
-    assert ev.group_from_png_name("Cov_foo_vid1__f00012.png") == "Cov_foo_vid1"
-    assert ev.group_from_png_name("Reg_image.png") == "Reg_image"
+    assert group_from_png_name("Cov_foo_vid1__f00012.png") == "Cov_foo_vid1"
+    assert group_from_png_name("Reg_image.png") == "Reg_image"
 
 
 def test_carve_validation_keeps_videos_together():
     y = np.repeat([0, 1, 2], 20)
     groups = np.array([f"v{i // 4}" for i in range(60)])  # 15 videos of 4 frames
-    tr, va = ev.carve_validation(y, groups, 0.2, seed=1)
+    tr, va = carve_validation(y, groups, 0.2, seed=1)
     assert set(groups[tr]).isdisjoint(groups[va]) and len(va) > 0
     assert set(y[va]) == {0, 1, 2}
 
@@ -235,12 +238,12 @@ def test_finetune_protocol_end_to_end_all_selections(syn_small, tmp_path, capsys
 
 def test_finetune_trains_head_and_only_layer4_1(syn_folds, monkeypatch):
     """Upstream left the head frozen at random init: check what moves and what does not."""
-    fold = next(ev.iter_folds(syn_folds))
-    args = ev.get_args_parser().parse_args(["--data_path", str(syn_folds), "--epochs", "1", *FAST])
+    fold = next(iter_folds(syn_folds))
+    args = get_args_parser().parse_args(["--data_path", str(syn_folds), "--epochs", "1", *FAST])
     built = []
-    monkeypatch.setattr(ev, "build_resnet18",
-                        lambda n, state, _orig=ev.build_resnet18: built.append(_orig(n, state)) or built[-1])
-    ev.run_finetune_fold(fold, None, args, torch.device("cpu"))
+    monkeypatch.setattr(evaluation.protocols, "build_resnet18",
+                        lambda n, state, _orig=build_resnet18: built.append(_orig(n, state)) or built[-1])
+    run_finetune_fold(fold, None, args, torch.device("cpu"))
     torch.manual_seed(args.seed)  # run_finetune_fold seeds the same way before building the model
     before, after = torchvision.models.resnet18(num_classes=3).state_dict(), built[0].state_dict()
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
@@ -256,7 +259,7 @@ def _train_reference_encoder(path, size=32, epochs=8, batch=32, lr=2e-3):
                             finding_strength=SUBTLE)[0][:2]
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3)
-    tf = ev.make_transforms(size, train=True)
+    tf = make_transforms(size, train=True)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     model.train()

@@ -1,6 +1,6 @@
-"""The training step's fast path on the CPU: batched on-device augmentation and damage against
-the per-sample reference, mixed precision, no host synchronisation, the frame cache and the
-fixed id bound.
+"""The training step's fast path on the CPU: batched on-device augmentation against the
+per-sample reference (the damage's: tests/test_context_damage.py), mixed precision, no host
+synchronisation, the frame cache and the fixed id bound.
 
 Each test names in its docstring the defect that breaks it. The statistical tests draw
 thousands of small images; their tolerances are about 4 standard errors of the shares tested.
@@ -19,14 +19,14 @@ import torchvision.transforms.v2.functional as TF
 import pretrain_aclus
 from models.aclus import ACLUS
 from models.losses import draw_categorical, id_areas, label_grids
-from utils import gpu_augment as ga
-from utils.context_damage import (P_NEXT_BLOCK, bezier_curves, context_damage, context_damage_batch,
-                                  inpaint_blocks, interp_batch, local_pixel_shuffle,
-                                  local_pixel_shuffle_batch, paint_windows)
+from pretraining import augment as ga
+from pretraining.data import (AnatomyPairDataset, TooManyIds, load_pairs, make_crops, make_views, photometric,
+                              relabel_mask)
+from pretraining.optim import build_optimizer
+from pretraining.precision import Precision, compile_encoders, prepare_model
+from pretraining.step import NonFiniteWatch, train_step
 from utils.host_sync import HostSyncGuard
 from utils.io import DataError
-from utils.pretrain_data import (AnatomyPairDataset, TooManyIds, load_pairs, make_crops, make_views, photometric,
-                                 relabel_mask)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,7 +85,7 @@ def test_batched_blur_solarize_grayscale_equal_torchvision_per_image():
 def test_photometric_draws_have_the_per_sample_probabilities_and_ranges(view):
     """Breaks if a probability (jitter 0.8, gray 0.2, blur 1.0 / 0.1, solarise 0 / 0.2), a
     factor range (0.6-1.4, 0.6-1.4, 0.8-1.2, +-0.1), the sigma range (0.1-2) or the uniform
-    random order of the jitter ops drifts from utils.pretrain_data.photometric."""
+    random order of the jitter ops drifts from pretraining.data.photometric."""
     blur_p, sol_p = ((1.0, 0.0), (0.1, 0.2))[view - 1]
     n = 20000
     d = ga.draw_photometric(n, _gen(view), torch.device("cpu"), blur_p, sol_p)
@@ -106,7 +106,7 @@ def test_photometric_draws_have_the_per_sample_probabilities_and_ranges(view):
 @pytest.mark.parametrize("blur_p, sol_p", [(1.0, 0.0), (0.1, 0.2)])
 def test_photometric_outputs_match_the_per_sample_distribution(blur_p, sol_p):
     """Breaks if the batched augmentation of one image differs in distribution from
-    pretrain_data.photometric's: the share of gray outputs, the mean and spread of the pixel
+    pretraining.data.photometric's: the share of gray outputs, the mean and spread of the pixel
     values, their range."""
     n, side = 600, 16
     img = _colour_image(side)
@@ -128,95 +128,10 @@ def test_photometric_outputs_match_the_per_sample_distribution(blur_p, sol_p):
 
 
 # --------------------------------------------------------------------------- #
-# Models-Genesis damage
-# --------------------------------------------------------------------------- #
-def test_damage_steps_have_the_per_sample_probabilities():
-    """Breaks if a step's probability (shuffle 0.8, remap 0.9, painting 0.9, out-painting
-    p_outpaint of the painted) differs from context_damage's, or if the outputs leave [0, 1]."""
-    n = 4000
-    img = torch.rand(n, 3, 12, 12, generator=_gen(4))
-    out, applied = context_damage_batch(img, _gen(5), return_applied=True)
-    tol = 4 * math.sqrt(0.25 / n)
-    assert abs(_share(applied["shuffle"]) - 0.8) < tol
-    assert abs(_share(applied["nonlinear"]) - 0.9) < tol and abs(_share(applied["paint"]) - 0.9) < tol
-    assert not applied["outpaint"].any()
-    assert out.min() >= 0 and out.max() <= 1 and out.shape == img.shape
-    _, applied = context_damage_batch(img[:2000], _gen(6), p_outpaint=0.8, return_applied=True)
-    share = _share(applied["outpaint"][applied["paint"]])
-    assert abs(share - 0.8) < 4 * math.sqrt(0.16 / 1800)
-
-
-def test_damage_of_a_constant_image_matches_the_per_sample_shares():
-    """Breaks if the remap or the painting is applied at another rate than per sample, seen on
-    the outputs (as tests/test_pretrain_data.py sees context_damage's)."""
-    n = 1200
-    img = np.full((1, 12, 12), 0.3, np.float32)
-    rng = np.random.default_rng(1)
-    ref = np.stack([context_damage(img, rng) for _ in range(n)])
-    out = context_damage_batch(torch.from_numpy(img).expand(n, 1, 12, 12).contiguous(), _gen(7)).numpy()
-    tol = 4 * math.sqrt(0.09 / n)
-    for x in (ref, out):
-        remapped = ~np.isclose(np.median(x.reshape(n, -1), axis=1), 0.3)
-        painted = np.array([len(np.unique(v)) > 2 for v in x])
-        assert abs(remapped.mean() - 0.9) < tol + 0.02 and abs(painted.mean() - 0.9) < tol
-
-
-def test_batched_shuffle_permutes_within_the_blocks_like_the_per_sample_one():
-    """Breaks if a block is not a permutation of its own pixels, if pixels outside the blocks
-    move, or if the amount of shuffling differs from local_pixel_shuffle's."""
-    img = torch.rand(64, 1, 30, 30, generator=_gen(8))
-    one = local_pixel_shuffle_batch(img, _gen(9), num_blocks=1)
-    assert torch.equal(one.flatten(1).sort(dim=1).values, img.flatten(1).sort(dim=1).values)
-    moved = (one != img)[:, 0]
-    for m in moved:                                    # what moved lies in one 1..3 x 1..3 block
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        if len(ys):
-            assert ys.max() - ys.min() < 3 and xs.max() - xs.min() < 3
-    n = 300
-    full = local_pixel_shuffle_batch(img[:1].expand(n, 1, 30, 30), _gen(10))
-    rng = np.random.default_rng(2)
-    ref = np.stack([local_pixel_shuffle(img[0].numpy(), rng) for _ in range(n)])
-    changed_ref = (ref != img[0].numpy()).reshape(n, -1).mean(axis=1)
-    changed = (full != img[:1]).reshape(n, -1).float().mean(dim=1).numpy()
-    assert abs(changed.mean() - changed_ref.mean()) < 4 * math.sqrt((changed.var() + changed_ref.var()) / n)
-
-
-def test_bezier_remap_is_np_interp_on_its_curves():
-    """Breaks if the batched interpolation differs from np.interp, or the curves are not the
-    per-sample ones in distribution (monotone x from 0 to 1, half of them inverted)."""
-    xs, ys = bezier_curves(_gen(11), 400, torch.device("cpu"))
-    assert torch.all(xs[:, 1:] >= xs[:, :-1]) and torch.all(xs[:, 0] == 0) and torch.allclose(xs[:, -1], torch.ones(400))
-    inverted = ys[:, 0] > ys[:, -1]
-    assert abs(_share(inverted) - 0.5) < 4 * math.sqrt(0.25 / 400)
-    values = torch.rand(400, 50, generator=_gen(12))
-    out = interp_batch(values, xs, ys)
-    for i in range(0, 400, 37):
-        ref = np.interp(values[i].numpy(), xs[i].numpy(), ys[i].numpy())
-        np.testing.assert_allclose(out[i].numpy(), ref, atol=1e-5)
-
-
-def test_painting_windows_have_the_per_sample_sizes_and_counts():
-    """Breaks if the in-painting windows' sizes (1/6-1/3 of each side) or their count
-    (1, then each further one with p 0.95, at most 5) differ from inpaint_blocks'."""
-    n, side = 2000, 24
-    win = paint_windows(_gen(13), n, side, side, torch.zeros(n, dtype=torch.bool))
-    rng = np.random.default_rng(3)
-    img = np.zeros((1, side, side), np.float32)
-    ref = np.stack([inpaint_blocks(img, rng)[0] != 0 for _ in range(n)])      # noise is never exactly 0
-    a, b = win.float().mean(dim=(1, 2)).numpy(), ref.mean(axis=(1, 2))
-    assert abs(a.mean() - b.mean()) < 4 * math.sqrt((a.var() + b.var()) / n)
-    expected_count = sum(P_NEXT_BLOCK ** i for i in range(5))                 # 1 + p + ... + p^4
-    assert 4.5 < expected_count < 4.8
-    out = paint_windows(_gen(14), 500, 28, 28, torch.ones(500, dtype=torch.bool))
-    kept = out.float().mean(dim=(1, 2))
-    assert kept.min() >= (12 / 28) ** 2 - 1e-6 and kept.max() < 0.9       # at least one 3/7-4/7 window
-
-
-# --------------------------------------------------------------------------- #
 # the step's entry point and the loader's crops
 # --------------------------------------------------------------------------- #
 def _crop_batch(b: int = 4, size: int = 32, context: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    from utils.synthetic_us import make_scan
+    from utils.synthetic_scan import make_scan
 
     items = []
     for i in range(b):
@@ -245,7 +160,7 @@ def test_augment_batch_gives_the_models_batch():
 
 def test_crops_have_the_geometry_of_the_per_sample_views():
     """Breaks if make_crops draws its first box or flip otherwise than make_views."""
-    from utils.synthetic_us import make_scan
+    from utils.synthetic_scan import make_scan
 
     image, label = make_scan(seed=3, size=64)
     rgb = np.repeat(image[..., None], 3, axis=2)
@@ -374,10 +289,10 @@ def test_train_step_in_bf16_updates_fp32_weights():
     """Breaks if the bf16 step leaves the weights in bf16 or non-finite, or needs a GradScaler."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    precision = pretrain_aclus.Precision("cpu", torch.bfloat16)
+    precision = Precision("cpu", torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
     before = model.encoder.resnet.conv1.weight.clone()
-    loss, _ = pretrain_aclus.train_step(model, model, opt, scaler, _crop_batch(), 0.1, 0.99, _gen(0), precision,
+    loss, _ = train_step(model, model, opt, scaler, _crop_batch(), 0.1, 0.99, _gen(0), precision,
                                         _gen(1))
     w = model.encoder.resnet.conv1.weight
     assert torch.isfinite(loss) and w.dtype == torch.float32 and not torch.equal(w, before)
@@ -393,7 +308,7 @@ def test_train_step_reads_nothing_back_from_the_device(method, context_bn, reads
     one draw, boolean indexing, ...): the CPU proxy of tests/test_cuda.py's sync-debug test.
     ACLUS's context pass with batch statistics reads one thing, which images' crops overlap
     (so that the others stay out of that pass's statistics); nothing else may be read."""
-    from utils.config import PretrainConfig
+    from pretraining.config import PretrainConfig
 
     cfg = PretrainConfig().with_values({"model.method": method, "model.projection.hidden_dim": 32,
                                         "model.projection.output_dim": 16, "model.predictor.input_dim": 16,
@@ -401,14 +316,14 @@ def test_train_step_reads_nothing_back_from_the_device(method, context_bn, reads
                                         "loss.mask_rois": 4, "loss.context_batchnorm": context_bn})
     from models.aclus import build_model
     model = build_model(cfg)
-    optimizer, _, _ = pretrain_aclus.build_optimizer(cfg, model, 4, 1)
+    optimizer, _, _ = build_optimizer(cfg, model, 4, 1)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     batch = _crop_batch(context=method == "aclus")
-    args = (model, model, optimizer, scaler, batch, 0.1, 0.99, _gen(0), pretrain_aclus.Precision(), _gen(1))
-    pretrain_aclus.train_step(*args)                         # first step: momentum buffers are created
+    args = (model, model, optimizer, scaler, batch, 0.1, 0.99, _gen(0), Precision(), _gen(1))
+    train_step(*args)                         # first step: momentum buffers are created
     with HostSyncGuard() as guard:
-        loss, stats = pretrain_aclus.train_step(*args)
-        watch = pretrain_aclus.NonFiniteWatch(torch.device("cpu"))
+        loss, stats = train_step(*args)
+        watch = NonFiniteWatch(torch.device("cpu"))
         watch.update(loss, 1)
     assert len(guard.calls) == reads and len(guard.aten_calls) == reads, (guard.calls, guard.aten_calls)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and not loss.requires_grad
@@ -439,13 +354,13 @@ def test_host_sync_guard_sees_the_reads_it_is_meant_to():
 def test_loss_is_read_only_at_log_steps(tmp_path, synthetic_pretrain_dir, make_pretrain_config, monkeypatch):
     """Breaks if the loop reads the loss (or the watch) every step instead of at log steps."""
     checks = []
-    original = pretrain_aclus.NonFiniteWatch.check
+    original = NonFiniteWatch.check
 
     def counting(self, where=""):
         checks.append(where)
         return original(self, where)
 
-    monkeypatch.setattr(pretrain_aclus.NonFiniteWatch, "check", counting)
+    monkeypatch.setattr(NonFiniteWatch, "check", counting)
     cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, model={"method": "detcon"},
                                optimizer={"total_epochs": 1, "warmup_epochs": 0}, log={"log_step": 4})
     assert pretrain_aclus.main(["--cfg", str(cfg), "--device", "cpu"]) == 0
@@ -486,8 +401,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     model = _model("detcon")
     monkeypatch.setattr(torch.nn.Module, "compile", broken)
     with caplog.at_level("WARNING"):
-        assert pretrain_aclus.compile_encoders(model) is False
+        assert compile_encoders(model) is False
     assert "no compiler here" in caplog.text and model.encoder._compiled_call_impl is None
-    from utils.config import PretrainConfig
-    on = pretrain_aclus.prepare_model(model, PretrainConfig().amp, torch.device("cpu"))
+    from pretraining.config import PretrainConfig
+    on = prepare_model(model, PretrainConfig().amp, torch.device("cpu"))
     assert on == {"channels_last": False, "compile": False}

@@ -1,4 +1,4 @@
-"""Grad-CAM (utils/gradcam.py, evaluation_aclus.py --gradcam, gradcam_aclus.py) on synthetic scans.
+"""Grad-CAM (evaluation/gradcam.py, evaluation_aclus.py --gradcam, gradcam_aclus.py) on synthetic scans.
 
 The CAM runs use 64 px scans at --img_size 64 (a 2 x 2 layer4 map, the smallest that is a
 map) so the file runs in about a minute on a 2-core CPU, except the slow learned-vs-random
@@ -17,10 +17,15 @@ import torch.nn as nn
 
 import evaluation_aclus as ev
 import gradcam_aclus
+from evaluation import cam_shares
+from evaluation import gradcam as gcam
+from evaluation.cam_experiment import anatomy_experiment
+from evaluation.data import make_transforms
+from evaluation.protocols import fit_logreg
 from models.encoder_io import build_resnet18
-from utils import gradcam as gcam
 from utils.io import safe_pickle_load
-from utils.synthetic_us import ANATOMY_IDS, make_pocus_folds, make_scan, write_pocus_folds
+from utils.synthetic_scan import ANATOMY_IDS, make_scan
+from utils.synthetic_us import make_pocus_folds, write_pocus_folds
 
 CLASSES = ("covid19", "pneumonia", "regular")
 CAM_FAST = ["--img_size", "64", "--workers", "0", "--batch_size", "16"]
@@ -39,7 +44,7 @@ def cam_folds(tmp_path_factory):
     root = tmp_path_factory.mktemp("cam_pocus")
     kw = dict(videos_per_class_per_fold=2, frames_per_video=2, size=64, seed=0)
     write_pocus_folds(root, **kw)
-    gcam.write_synthetic_cam_masks(root, **kw)
+    cam_shares.write_synthetic_cam_masks(root, **kw)
     return root
 
 
@@ -78,10 +83,10 @@ def test_class_region_is_the_class_anatomy():
     lab = np.array([[1, 3, 4, 4], [1, 3, 5, 4]])
     b = np.array([[0, 0, 1, 0], [0, 0, 0, 0]], bool)
     a = np.array([[0, 0, 0, 1], [0, 0, 0, 1]], bool)
-    assert gcam.synthetic_class_region(lab, b, a, 0).tolist() == [[0, 1, 1, 0], [0, 1, 0, 0]]
-    assert gcam.synthetic_class_region(lab, b, a, 1).tolist() == [[0, 0, 0, 0], [0, 0, 1, 0]]
-    assert gcam.synthetic_class_region(lab, b, a, 2).tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
-    stacked = gcam.synthetic_class_region(np.stack([lab] * 3), np.stack([b] * 3), np.stack([a] * 3), [0, 1, 2])
+    assert cam_shares.synthetic_class_region(lab, b, a, 0).tolist() == [[0, 1, 1, 0], [0, 1, 0, 0]]
+    assert cam_shares.synthetic_class_region(lab, b, a, 1).tolist() == [[0, 0, 0, 0], [0, 0, 1, 0]]
+    assert cam_shares.synthetic_class_region(lab, b, a, 2).tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+    stacked = cam_shares.synthetic_class_region(np.stack([lab] * 3), np.stack([b] * 3), np.stack([a] * 3), [0, 1, 2])
     assert [r.sum() for r in stacked] == [3, 1, 4]
 
 
@@ -92,11 +97,11 @@ def test_energy_share_and_class_means():
     cam[2] = -1.0                         # no positive energy
     top = np.zeros((4, 4), bool)
     top[:2] = True
-    share = gcam.energy_share(cam, top)
+    share = cam_shares.energy_share(cam, top)
     assert share[0] == 1.0 and share[1] == 0.5 and np.isnan(share[2])
     cam[0, 2:] = -5.0                     # negative values are not energy
-    assert gcam.energy_share(cam[:1], top)[0] == 1.0
-    means = gcam.class_means(np.array([0.2, 0.4, np.nan, 0.9]), np.array([0, 0, 1, 2]), CLASSES)
+    assert cam_shares.energy_share(cam[:1], top)[0] == 1.0
+    means = cam_shares.class_means(np.array([0.2, 0.4, np.nan, 0.9]), np.array([0, 0, 1, 2]), CLASSES)
     assert means == {"covid19": pytest.approx(0.3), "pneumonia": None, "regular": 0.9}
 
 
@@ -106,7 +111,7 @@ def test_sector_mask_finds_the_fan():
         for probe in ("convex", "linear"):
             for cls in range(3):
                 img, lab = make_scan(seed, 96, probe, cls)
-                m, fan = gcam.sector_mask(img), lab != 0
+                m, fan = cam_shares.sector_mask(img), lab != 0
                 ious.append((m & fan).sum() / (m | fan).sum())
     assert np.mean(ious) > 0.9 and np.min(ious) > 0.7, (np.mean(ious), np.min(ious))
     # text and a depth scale outside the fan are not sector; RGB and float inputs work
@@ -115,18 +120,18 @@ def test_sector_mask_finds_the_fan():
     assert not (lab[1:9, 2:20] != 0).any() and not (lab[121:126, 108:126] != 0).any()
     rgb[1:9, 2:20] = 255                  # a label in the black top-left corner
     rgb[121:126, 108:126] = 200           # a scale bar in the black bottom-right corner
-    m = gcam.sector_mask(rgb)
+    m = cam_shares.sector_mask(rgb)
     assert not m[1:9, 2:20].any() and not m[121:126, 108:126].any()
     assert (m & (lab != 0)).sum() / (m | (lab != 0)).sum() > 0.85
-    assert np.array_equal(gcam.sector_mask(rgb.astype(np.float32) / 255), m)
-    assert not gcam.sector_mask(np.zeros((32, 32), np.uint8)).any()
+    assert np.array_equal(cam_shares.sector_mask(rgb.astype(np.float32) / 255), m)
+    assert not cam_shares.sector_mask(np.zeros((32, 32), np.uint8)).any()
 
 
 def test_pick_per_class_spreads_over_each_class():
     y = np.array([0] * 8 + [1] * 2 + [2] * 5)
-    idx = gcam.pick_per_class(y, 3, 3)
+    idx = cam_shares.pick_per_class(y, 3, 3)
     assert idx.tolist() == [0, 4, 7, 8, 9, 10, 12, 14]  # class 1 has only 2
-    assert gcam.pick_per_class(y, 0, 3).size == 0
+    assert cam_shares.pick_per_class(y, 0, 3).size == 0
 
 
 # --------------------------------------------------------------------------- #
@@ -142,7 +147,7 @@ def _probe(n_classes: int, seed: int = 0):
     with torch.no_grad():
         feats = enc(x).numpy()
     y = np.repeat(np.arange(n_classes), 8)
-    return enc, x, feats, y, ev._fit_logreg(feats, y, 0.1, seed)
+    return enc, x, feats, y, fit_logreg(feats, y, 0.1, seed)
 
 
 @pytest.mark.parametrize("n_classes, centred", [(3, True), (3, False), (2, True)])
@@ -202,17 +207,17 @@ def test_compute_cams_on_a_frozen_probe():
 def test_centred_probe_has_maps_where_the_uncentred_one_has_none():
     # why the linear probe is centred at layer4: relative to zero activation, a random-init
     # probe finds no positive evidence anywhere for a whole class (here covid19, darker
-    # scans); relative to the training mean it does (see utils.gradcam.linear_probe_classifier)
+    # scans); relative to the training mean it does (see evaluation.cam_shares.linear_probe_classifier)
     X_tr, y_tr, X_te, y_te = make_pocus_folds(2, 2, 64, seed=0)[0]
     torch.manual_seed(1)
     enc = build_resnet18(3)
     enc.fc = nn.Identity()
     enc.eval()
-    tf = ev.make_transforms(64, False)
+    tf = make_transforms(64, False)
     x_tr = torch.stack([tf(torch.from_numpy(a)) for a in X_tr])
     x_te = torch.stack([tf(torch.from_numpy(a)) for a in X_te])
     with torch.no_grad():
-        clf = ev._fit_logreg(enc(x_tr).numpy(), y_tr, 0.1, 1)
+        clf = fit_logreg(enc(x_tr).numpy(), y_tr, 0.1, 1)
     empty = {}
     for centred in (False, True):
         cams, _ = gcam.compute_cams(gcam.linear_probe_classifier(enc, clf, 3, centred=centred), x_te, y_te)
@@ -252,7 +257,7 @@ def test_gradcam_writes_a_montage_and_maps_per_fold(cam_folds, tmp_path, capsys)
         # the saved classifier is the explained one: same predictions on those images
         model, classes, meta = gcam.load_classifier(out / "classifiers" / f"linear_last_random_fold{k}.pth")
         assert classes == CLASSES and meta["fold"] == k and meta["img_size"] == 64
-        tf = ev.make_transforms(64, False)
+        tf = make_transforms(64, False)
         with torch.no_grad():
             pred = model(torch.stack([tf(torch.from_numpy(X_test[i])) for i in rec["index"]])).argmax(1).numpy()
         assert pred.tolist() == rec["pred"].tolist()
@@ -335,104 +340,6 @@ def test_study_passes_gradcam_and_refuses_bad_values_before_any_stage(tmp_path, 
 # --------------------------------------------------------------------------- #
 # a learned encoder looks at the class-defining anatomy more than a random one
 # --------------------------------------------------------------------------- #
-#: synthetic POCUS folds whose classes differ ONLY at their findings (``local_findings``: no
-#: global A-line cue), 128 px scans explained at 128 px (a 4 x 4 layer4 map; at 96 px, 3 x 3,
-#: learned - random was -0.002 .. +0.038 over seeds 0-3: too coarse to be a stable test)
-ANATOMY_DATA = dict(videos_per_class_per_fold=4, frames_per_video=3, size=128, local_findings=True)
-ANATOMY_IMG = 128
-#: optimizer steps of the supervised reference (batch 16, Adam 1e-3): train accuracy ~1
-ANATOMY_STEPS = 100
-ANATOMY_LIN_C = 0.1  # evaluation_aclus.py --lin_C default (selection "last")
-
-
-def anatomy_data(root, seed: int) -> dict:
-    """Fold 1 of the synthetic set as the evaluation reads it: ``covid_data1.pkl`` and the class
-    regions of ``covid_data1_cam_masks.npz`` (row-aligned with ``X_test``), both written to
-    ``root`` by the package's writers; inputs normalised as the evaluation's test transform.
-
-    Returns:
-        ``x_train`` N x 3 x S x S, ``y_train`` N, ``x_test`` M x 3 x S x S, ``y_test`` M,
-        ``region`` M x S x S bool (the class anatomy in input geometry).
-    """
-    kw = dict(ANATOMY_DATA, seed=seed)
-    write_pocus_folds(root, **kw)
-    gcam.write_synthetic_cam_masks(root, **kw)
-    X_tr, y_tr, X_te, y_te = safe_pickle_load(root / "covid_data1.pkl")
-    region = np.load(root / "covid_data1_cam_masks.npz")["region"]
-    tf = ev.make_transforms(ANATOMY_IMG, False)
-    as_input = lambda X: torch.stack([tf(torch.from_numpy(a)) for a in X])  # noqa: E731
-    return {"x_train": as_input(X_tr), "y_train": y_tr, "x_test": as_input(X_te), "y_test": y_te,
-            "region": gcam.to_input_geometry(region, ANATOMY_IMG)}
-
-
-def random_encoder(seed: int) -> nn.Module:
-    """The random-init ResNet-18 both arms start from (``fc`` = Identity, eval mode)."""
-    torch.manual_seed(seed)
-    enc = build_resnet18(3)
-    enc.fc = nn.Identity()
-    return enc.eval()
-
-
-def train_reference_encoder(encoder: nn.Module, x: torch.Tensor, y: np.ndarray, seed: int,
-                            steps: int = ANATOMY_STEPS, batch: int = 16, lr: float = 1e-3) -> nn.Module:
-    """A copy of ``encoder`` trained supervised on (``x`` N x 3 x S x S, ``y`` N) with a 3-way
-    head and horizontal flips, at the native resolution; returned without the head, in eval mode."""
-    import copy
-
-    model = copy.deepcopy(encoder)
-    model.fc = nn.Linear(512, 3)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    yt = torch.from_numpy(np.asarray(y))
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(yt), (batch,), generator=g)
-        flip = (torch.rand(batch, generator=g) < 0.5).view(-1, 1, 1, 1)
-        xb = torch.where(flip, x[idx].flip(-1), x[idx])                 # B x 3 x S x S
-        loss = nn.functional.cross_entropy(model(xb), yt[idx])          # logits: B x 3
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.fc = nn.Identity()
-    return model.eval()
-
-
-def anatomy_shares(encoder: nn.Module, data: dict, seed: int, class_shift: int = 0) -> dict:
-    """The evaluation's linear protocol on ``encoder`` (probe fitted on fold 1's training
-    features, C = 0.1), Grad-CAM at ``layer4[-1]`` of every test scan's true class (or of
-    class ``(y + class_shift) mod 3``), and the share of each map's energy on the scan's class anatomy.
-
-    Returns:
-        ``share`` (mean over maps with energy), ``per_class`` (3), ``accuracy`` (probe, test),
-        ``shares`` (M, NaN = empty map), ``cams`` (M x S x S).
-    """
-    with torch.no_grad():
-        f_tr, f_te = encoder(data["x_train"]).numpy(), encoder(data["x_test"]).numpy()  # N x 512, M x 512
-    probe = ev._fit_logreg(f_tr, data["y_train"], ANATOMY_LIN_C, seed)
-    y = data["y_test"]
-    cams, _ = gcam.compute_cams(gcam.linear_probe_classifier(encoder, probe, 3), data["x_test"], (y + class_shift) % 3)
-    share = gcam.energy_share(cams, data["region"])
-    per_class = [share[(y == c) & np.isfinite(share)] for c in range(3)]
-    return {"share": float(np.nanmean(share)), "per_class": [float(v.mean()) if v.size else None for v in per_class],
-            "accuracy": float((probe.predict(f_te) == y).mean()), "shares": share, "cams": cams}
-
-
-def anatomy_experiment(root, seed: int) -> dict:
-    """Random-init vs trained (same init) encoder, both explained by the same protocol, and the
-    trained one explained for a wrong class (``learned_wrong_class``); ``uniform`` = the share
-    a flat map gets (the region's area); ``data`` = :func:`anatomy_data`."""
-    data = anatomy_data(root, seed)
-    enc = random_encoder(seed)
-    learned = train_reference_encoder(enc, data["x_train"], data["y_train"], seed)
-    area = data["region"].mean(axis=(1, 2))                                              # M
-    return {"random": anatomy_shares(enc, data, seed), "learned": anatomy_shares(learned, data, seed),
-            "learned_wrong_class": anatomy_shares(learned, data, seed, class_shift=1),
-            "uniform": {"share": float(area.mean()),
-                        "per_class": [float(area[data["y_test"] == c].mean()) for c in range(3)]},
-            "data": data}
-
-
 @pytest.mark.slow  # 100 training steps at 128 px: ~7 min on the shared 2-core CPU
 def test_learned_encoder_puts_more_of_its_map_on_the_class_anatomy(tmp_path):
     """Issue 18: on synthetic scans whose class is defined only by localized anatomy, a learned

@@ -147,8 +147,8 @@ def _stage3_superpixel(tmp_path: Path, train: Path) -> None:
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("stage3", [_stage3_asam, _stage3_superpixel], ids=["infer_masks", "superpixel"])
 def test_nested_folders_reach_pretraining_with_their_own_masks(tmp_path, stage3, caplog):
+    from pretraining.data import AnatomyPairDataset, load_pairs
     from utils.generate_masks_pkls import generate
-    from utils.pretrain_data import AnatomyPairDataset, load_pairs
 
     root = tmp_path / "corpus"
     train = layout.split_dir(root)

@@ -10,7 +10,6 @@ import torch
 from segment_anything.utils.amg import calculate_stability_score
 
 from SAM import fast_decoder
-from SAM.auto_prompter import AutoPrompter, prompter_grid
 from SAM.segmenter import build_segmenter
 
 
@@ -36,12 +35,8 @@ def test_fast_decoder_predicted_iou_matches_the_module():
 
 
 @torch.inference_mode()
-def test_filtered_masks_leave_the_index_map_and_scores_say_why():
-    torch.manual_seed(1)
-    seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
-    prompter = AutoPrompter(3, grid=prompter_grid(seg.grid)).eval()
-    images = torch.rand(2, 3, 64, 64)
-    args = (seg, prompter, images, [0, 1, 2], [(64, 64)] * 2, [(64, 64)] * 2)
+def test_filtered_masks_leave_the_index_map_and_scores_say_why(tiny_asam_inputs):
+    args = tiny_asam_inputs
     maps, scores = fast_decoder.predict_index_maps(*args, threshold=0.3, return_scores=True)
     assert all(np.array_equal(a, b) for a, b in zip(maps, fast_decoder.predict_index_maps(*args, threshold=0.3)))
     assert all(s["kept"] for per_image in scores for s in per_image)            # no threshold, no filter

@@ -1,4 +1,4 @@
-"""utils/mask_stats.py against hand-computed values."""
+"""pretraining/mask_stats.py against hand-computed values."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.mask_stats import (c5_survivors, centroid_spread, frame_stats, resnet_grid_sizes, summarise,
-                              vertical_centroid, view_label)
+from pretraining.mask_stats import (c5_survivors, centroid_spread, frame_stats, resnet_grid_sizes, summarise,
+                                    vertical_centroid, view_label)
 
 
 def hand_map() -> np.ndarray:

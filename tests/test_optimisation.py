@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from models.aclus import ACLUS
-from pretrain_aclus import build_optimizer, lars_param_groups, scaled_lr
-from utils.config import PretrainConfig
-from utils.schedules import byol_momentum, warmup_cosine
+from pretraining.config import PretrainConfig
+from pretraining.optim import build_optimizer, lars_param_groups, scaled_lr
+from pretraining.schedules import byol_momentum, warmup_cosine
 
 
 def _tiny(method: str = "detcon") -> ACLUS:

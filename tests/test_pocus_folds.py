@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import evaluation_aclus as ev
+from evaluation.data import iter_folds
 from utils.io import safe_pickle_load
-from utils.pocus_folds import (assign_folds, build, class_from_filename, site_baseline_accuracy,
-                               site_leakage)
+from utils.pocus_folds import assign_folds, build, class_from_filename, site_baseline_accuracy, site_leakage
 
 
 # --------------------------------------------------------------------------- #
@@ -158,8 +158,8 @@ def test_build_fake_checkout(fake_checkout, tmp_path, capsys):
 def test_evaluation_reads_image_folders_with_video_groups(fake_checkout, tmp_path):
     out = tmp_path / "folds"
     build(fake_checkout, out, frames_per_video=3, size=32, probe="convex", seed=0, verbose=False)
-    from_png = list(ev.iter_folds(out / "images", img_size=32))  # the folder layout is resized on load
-    from_pkl = list(ev.iter_folds(out))
+    from_png = list(iter_folds(out / "images", img_size=32))  # the folder layout is resized on load
+    from_pkl = list(iter_folds(out))
     assert len(from_png) == len(from_pkl) == 5
     for a, b in zip(from_png, from_pkl):
         assert sorted(a.y_test.tolist()) == sorted(b.y_test.tolist()) and a.X_train.shape == b.X_train.shape

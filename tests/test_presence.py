@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from SAM import fast_decoder
-from SAM.auto_prompter import AutoPrompter, prompter_grid
+from SAM.auto_prompter import AutoPrompter
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, save_checkpoint
 from SAM.presence import choose_threshold, presence_metrics, presence_record, threshold_vector
 from SAM.segmenter import build_segmenter
@@ -38,15 +38,11 @@ def test_edge_cases_and_metrics():
 
 
 @torch.inference_mode()
-def test_an_anatomy_judged_absent_leaves_no_region_and_its_score_is_recorded():
+def test_an_anatomy_judged_absent_leaves_no_region_and_its_score_is_recorded(tiny_asam_inputs):
     """A prompt whose presence score is below its threshold (a stand-in: threshold +inf, so
     any score of the model is below it) marks nothing;
     the others keep exactly the regions they had. Bug caught: a decision computed but not applied."""
-    torch.manual_seed(1)
-    seg = build_segmenter("vit_tiny", 64, random_init=True).eval()
-    prompter = AutoPrompter(3, grid=prompter_grid(seg.grid)).eval()
-    images = torch.rand(2, 3, 64, 64)
-    args = (seg, prompter, images, [0, 1, 2], [(64, 64)] * 2, [(64, 64)] * 2)
+    args = tiny_asam_inputs
     maps, scores = fast_decoder.predict_index_maps(*args, threshold=0.3, return_scores=True)
     assert all("presence" in s for per_image in scores for s in per_image)
     assert any((m == 2).any() for m in maps), "the stand-in needs prompt 2 to mark something first"

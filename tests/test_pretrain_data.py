@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from utils.context_damage import (bezier_intensity_remap, context_damage, inpaint_blocks, local_pixel_shuffle,
-                                  outpaint_blocks)
+from pretraining.context_damage import (bezier_intensity_remap, context_damage, inpaint_blocks, local_pixel_shuffle,
+                                        outpaint_blocks)
+from pretraining.data import (AnatomyPairDataset, EpochSampler, load_pairs, make_views, overlap_box,
+                              random_resized_crop_box)
 from utils.generate_masks_pkls import generate
 from utils.io import DataError, safe_pickle_load
-from utils.pretrain_data import (AnatomyPairDataset, EpochSampler, load_pairs, make_views, overlap_box,
-                                 random_resized_crop_box)
 
 
 # ------------------------------------------------------------------ geometry

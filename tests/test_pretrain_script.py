@@ -15,6 +15,8 @@ import torchvision
 import pretrain_aclus
 from models.aclus import ACLUS
 from models.encoder_io import load_resnet18_state
+from pretraining.run_files import snapshot_steps
+from utils.stage_files import snapshot_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +176,7 @@ def test_two_process_gloo_run(tmp_path, synthetic_pretrain_dir, make_pretrain_co
 
 
 def test_paper_config_differs_from_the_upstream_example_only_in_the_papers_values():
-    from utils.config import load_config
+    from pretraining.config import load_config
 
     def flat(d, prefix=""):
         out = {}
@@ -200,7 +202,7 @@ def test_encoder_snapshots_are_the_weights_after_their_share_of_the_steps(tmp_pa
     assert _run(cfg) == 0
     run = tmp_path / "run"
     iters = len(_steps(run)) // 2
-    snap = torch.load(run / pretrain_aclus.snapshot_name(iters), weights_only=True)
+    snap = torch.load(run / snapshot_name(iters), weights_only=True)
     epoch1 = torch.load(run / "checkpoint_0001.pth", weights_only=True)["model"]
     online = {k.removeprefix("encoder.resnet."): v for k, v in epoch1.items() if k.startswith("encoder.resnet.")}
     assert snap.keys() == online.keys()
@@ -208,10 +210,10 @@ def test_encoder_snapshots_are_the_weights_after_their_share_of_the_steps(tmp_pa
         assert torch.equal(snap[k], online[k]), k
     final = load_resnet18_state(run / "encoder_resnet18.pth")
     assert any(not torch.equal(final[k], snap[k]) for k in snap if k in final)
-    assert sorted(p.name for p in run.glob("encoder_resnet18_step*.pth")) == [pretrain_aclus.snapshot_name(iters)]
+    assert sorted(p.name for p in run.glob("encoder_resnet18_step*.pth")) == [snapshot_name(iters)]
 
 
 def test_snapshot_steps_round_and_stay_inside_the_run():
-    assert pretrain_aclus.snapshot_steps((0.25, 0.5), 192) == {48, 96}
-    assert pretrain_aclus.snapshot_steps((0.001, 0.999), 10) == {1, 9}
-    assert pretrain_aclus.snapshot_steps((0.5,), 1) == set()
+    assert snapshot_steps((0.25, 0.5), 192) == {48, 96}
+    assert snapshot_steps((0.001, 0.999), 10) == {1, 9}
+    assert snapshot_steps((0.5,), 1) == set()

@@ -6,7 +6,7 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 from utils import realism
-from utils.synthetic_us import make_scan
+from utils.synthetic_scan import make_scan
 
 
 def test_field_of_view_is_the_fan():
@@ -70,7 +70,7 @@ def test_separability_is_chance_for_one_distribution_and_one_for_two():
 def test_realistic_style_is_the_one_the_committed_fit_chose(repo_root):
     import json
 
-    from utils.synthetic_us import REALISTIC, ScanStyle
+    from utils.synthetic_scan import REALISTIC, ScanStyle
 
     fit = json.loads((repo_root / "docs/results/synthetic_realism.json").read_text())["fit"]["style"]
     assert REALISTIC == ScanStyle(**{k: tuple(v) if isinstance(v, list) else v for k, v in fit.items()})

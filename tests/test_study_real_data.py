@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import study_real_data as srd
-from study import StudyError, plan, render
+from study import StudyError, plan, provenance, render
 from study import results as res
 
 
@@ -30,17 +30,49 @@ def test_a_model_made_source_without_its_checkpoint_names_the_flag():
     assert "--asam_ckpt / --asam_masks not given" in missing["detcon_asam"]
 
 
-def test_presets_name_only_protocols_and_sources_the_stages_know():
-    """A preset protocol evaluation_aclus.py lacks, or a mask source build_masks has no branch for,
-    would fail hours into a study."""
-    import inspect
-
-    import evaluation_aclus
+def test_presets_name_only_protocols_the_evaluation_knows():
+    """A preset protocol evaluation_aclus.py lacks would fail hours into a study."""
+    from evaluation.protocols import PROTOCOLS
 
     for preset in plan.PRESETS.values():
-        assert set(preset.protocols) <= set(evaluation_aclus.PROTOCOLS), preset.name
-    body = inspect.getsource(srd.build_masks)
-    assert all(f'"{s}"' in body or s == "asam" for s in plan.MASK_SOURCES)
+        assert set(preset.protocols) <= set(PROTOCOLS), preset.name
+
+
+class _RecordingStages:
+    """A stand-in for ResumableStages: records (name, command, outputs) and runs nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, name, cmd, outputs, note=""):
+        self.calls.append((name, cmd, outputs))
+
+
+def test_every_mask_source_makes_its_label_tree_or_says_what_it_needs(tmp_path):
+    """Every registered source, given its flags, runs one stage per stage it needs whose outputs
+    include <labels>/COVID-BLUES/label (what the pair lists read); a model-made source without its
+    flags runs nothing and names the flag. Breaks if an entry writes elsewhere, if the parser lacks
+    a flag a source reads, or if a source without its checkpoint still runs a stage."""
+    from study.mask_sources import MASK_SOURCES, SUB, MaskJob
+
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"")
+    given = srd.get_args_parser().parse_args(["--asam_ckpt", str(ckpt), "--asam_lung_ckpt", str(ckpt)])
+    bare = srd.get_args_parser().parse_args([])
+    assert set(plan.MASK_SOURCES) == set(MASK_SOURCES)
+    for name, source in MASK_SOURCES.items():
+        labels = tmp_path / "masks" / name
+        st = _RecordingStages()
+        assert source.make(MaskJob(given, st, tmp_path, tmp_path / "frames", labels, "python")) is None, name
+        assert st.calls and labels / SUB / "label" in st.calls[-1][2], (name, st.calls)
+        st = _RecordingStages()
+        why = source.make(MaskJob(bare, st, tmp_path, tmp_path / "frames", labels, "python"))
+        if source.needs:
+            assert why and not st.calls and not source.given(bare), (name, why, st.calls)
+            assert source.given(given)
+            assert any(flag in why for flag in source.needs.split(" / ")), (name, why)
+        else:
+            assert why is None and st.calls, name
 
 
 def test_cpu_and_gpu_presets_plan_what_the_issue_asks():
@@ -59,7 +91,7 @@ def test_cpu_and_gpu_presets_plan_what_the_issue_asks():
     assert o["amp.opt_level"] == "O1" and o["data.cache"] == "memory" and o["data.train_batch_size"] == "192"
     assert o["checkpoint.snapshot_fractions"] == "[0.25, 0.5]" and o["optimizer.warmup_epochs"] == "3"
     # the overrides make a valid config of the preset's base config
-    from utils.config import load_config
+    from pretraining.config import load_config
     cfg = load_config(srd.REPO / gpu.base_config, [f"{k}={v}" for k, v in o.items()])
     assert cfg.checkpoint.snapshot_fractions == (0.25, 0.5) and cfg.data.resize_size == 224
     assert plan.arm_fractions("random", gpu) == (0.0,)
@@ -207,15 +239,15 @@ def test_results_made_with_other_settings_are_refused(tmp_path):
     res.write_json(tmp_path / "settings.json", {"preset": {**plan.PRESETS["cpu"].to_dict(), "img_size": 64}})
     (tmp_path / "per_fold.csv").write_text(",".join(res.FOLD_COLUMNS) + "\n")
     with pytest.raises(StudyError, match="preset img_size=64, now 112"):
-        srd.check_results_folder(tmp_path, plan.PRESETS["cpu"])
-    srd.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**plan.PRESETS["cpu"].to_dict(),
+        res.check_results_folder(tmp_path, plan.PRESETS["cpu"])
+    res.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**plan.PRESETS["cpu"].to_dict(),
                                                                         "img_size": 64, "seeds": (7,)}))
     cpu = plan.PRESETS["cpu"].to_dict()
     res.write_json(tmp_path / "settings.json", {"preset": {**cpu, "base_lr": None}})
     with pytest.raises(StudyError, match="preset base_lr=None, now 2.0"):     # None is a setting too
-        srd.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**cpu, "base_lr": 2.0}))
+        res.check_results_folder(tmp_path, plan.PRESETS["cpu"].__class__(**{**cpu, "base_lr": 2.0}))
     res.write_json(tmp_path / "settings.json", {"preset": {k: v for k, v in cpu.items() if k != "base_lr"}})
-    srd.check_results_folder(tmp_path, plan.PRESETS["cpu"])                   # a key newer than the rows
+    res.check_results_folder(tmp_path, plan.PRESETS["cpu"])                   # a key newer than the rows
 
 
 def test_corrupt_result_files_are_one_line_errors(tmp_path, capsys):
@@ -325,16 +357,16 @@ def test_default_results_folders(tmp_path):
 
 
 def test_settings_record_paths_from_the_repository_root():
-    assert srd.portable(str(srd.REPO.parent / "shared" / "data")) == "../shared/data"
-    assert srd.portable(str(srd.REPO / "docs" / "results")) == "docs/results"
-    assert srd.portable("--preset") == "--preset" and srd.portable("relative/x") == "relative/x"
+    assert provenance.portable(str(srd.REPO.parent / "shared" / "data")) == "../shared/data"
+    assert provenance.portable(str(srd.REPO / "docs" / "results")) == "docs/results"
+    assert provenance.portable("--preset") == "--preset" and provenance.portable("relative/x") == "relative/x"
 
 
 def test_settings_name_no_local_folder_and_every_default_arm_not_run():
-    assert srd.recorded_command(["--out", "/home/me/s", "--seeds", "0", "--out=/x"]) == \
+    assert provenance.recorded_command(["--out", "/home/me/s", "--seeds", "0", "--out=/x"]) == \
         ["--out", "<local study folder>", "--seeds", "0", "--out=<local study folder>"]
     inside = str(srd.REPO / "runs" / "a.pt")
-    assert srd.recorded_command(["--asam_lung_ckpt=" + inside, inside]) == \
+    assert provenance.recorded_command(["--asam_lung_ckpt=" + inside, inside]) == \
         ["--asam_lung_ckpt=runs/a.pt", "runs/a.pt"]
     a = srd.get_args_parser().parse_args(["--arms", "random,byol"])
     why = srd.arms_not_run(["random", "byol"], {}, a)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from utils.io import read_image, read_label, safe_pickle_load
-from utils.synthetic_us import (ANATOMY_IDS, CLASS_NAMES, SAMUS_DATASETS, derive_seed, main, make_scan,
-                                pocus_fold_video_ids, split_names, write_pocus_folds,
+from utils.synthetic_scan import ANATOMY_IDS, CLASS_NAMES, derive_seed, make_scan
+from utils.synthetic_us import (SAMUS_DATASETS, main, pocus_fold_video_ids, split_names, write_pocus_folds,
                                 write_pretrain_layout, write_samus_layout)
 
 VALID_IDS = set(ANATOMY_IDS.values())
@@ -235,7 +235,7 @@ def test_cli(tmp_path, capsys):
 # scan styles and the lung anatomy layout
 # --------------------------------------------------------------------------- #
 def test_style_changes_the_look_not_the_anatomy():
-    from utils.synthetic_us import CLASSIC, REALISTIC, STYLES, make_scan
+    from utils.synthetic_scan import CLASSIC, REALISTIC, STYLES, make_scan
 
     assert STYLES["classic"] == CLASSIC and REALISTIC != CLASSIC
     for seed in range(3):

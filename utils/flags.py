@@ -52,3 +52,23 @@ def check_flag_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> 
         for v in values:
             if v is not None and v not in span:
                 raise DataError(f"{flag} {v}: must be in {span}")
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A stage script's parser: the first paragraph of its docstring as the description, the
+    docstring's layout kept in ``--help``."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def exit_code(run, prog: str = "error") -> int:
+    """``run()`` as a script's exit status: 0, or 2 with bad input (a :class:`DataError`) printed
+    as one line ``<prog>: error: ...`` (``prog`` "error": just ``error: ...``), never a traceback."""
+    import sys
+
+    try:
+        run()
+    except DataError as e:
+        print(f"{prog}: error: {e}" if prog != "error" else f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -7,7 +7,7 @@
     <root>/masks/<mask name>                  one mask pickle per labelled image: stage 4
                                               (utils/generate_masks_pkls.py) writes them
     <root>/<split>_tf_img_to_gt.pkl           the [image_path, mask_pkl_path] pair list that
-                                              stage 5 (utils/pretrain_data.py) reads
+                                              stage 5 (pretraining/data.py) reads
 
 * ``<Sub>`` is any folder of ``<root>/<split>`` that holds an ``img/`` folder; images are
   found recursively and in sorted order (:func:`find_images`), by every stage alike.

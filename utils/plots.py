@@ -305,3 +305,16 @@ def plot_image_grid(images: Sequence[np.ndarray], out_png: str | os.PathLike,
     if suptitle:
         fig.suptitle(suptitle, fontsize=8)
     return _save(fig, out_png)
+
+
+def montage(tiles: list[np.ndarray], tile: int = 192, cols: int = 4) -> np.ndarray:
+    """RGB tiles of any size -> one RGB grid image, each tile letterboxed to tile x tile."""
+    rows = (len(tiles) + cols - 1) // cols
+    grid = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        s = tile / max(t.shape[:2])
+        r = cv2.resize(t, (max(1, round(t.shape[1] * s)), max(1, round(t.shape[0] * s))),
+                       interpolation=cv2.INTER_AREA)
+        y, x = (i // cols) * tile, (i % cols) * tile
+        grid[y:y + r.shape[0], x:x + r.shape[1]] = r
+    return grid

@@ -49,9 +49,8 @@ import cv2
 import numpy as np
 
 from utils.extract_frames import even_frame_indices
-from utils.flags import AT_LEAST_1, SEED, check_flag_ranges
-from utils.io import (DataError, atomic_pickle_dump, atomic_write, atomic_write_png, ensure_writable_dir,
-                      read_image)
+from utils.flags import AT_LEAST_1, SEED, check_flag_ranges, exit_code
+from utils.io import DataError, atomic_pickle_dump, atomic_write, atomic_write_png, ensure_writable_dir, read_image
 
 #: label ids of the USCL pickles
 CLASSES = ("covid19", "pneumonia", "regular")
@@ -371,14 +370,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         check_flag_ranges(args, {"--frames_per_video": AT_LEAST_1, "--size": AT_LEAST_1, "--seed": SEED})
         ensure_writable_dir(args.out, "--out")
         build(args.src, args.out, args.frames_per_video, args.size, args.probe, args.seed)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

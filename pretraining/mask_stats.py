@@ -4,7 +4,7 @@ Per label map (:func:`frame_stats`): whether the source *fires* (>= 1 non-backgr
 region), how many regions it has, each region's pixel share and their total, and how many
 regions still own at least one cell of the C5 grid of a ``view`` x ``view`` pre-training view
 (:func:`c5_survivors`): the label map is resized to the view by nearest neighbour, as
-``utils/pretrain_data.crop_resize`` does for a crop that is the whole image, and pooled onto
+``pretraining/data.crop_resize`` does for a crop that is the whole image, and pooled onto
 the encoder's grids by :func:`models.losses.label_grids`, the very function the pre-training
 calls (majority area per cell, background competing; a region that owns no C5 cell adds
 nothing to the C5 loss). Over a set (:func:`summarise`): the means and standard deviations.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.losses import label_grids
-from utils.pretrain_data import crop_resize
+from pretraining.data import crop_resize
 
 
 def resnet_grid_sizes(view: int) -> dict[str, int]:
@@ -36,7 +36,7 @@ def resnet_grid_sizes(view: int) -> dict[str, int]:
 
 def view_label(label: np.ndarray, view: int) -> np.ndarray:
     """H x W label map -> the view x view mask of a view that is the whole image: the
-    pre-training's own :func:`utils.pretrain_data.crop_resize` (nearest neighbour)."""
+    pre-training's own :func:`pretraining.data.crop_resize` (nearest neighbour)."""
     h, w = label.shape
     return crop_resize(label.astype(np.uint8 if label.max(initial=0) < 256 else np.int32),
                        (0, 0, w, h), view, nearest=True)

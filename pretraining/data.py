@@ -4,7 +4,7 @@ Two paths to the same views:
 
 * training (``device_augment=True``): the workers only crop, flip and resize
   (:func:`make_crops`, uint8); the photometric augmentation and the Models-Genesis damage
-  run batched on the training device inside the step (:mod:`utils.gpu_augment`);
+  run batched on the training device inside the step (:mod:`pretraining.augment`);
 * per sample (:func:`make_views`): everything on the CPU, one sample at a time; kept as
   the reference the batched path is tested against.
 
@@ -42,7 +42,7 @@ from torch.utils.data import Dataset, Sampler
 
 from models.encoder_io import NORM_MEAN, NORM_STD  # every view is normalised as the evaluation's input
 from utils import mask_layout
-from utils.context_damage import context_damage
+from pretraining.context_damage import context_damage
 from utils.io import DataError, read_image
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _chw(img: np.ndarray) -> torch.Tensor:
 def make_crops(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, size: int,
                crop_scale: tuple[float, float], with_context: bool) -> dict[str, torch.Tensor]:
     """The loader workers' part of :func:`make_views`: the two crops (and their overlap),
-    flipped and resized, not yet augmented (:func:`utils.gpu_augment.augment_batch` does that
+    flipped and resized, not yet augmented (:func:`pretraining.augment.augment_batch` does that
     on the training device). The crop boxes and flips have :func:`make_views`'s distributions.
 
     Args:

@@ -1,15 +1,15 @@
 """The training step's augmentation: a batch of crops -> the model's views, on the training device.
 
-The loader's workers only crop, flip and resize (:func:`utils.pretrain_data.make_crops`,
+The loader's workers only crop, flip and resize (:func:`pretraining.data.make_crops`,
 uint8); :func:`augment_batch` then does, for the whole batch at once and on its device,
-what :func:`utils.pretrain_data.make_views` does per sample on the CPU:
+what :func:`pretraining.data.make_views` does per sample on the CPU:
 
 * BYOL's photometric augmentation of each view (:func:`photometric_batch`): colour jitter
   (p = 0.8; brightness, contrast, saturation, hue in a random order per image), grayscale
   (p = 0.2), Gaussian blur (p = 1.0 / 0.1 for view 1 / 2, sigma in [0.1, 2], a kernel of
   ~10 % of the side), solarisation (p = 0 / 0.2);
 * the Models-Genesis damage of the overlap view
-  (:func:`utils.context_damage.context_damage_batch`);
+  (:func:`pretraining.context_damage.context_damage_batch`);
 * the normalisation of every view.
 
 Every random draw comes from one ``torch.Generator`` on the device (the training loop seeds
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.context_damage import context_damage_batch
-from utils.pretrain_data import CROP_KEYS, NORM_MEAN, NORM_STD, VIEW_PROBS, blur_kernel_size
+from pretraining.context_damage import context_damage_batch
+from pretraining.data import CROP_KEYS, NORM_MEAN, NORM_STD, VIEW_PROBS, blur_kernel_size
 
 #: torchvision's (and PIL's) luma weights
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -142,7 +142,7 @@ class PhotometricDraws:
 def draw_photometric(n: int, generator: torch.Generator | None, device: torch.device, blur_p: float,
                      solarize_p: float, jitter=JITTER, jitter_p: float = JITTER_P,
                      gray_p: float = GRAY_P) -> PhotometricDraws:
-    """The draws of :func:`utils.pretrain_data.photometric` for ``n`` images: the same
+    """The draws of :func:`pretraining.data.photometric` for ``n`` images: the same
     probabilities, uniform factors in [1 - j, 1 + j] (hue: [-j, j]), a uniform order."""
     u = torch.rand(n, 4, generator=generator, device=device)              # the 4 gates
     lo = [1 - jitter[0], 1 - jitter[1], 1 - jitter[2], -jitter[3]]
