@@ -6,7 +6,8 @@
 Each block lives between ``<!-- results:NAME -->`` and ``<!-- results:NAME:end -->`` of the
 documents; a document without a block's markers is left alone for that block, and a block whose
 JSON is missing is not rendered. Blocks: ``asam`` (docs/results/asam_lite_cpu.json,
-benchmarks/bench_asam.py), ``realism`` (docs/results/synthetic_realism.json,
+benchmarks/bench_asam.py), ``presence`` (docs/results/asam_lite_presence_cpu.json, the same
+script with ``--infer_images 0``), ``realism`` (docs/results/synthetic_realism.json,
 benchmarks/measure_synthetic_realism.py), ``lung_asam`` (docs/results/lung_asam.json,
 benchmarks/measure_lung_asam.py).
 """
@@ -60,6 +61,30 @@ def asam_block(d: dict) -> str:
         f"Stage-2 training time (encoder embeddings cached beforehand): {secs}. `SAM/infer_masks.py` {_f(tp['infer_masks_img_per_s'], 2)} images/s against "
         f"{_f(tp['encoder_img_per_s'], 2)} for the bare encoder (batch {tp['batch_size']}, {tp['images']} images). "
         f"Ran on {where(d)}. File: `docs/results/asam_lite_cpu.json` (`benchmarks/bench_asam.py`)."])
+
+
+def presence_block(d: dict) -> str:
+    """Prompt-free A-SAM per negative rate: each prompt's presence score, threshold and what it costs."""
+    s, runs = d["settings"], d["prompt_free"]
+    rows = ["| negatives | prompt | threshold | AUROC: head / pred. IoU / max prob. / area | test Dice, no decision "
+            "| test Dice, decision | FP rate, no decision | FP rate, decision |", "|---" * 8 + "|"]
+    for r, run in runs.items():
+        pres, before, after = run["presence"]["presence"], run["presence"]["without_decision"], run["test"]
+        for k in [k for k in after if k != "mean"] + ["mean"]:
+            p = pres.get(k, {})
+            by = p.get("auroc_by_score", {})
+            aur = " / ".join(_f(by.get(n)) for n in ("head", "pred_iou", "max_prob", "area")) if by else "-"
+            rows.append(f"| {r} | {k} | {_f(p.get('threshold'), 2)} | {aur} | {_f(before[k]['dice'])} | "
+                        f"{_f(after[k]['dice'])} | {_f(before[k]['fp_rate'])} | {_f(after[k]['fp_rate'])} |")
+    rule = next(iter(runs.values()))["presence"]["rule"]
+    return "\n".join([
+        f"Prompt-free A-SAM (LiteMedSAM backbone, encoder frozen; {s['epochs']} epochs on {s['max_train']} "
+        f"training lines per data set, {s['max_val']} validation and {s['max_test']} test lines per data set). "
+        f"Rule: {rule}. The threshold is chosen on the validation split and stored in `best.pt`; AUROC of "
+        "each candidate score on the test split (images with the anatomy against those without: the other "
+        "data set's images and empty labels). Dice over the images that show the anatomy (a mask the "
+        "decision removes scores 0); FP rate over the images without it.", "", *rows, "",
+        f"Ran on {where(d)}. File: `docs/results/asam_lite_presence_cpu.json` (`benchmarks/bench_asam.py`)."])
 
 
 def realism_block(d: dict) -> str:
@@ -119,7 +144,8 @@ def lung_block(d: dict) -> str:
         f"Ran on {where(d)}. File: `docs/results/lung_asam.json` (`benchmarks/measure_lung_asam.py`)."])
 
 
-BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block), "realism": ("synthetic_realism.json", realism_block),
+BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
+          "presence": ("asam_lite_presence_cpu.json", presence_block), "realism": ("synthetic_realism.json", realism_block),
           "lung_asam": ("lung_asam.json", lung_block)}
 
 
