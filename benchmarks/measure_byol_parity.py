@@ -32,15 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.aclus import build_model  # noqa: E402
-from pretraining.augment import augment_batch  # noqa: E402
+from benchmarks.run_sample import sample_run  # noqa: E402
 from pretraining.config import load_config  # noqa: E402
-from pretraining.loop import CKPT_KIND, build_loader  # noqa: E402
 from pretraining.optim import lars_param_groups, scaled_lr  # noqa: E402
-from pretraining.step import augment_seed  # noqa: E402
 from study.provenance import machine  # noqa: E402
-from utils.checkpoint import find_resume_checkpoint  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
 
 
 def tensor_rows(model: torch.nn.Module, wd: float, exclude_bias_and_bn: bool, peak_lr: float) -> list[dict]:
@@ -102,26 +97,15 @@ def main(argv=None) -> int:
     if not (run_dir / "config.yaml").is_file():
         p.error(f"{run_dir / 'config.yaml'}: not found (not a pre-training run folder)")
     cfg = load_config(run_dir / "config.yaml", ["data.data_workers=0"])
-    torch.manual_seed(cfg.seed)
-    init = build_model(cfg)
-    state, path = find_resume_checkpoint("auto", run_dir, CKPT_KIND, move_aside=False)
-    loader, sampler = build_loader(cfg, DistInfo())
-    sampler.set_epoch(0)
-    batches = []
-    for i, raw in enumerate(loader):
-        if i == a.batches:
-            break
-        batches.append(augment_batch(raw, torch.Generator().manual_seed(augment_seed(cfg.seed, 0, 0, i))))
+    run = sample_run(cfg, run_dir, a.batches)
     out = {"run": run_dir.name, "method": cfg.model.method, "where": machine("cpu"),
            "weight_decay": cfg.optimizer.weight_decay, "base_lr": cfg.optimizer.base_lr,
            "peak_lr": scaled_lr(cfg.optimizer.base_lr, cfg.data.train_batch_size),
-           "batch": cfg.data.train_batch_size, "size": cfg.data.resize_size, "batches": len(batches),
-           "init": measure(init, batches, cfg)}
-    if state is not None:
-        trained = copy.deepcopy(init)
-        trained.load_state_dict(state["model"])
-        out["checkpoint"] = {"file": path.name, "epoch": state.get("epoch")}
-        out["trained"] = measure(trained, batches, cfg)
+           "batch": cfg.data.train_batch_size, "size": cfg.data.resize_size, "batches": len(run.batches),
+           "init": measure(run.init, run.batches, cfg)}
+    if run.trained is not None:
+        out["checkpoint"] = {k: v for k, v in run.checkpoint.items() if k != "step"}
+        out["trained"] = measure(run.trained, run.batches, cfg)
     print(json.dumps({k: v["summary"] if isinstance(v, dict) and "summary" in v else v for k, v in out.items()},
                      indent=1))
     if a.json:

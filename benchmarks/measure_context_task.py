@@ -34,14 +34,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.aclus import build_model  # noqa: E402
-from pretraining.augment import augment_batch  # noqa: E402
+from benchmarks.run_sample import sample_run  # noqa: E402
 from pretraining.config import load_config  # noqa: E402
-from pretraining.loop import CKPT_KIND, build_loader  # noqa: E402
-from pretraining.step import augment_seed  # noqa: E402
 from study.provenance import machine  # noqa: E402
-from utils.checkpoint import find_resume_checkpoint  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
 
 CONDITIONS = ("running", "running_no_damage", "running_other_image", "batch", "batch_other_image")
 
@@ -88,25 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         "context_batchnorm", "running")
     if cfg.model.method != "aclus":
         p.error(f"{run_dir}: method {cfg.model.method!r} has no context term")
-    torch.manual_seed(cfg.seed)
-    init = build_model(cfg).train()
-    state, path = find_resume_checkpoint("auto", run_dir, CKPT_KIND, move_aside=False)
-    loader, sampler = build_loader(cfg, DistInfo())
-    sampler.set_epoch(0)
-    batches = []
-    for i, raw in enumerate(loader):
-        if i == a.batches:
-            break
-        batches.append(augment_batch(raw, torch.Generator().manual_seed(augment_seed(cfg.seed, 0, 0, i))))
+    run = sample_run(cfg, run_dir, a.batches)
     out = {"run": run_dir.name, "where": machine("cpu"), "method": cfg.model.method,
            "base_lr": cfg.optimizer.base_lr, "pairs": cfg.data.num_examples,
-           "trained_with": trained_with, "size": cfg.data.resize_size, "batch": cfg.data.train_batch_size, "batches": len(batches),
-           "init": measure(init, batches)}
-    if state is not None:
-        trained = copy.deepcopy(init)
-        trained.load_state_dict(state["model"])
-        out["checkpoint"] = {"file": path.name, "epoch": state.get("epoch"), "step": state.get("step")}
-        out["trained"] = measure(trained, batches)
+           "trained_with": trained_with, "size": cfg.data.resize_size, "batch": cfg.data.train_batch_size,
+           "batches": len(run.batches), "init": measure(run.init.train(), run.batches)}
+    if run.trained is not None:
+        out["checkpoint"] = run.checkpoint
+        out["trained"] = measure(run.trained.train(), run.batches)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:

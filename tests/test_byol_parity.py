@@ -52,3 +52,27 @@ def test_timm_lars_ignores_a_gradient_factor_only_where_weights_decay():
     assert torch.allclose(b2, 2 * b1)
     angle = tensor_rows(_linear([1.0, 0.0], [0.0, 50.0], 2.0, 0.5), 1e-6, True, 0.1)[0]["angle_if_doubled_deg"]
     assert angle < 1e-4
+
+
+def test_both_run_measurements_read_a_real_run_folder(tmp_path, synthetic_pretrain_dir, make_pretrain_config):
+    """measure_byol_parity and measure_context_task open a run through benchmarks/run_sample: the
+    trained model is the checkpoint's (its figures differ from initialisation's), on the same batches."""
+    import json
+
+    import measure_context_task
+    import pretrain_aclus
+
+    cfg = make_pretrain_config(tmp_path, synthetic_pretrain_dir, optimizer={"total_epochs": 1, "warmup_epochs": 0})
+    assert pretrain_aclus.main(["--cfg", str(cfg), "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    import measure_byol_parity
+
+    assert measure_byol_parity.main(["--run_dir", str(run), "--batches", "1", "--json", str(tmp_path / "p.json")]) == 0
+    parity = json.loads((tmp_path / "p.json").read_text())
+    assert parity["checkpoint"]["epoch"] is not None and parity["batches"] == 1
+    w_init = {r["name"]: r["w_norm"] for r in parity["init"]["tensors"]}
+    w_trained = {r["name"]: r["w_norm"] for r in parity["trained"]["tensors"]}
+    assert w_init.keys() == w_trained.keys() and w_init != w_trained
+    assert measure_context_task.main(["--run_dir", str(run), "--batches", "1", "--json", str(tmp_path / "c.json")]) == 0
+    context = json.loads((tmp_path / "c.json").read_text())
+    assert context["checkpoint"]["epoch"] is not None and context["init"] != context["trained"]
