@@ -63,7 +63,7 @@ from tqdm import tqdm
 from evaluation.data import ArrayDataset, Fold, carve_validation, make_transforms
 from evaluation.features import FeatureCache
 from models.encoder_io import build_resnet18
-from utils.classification_metrics import select_index
+from evaluation.metrics import select_index
 from utils.distributed import seed_everything
 from utils.io import DataError
 

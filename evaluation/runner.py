@@ -20,7 +20,7 @@ from evaluation.features import FeatureCache
 from evaluation.protocols import LINEAR_C_GRID, PROTOCOLS, FoldInputs, parse_protocols
 from evaluation.splits import GROUP_RULES, SPLIT_NAME, write_split_csv
 from models.encoder_io import NORM_MEAN, NORM_STD, load_resnet18_state
-from utils.classification_metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
+from evaluation.metrics import (SELECTION_NOTES, SELECTIONS, aggregate_folds, confusion_matrix,
                                           metrics_from_confusion)
 from utils.flags import AT_LEAST_0, AT_LEAST_1, OPEN_FRACTION, POSITIVE, SEED, Range, check_flag_ranges
 from utils.io import DataError, atomic_write, ensure_writable_dir

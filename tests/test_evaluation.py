@@ -23,7 +23,7 @@ from evaluation.protocols import run_finetune_fold
 from evaluation.runner import get_args_parser
 from evaluation.splits import group_from_png_name
 from models.encoder_io import build_resnet18
-from utils.classification_metrics import aggregate_folds, confusion_matrix, metrics_from_confusion, select_index
+from evaluation.metrics import aggregate_folds, confusion_matrix, metrics_from_confusion, select_index
 from utils.synthetic_us import make_pocus_folds, write_pocus_folds
 
 CLASSES = ("covid19", "pneumonia", "regular")

@@ -25,7 +25,7 @@ from pretraining.data import (AnatomyPairDataset, TooManyIds, load_pairs, make_c
 from pretraining.optim import build_optimizer
 from pretraining.precision import Precision, compile_encoders, prepare_model
 from pretraining.step import NonFiniteWatch, train_step
-from utils.host_sync import HostSyncGuard
+from tests.host_sync import HostSyncGuard
 from utils.io import DataError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
