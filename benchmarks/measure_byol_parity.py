@@ -20,7 +20,6 @@ run's peak learning rate. Runs on the CPU in seconds.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -32,8 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.run_sample import sample_run  # noqa: E402
-from pretraining.config import load_config  # noqa: E402
+from benchmarks.run_sample import open_run_config, run_folder_parser, sample_run  # noqa: E402
 from pretraining.optim import lars_param_groups, scaled_lr  # noqa: E402
 from study.provenance import machine  # noqa: E402
 
@@ -88,15 +86,10 @@ def measure(model: torch.nn.Module, batches: list[dict], cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run_dir", required=True, help="a pre-training run folder (config.yaml + checkpoints)")
-    p.add_argument("--batches", type=int, default=2)
-    p.add_argument("--json", default=None)
+    p = run_folder_parser(__doc__.split("\n\n")[0], batches=2)
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        p.error(f"{run_dir / 'config.yaml'}: not found (not a pre-training run folder)")
-    cfg = load_config(run_dir / "config.yaml", ["data.data_workers=0"])
+    cfg = open_run_config(p, run_dir)
     run = sample_run(cfg, run_dir, a.batches)
     out = {"run": run_dir.name, "method": cfg.model.method, "where": machine("cpu"),
            "weight_decay": cfg.optimizer.weight_decay, "base_lr": cfg.optimizer.base_lr,

@@ -34,8 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.run_sample import sample_run  # noqa: E402
-from pretraining.config import load_config  # noqa: E402
+from benchmarks.run_sample import open_run_config, run_folder_parser, sample_run  # noqa: E402
 from study.provenance import machine  # noqa: E402
 
 CONDITIONS = ("running", "running_no_damage", "running_other_image", "batch", "batch_other_image")
@@ -70,15 +69,10 @@ def measure(core: torch.nn.Module, batches: list[dict]) -> dict[str, dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", required=True, help="an aclus pre-training run folder (config.yaml, checkpoints)")
-    p.add_argument("--batches", type=int, default=3)
-    p.add_argument("--json", default=None)
+    p = run_folder_parser(__doc__, batches=3, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        p.error(f"{run_dir / 'config.yaml'}: not found (not a pre-training run folder)")
-    cfg = load_config(run_dir / "config.yaml", ["data.data_workers=0"])
+    cfg = open_run_config(p, run_dir)
     trained_with = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("loss") or {}).get(
         "context_batchnorm", "running")
     if cfg.model.method != "aclus":

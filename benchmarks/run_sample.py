@@ -6,6 +6,7 @@ Used by the measurements that look inside a run rather than time it
 """
 from __future__ import annotations
 
+import argparse
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from models.aclus import build_model
 from pretraining.augment import augment_batch
-from pretraining.config import PretrainConfig
+from pretraining.config import PretrainConfig, load_config
 from pretraining.loop import CKPT_KIND, build_loader
 from pretraining.step import augment_seed
 from utils.checkpoint import find_resume_checkpoint
@@ -27,6 +28,22 @@ class RunSample:
     trained: torch.nn.Module | None       # the latest checkpoint's model; None without one
     checkpoint: dict | None               # {"file", "epoch", "step"} of that checkpoint
     batches: list[dict]                   # augmented batches, as the training step saw them
+
+
+def run_folder_parser(description: str, batches: int, **kwargs) -> argparse.ArgumentParser:
+    """The command line every run-folder measurement shares: --run_dir, --batches, --json."""
+    p = argparse.ArgumentParser(description=description, **kwargs)
+    p.add_argument("--run_dir", required=True, help="a pre-training run folder (config.yaml + checkpoints)")
+    p.add_argument("--batches", type=int, default=batches, help="augmented batches to measure on")
+    p.add_argument("--json", default=None, help="write the measurement here (atomically)")
+    return p
+
+
+def open_run_config(p: argparse.ArgumentParser, run_dir: Path) -> PretrainConfig:
+    """The run's own config.yaml (loader in the main process); a one-line error if it is not a run."""
+    if not (run_dir / "config.yaml").is_file():
+        p.error(f"{run_dir / 'config.yaml'}: not found (not a pre-training run folder)")
+    return load_config(run_dir / "config.yaml", ["data.data_workers=0"])
 
 
 def sample_run(cfg: PretrainConfig, run_dir: Path, n_batches: int) -> RunSample:
