@@ -10,7 +10,8 @@ label fraction (``--fractions``, default 10 %, 25 %, 100 % of the training image
 nested, class-balanced subsets per ``--seed``) and variant (``frozen``: FPN + head trained;
 ``finetune``: everything), it trains, keeps the epoch of the best validation mean Dice, and
 scores the test split: Dice, IoU and HD95 (pixels at ``--img_size``) per class and their
-mean. Output: ``<out_dir>/seg_<variant>_f<fraction>.json`` each, and ``segmentation.json``
+mean, and each test image's Dice per class it shows (``test_dice_per_image``: what a paired
+comparison of encoders resamples, see ``study_segmentation.py``). Output: ``<out_dir>/seg_<variant>_f<fraction>.json`` each, and ``segmentation.json``
 (all of them, with the subsets' image names). Bad input is one line before any training.
 
 Leak: HC18 and USGRA also train the A-SAM whose masks feed the ``*_asam`` pre-training arms,
@@ -26,15 +27,14 @@ import time
 
 import torch
 
-from evaluation.segmentation import FRACTIONS, VARIANTS, SegNet, fit, label_subsets, load_split, predict, score, strata
+from evaluation.segmentation import (ASAM_TRAINING_SETS, FRACTIONS, VARIANTS, SegNet, fit, image_dice, label_subsets,
+                                     load_split, predict, score, strata)
 from models.encoder_io import load_resnet18_state
 from SAM.samus_data import read_class_json
 from utils.distributed import seed_everything
 from utils.flags import AT_LEAST_1, POSITIVE, SEED, Range, check_flag_ranges, exit_code
 from utils.io import DataError, atomic_write, ensure_writable_dir
 
-#: data sets that also train A-SAM (SAM/config.py tasks HC18, USGRA)
-ASAM_TRAINING_SETS = ("FetalHead-HC18", "Nerve-USGRA")
 FLAG_RANGES = {"--img_size": Range(32), "--epochs": AT_LEAST_1, "--batch_size": Range(2), "--lr": POSITIVE,
                "--seed": SEED, "--fractions": Range(0, 1, low_open=True)}
 
@@ -78,10 +78,12 @@ def run(args) -> dict:
             model = SegNet(num_classes, state).to(device)
             record = fit(model, variant, train, splits["val"], num_classes, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device)
-            test = score(predict(model, splits["test"].X, device), splits["test"].Y, num_classes)
+            pred = predict(model, splits["test"].X, device)
+            test = score(pred, splits["test"].Y, num_classes)
+            per_image = dict(zip(splits["test"].names, image_dice(pred, splits["test"].Y, num_classes)))
             r = {"variant": variant, "fraction": fraction, "n_train": len(idx), "train_images": train.names,
                  "n_val": len(splits["val"].names), "n_test": len(splits["test"].names), **record,
-                 "test": test, "seconds": round(time.time() - t0, 1)}
+                 "test": test, "test_dice_per_image": per_image, "seconds": round(time.time() - t0, 1)}
             results.append(r)
             path = out_dir / f"seg_{variant}_f{fraction:.2f}.json"
             atomic_write(path, lambda f, r=r: f.write(json.dumps(_meta(args, num_classes) | r, indent=1).encode()))

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from models.backbone import C5_DIM, FPN_DIM, MultiScaleEncoder
 from models.encoder_io import NORM_MEAN, NORM_STD
 from SAM.samus_data import check_files, letterbox, read_class_json, read_split
-from SAM.seg_metrics import MetricTable
+from SAM.seg_metrics import MetricTable, dice_iou
 from utils.io import DataError, read_image, read_label
 
 VARIANTS = ("frozen", "finetune")
+#: data sets that also train A-SAM (SAM/config.py tasks HC18, USGRA): a leak for the *_asam arms
+ASAM_TRAINING_SETS = ("FetalHead-HC18", "Nerve-USGRA")
 FRACTIONS = (0.1, 0.25, 1.0)
 
 
@@ -175,6 +177,16 @@ def score(pred: np.ndarray, Y: np.ndarray, num_classes: int) -> dict:
         for c in range(1, num_classes):
             table.add(str(c), p == c, y == c)
     return table.summary()
+
+
+def image_dice(pred: np.ndarray, Y: np.ndarray, num_classes: int) -> list[dict[str, float]]:
+    """Per image, the Dice of each foreground class its label shows ({"1": 0.91, ...}; a class
+    the image lacks is left out, as in :func:`score`)."""
+    out = []
+    for p, y in zip(pred, Y):
+        valid = y >= 0
+        out.append({str(c): dice_iou((p == c) & valid, y == c)[0] for c in range(1, num_classes) if (y == c).any()})
+    return out
 
 
 def fit(model: SegNet, variant: str, train: SegSplit, val: SegSplit, num_classes: int, *, epochs: int,

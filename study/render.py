@@ -241,12 +241,12 @@ def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, setti
     return "\n".join(md)
 
 
-def splice(text: str, block: str, where: str) -> str:
-    """``text`` with the part between :data:`BEGIN` and :data:`END` replaced by ``block``."""
-    i, j = text.find(BEGIN), text.find(END)
+def splice(text: str, block: str, where: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with the part between ``begin`` and ``end`` (the study's markers) replaced by ``block``."""
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"{where}: no '{BEGIN}' ... '{END}' block")
-    return text[: i + len(BEGIN)] + "\n" + block.rstrip() + "\n" + text[j:]
+        raise ValueError(f"{where}: no '{begin}' ... '{end}' block")
+    return text[: i + len(begin)] + "\n" + block.rstrip() + "\n" + text[j:]
 
 
 # --------------------------------------------------------------------------- #

@@ -60,7 +60,8 @@ def to_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def from_csv(text: str, columns: tuple[str, ...], source: str) -> list[dict]:
+def from_csv(text: str, columns: tuple[str, ...], source: str, ints: frozenset | set = _INT,
+             floats: frozenset | set = _FLOAT) -> list[dict]:
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None:
         return []
@@ -70,15 +71,16 @@ def from_csv(text: str, columns: tuple[str, ...], source: str) -> list[dict]:
     out = []
     for i, r in enumerate(reader, start=2):
         try:
-            out.append({k: (None if v == "" else int(v) if k in _INT else float(v) if k in _FLOAT else v)
+            out.append({k: (None if v == "" else int(v) if k in ints else float(v) if k in floats else v)
                         for k, v in r.items() if k in columns})
         except ValueError as e:
             raise StudyError(f"{source}: line {i}: {e}") from None
     return out
 
 
-def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    return from_csv(path.read_text(), columns, str(path)) if path.is_file() else []
+def read_rows(path: Path, columns: tuple[str, ...], ints: frozenset | set = _INT,
+              floats: frozenset | set = _FLOAT) -> list[dict]:
+    return from_csv(path.read_text(), columns, str(path), ints, floats) if path.is_file() else []
 
 
 def write_rows(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
