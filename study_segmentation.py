@@ -111,6 +111,8 @@ def run(a) -> int:
                               "training images" for d in datasets if d in ASAM_TRAINING_SETS}}
     earlier = read_json(results / "settings.json") if (results / "settings.json").is_file() else {}
     made_by = earlier.get("made_by", {})
+    settings["datasets"] = sorted(set(earlier.get("datasets", [])) | set(datasets))   # one call per set adds up
+    settings["leaks"] = earlier.get("leaks", {}) | settings["leaks"]
     waiting = []
     for seed in seeds:
         for dataset in datasets:

@@ -113,6 +113,7 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
     assert "**SynLung-Anatomy, frozen**" in md and "| 100% | byol | 1 |" in md
     settings = json.loads((results / "settings.json").read_text())
     assert settings["waiting"] == ["aclus_superpixel seed 0"] and settings["epochs"] == 1
+    assert settings["datasets"] == ["SynLung-Anatomy"]
     assert ss.main(argv) == 0                                    # rows there: nothing runs again
     assert "[skip] SynLung-Anatomy byol seed 0" in capsys.readouterr().out
     assert ss.main([*argv, "--epochs", "2"]) == 2                # other settings: refused, one line
