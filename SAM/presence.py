@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from SAM.seg_metrics import asam_loss
+
 # the score the decision reads, and the alternatives measured beside it (SAM/train_auto_prompter.py
 # --eval_test, benchmarks/bench_asam.py): the prompter's presence head, SAM's predicted IoU,
 # the mask's highest probability and its area (share of the image's pixels above 0.5)
@@ -24,6 +26,33 @@ def presence_loss(presence_logits: torch.Tensor, target: torch.Tensor) -> torch.
     An empty target (a negative line, or an image without the anatomy) is "absent"."""
     present = target.flatten(1).amax(1) > 0
     return F.binary_cross_entropy_with_logits(presence_logits.float(), present.float())
+
+
+MASK_LOSS_ON = ("all", "present")
+
+
+def prompt_free_loss(mask_logits: torch.Tensor, target: torch.Tensor, presence_logits: torch.Tensor | None = None,
+                     presence_weight: float = 1.0, mask_loss_on: str = "all") -> torch.Tensor:
+    """Stage 2's loss: :func:`SAM.seg_metrics.asam_loss` on the masks plus ``presence_weight`` x
+    :func:`presence_loss` when there is a presence head.
+
+    ``mask_loss_on``: ``all`` (every line, an empty target too: the mask decoder itself learns to
+    mark nothing where the anatomy is absent); ``present`` (only lines whose target is not
+    empty: absence is the presence head's alone, and the decoder is never pulled towards an
+    empty mask; needs a presence head). mask_logits (B, 1, L, L), target (B, L, L), presence (B,).
+    """
+    if mask_loss_on not in MASK_LOSS_ON:
+        raise ValueError(f"mask_loss_on {mask_loss_on!r}; expected one of {MASK_LOSS_ON}")
+    if mask_loss_on == "present":
+        if presence_logits is None:
+            raise ValueError("mask_loss_on 'present' needs a presence head (nothing else would learn absence)")
+        keep = target.flatten(1).amax(1) > 0
+        value = asam_loss(mask_logits[keep], target[keep]) if keep.any() else mask_logits.sum() * 0.0
+    else:
+        value = asam_loss(mask_logits, target)
+    if presence_logits is not None:
+        value = value + presence_weight * presence_loss(presence_logits, target)
+    return value
 
 
 def mask_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:

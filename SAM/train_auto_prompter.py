@@ -40,10 +40,10 @@ from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_chec
 from SAM.config import add_task_args, parse_bool  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
 from SAM.fast_decoder import decode_low_res  # noqa: E402
-from SAM.presence import (format_presence, presence_loss, presence_record, presence_test_metrics,  # noqa: E402
-                          threshold_vector)
+from SAM.presence import (MASK_LOSS_ON, format_presence, presence_record, presence_test_metrics,  # noqa: E402
+                          prompt_free_loss, threshold_vector)
 from SAM.samus_data import SAMUSDataset  # noqa: E402
-from SAM.seg_metrics import asam_loss, format_summary  # noqa: E402
+from SAM.seg_metrics import format_summary  # noqa: E402
 from SAM.seg_training import evaluate, make_loader, presence_rows, run_as_script, start_run, train  # noqa: E402
 from SAM.segmenter import build_segmenter  # noqa: E402
 from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges  # noqa: E402
@@ -77,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--presence_weight", type=float, default=1.0,
                    help="weight of the presence head's BCE (1; 0: no presence head, every prompt "
                         "marks something on every image, as before)")
+    p.add_argument("--mask_loss_on", choices=MASK_LOSS_ON, default="all",
+                   help="all: the mask loss on every line, empty targets too (the decoder learns to mark "
+                        "nothing); present: only on lines whose anatomy is there (absence is the presence "
+                        "head's alone; needs --presence_weight > 0)")
     p.add_argument("--presence_max_fpr", type=float, default=0.05,
                    help="each prompt's presence threshold is the lowest whose false-positive rate "
                         "on the validation images without its anatomy is at most this (0.05)")
@@ -90,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_flag_ranges(args, {"--num_tokens": AT_LEAST_1, "--prompter_depth": AT_LEAST_1,
                              "--prompter_grid": AT_LEAST_1, "--encoder_lr": AT_LEAST_0,
                              "--presence_weight": AT_LEAST_0, "--presence_max_fpr": PROBABILITY})
+    if args.mask_loss_on == "present" and args.presence_weight == 0:
+        p.error("--mask_loss_on present needs a presence head (--presence_weight > 0)")
     if args.cache_embeddings is None:
         args.cache_embeddings = args.encoder_lr == 0
     elif args.cache_embeddings and args.encoder_lr > 0:
@@ -166,10 +172,8 @@ def main(argv=None) -> dict:
 
     def loss(b):
         lg, sparse = forward(b, train_ds)
-        value = asam_loss(lg, b["low_mask"])
-        if prompter.presence_head is not None:
-            value = value + args.presence_weight * presence_loss(prompter.presence(sparse), b["low_mask"])
-        return value
+        presence = prompter.presence(sparse) if prompter.presence_head is not None else None
+        return prompt_free_loss(lg, b["low_mask"], presence, args.presence_weight, args.mask_loss_on)
 
     def scores(b, ds):
         (lg, iou), sparse = forward(b, ds, with_iou=True)

@@ -78,3 +78,30 @@ def test_thresholds_are_chosen_per_prompt_and_round_trip_through_the_checkpoint(
     assert vec.tolist() == [record["thresholds"]["B/1"]["threshold"], -np.inf, record["thresholds"]["A/1"]["threshold"]]
     assert threshold_vector(ck["presence"], ["A/1"], override=0.25).tolist() == [0.25]
     assert threshold_vector(None, ["A/1"]) is None
+
+
+def test_mask_loss_on_present_leaves_absence_to_the_presence_head():
+    """A batch of one present line (a 2x2 anatomy) and one negative (empty target). ``all``: the
+    loss is asam_loss over both lines; ``present``: over the present line only, so the negative's
+    mask logits get no gradient while its presence logit still does. A loss that kept the
+    negative, or dropped the presence term, fails here."""
+    from SAM.presence import prompt_free_loss, presence_loss
+    from SAM.seg_metrics import asam_loss
+
+    torch.manual_seed(0)
+    target = torch.zeros(2, 4, 4)
+    target[0, 1:3, 1:3] = 1
+    masks = torch.randn(2, 1, 4, 4, requires_grad=True)
+    presence = torch.randn(2, requires_grad=True)
+    both = prompt_free_loss(masks, target, presence, 0.5, "all")
+    assert both.item() == pytest.approx((asam_loss(masks, target) + 0.5 * presence_loss(presence, target)).item())
+    only = prompt_free_loss(masks, target, presence, 0.5, "present")
+    assert only.item() == pytest.approx((asam_loss(masks[:1], target[:1])
+                                         + 0.5 * presence_loss(presence, target)).item())
+    only.backward()
+    assert masks.grad[1].abs().max() == 0 and masks.grad[0].abs().max() > 0
+    assert (presence.grad != 0).all()
+    empty = prompt_free_loss(masks, torch.zeros(2, 4, 4), presence, 1.0, "present")     # no present line
+    assert torch.isfinite(empty)
+    with pytest.raises(ValueError, match="needs a presence head"):
+        prompt_free_loss(masks, target, None, 1.0, "present")
