@@ -21,6 +21,9 @@
     python benchmarks/bench_asam.py --seg_root ../shared/data/seg --work_dir runs/bench_asam \
         --max_train 120 --max_val 20 --max_test 60 --epochs 8 --prompter_grid 16 \
         --balance_prompts true --negative_rates 0,0.5 --out docs/results/asam_lite_cpu.json
+    # the same negatives, the mask loss on present lines only (absence left to the presence head)
+    python benchmarks/bench_asam.py ... --negative_rates 0.5 --mask_loss_on present \
+        --infer_images 0 --out docs/results/asam_lite_presence_present_cpu.json
 
 Encoder embeddings are computed once and cached under <work_dir>/cache (the box baseline and
 every stage 2 read them), so a re-run with other training settings is cheap.
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--negative_rates", default="0",
                    help="comma list: one stage 2 per stage-2 --negative_rate, each in "
                         "<work_dir>/stage2_neg<rate> (0 = no negatives, the paper's training)")
+    p.add_argument("--mask_loss_on", default="all", choices=("all", "present"),
+                   help="stage 2 --mask_loss_on of every run ('present': its folder is stage2_neg<rate>_present)")
     p.add_argument("--out", default=None, help="results JSON (default <work_dir>/bench_asam.json)")
     p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2_neg<rate>/best.pt")
     p.add_argument("--resume", action="store_true",
@@ -204,6 +209,11 @@ def synthetic_throughput(work: Path, backbone: str = "lite", img_size: int = 256
             "pipeline_img_per_s": n_images / m, "overhead_pct": 100 * (m - e) / e}
 
 
+def stage2_dir(work: Path, rate: float, mask_loss_on: str) -> Path:
+    """``stage2_neg<rate>``, with ``_present`` when the mask loss skips empty targets."""
+    return work / (f"stage2_neg{rate:g}" + ("_present" if mask_loss_on == "present" else ""))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -224,7 +234,7 @@ def main(argv=None) -> dict:
 
     runs = {}
     for rate in args.negative_rates:
-        stage2 = work / f"stage2_neg{rate:g}"
+        stage2 = stage2_dir(work, rate, args.mask_loss_on)
         train_s = None
         if not args.skip_train:
             t0 = time.perf_counter()
@@ -234,20 +244,20 @@ def main(argv=None) -> dict:
                 "--max_train", str(args.max_train), "--max_val", str(args.max_val),
                 "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
                 "--prompter_grid", str(args.prompter_grid), "--balance_prompts", str(args.balance_prompts),
-                "--encoder_lr", str(args.encoder_lr), "--negative_rate", str(rate),
+                "--encoder_lr", str(args.encoder_lr), "--negative_rate", str(rate), "--mask_loss_on", args.mask_loss_on,
                 "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
                 + (["--resume"] if args.resume else []))
             train_s = time.perf_counter() - t0
         # log.jsonl is appended to: a retrained or resumed epoch counts once, with its last record
         epochs = list({(e := json.loads(l))["epoch"]: e for l in (stage2 / "log.jsonl").read_text().splitlines()
                        if l.strip()}.values())
-        runs[f"{rate:g}"] = {"negative_rate": rate, "checkpoint": repo_relative(stage2 / ASAM_BEST),
+        runs[f"{rate:g}"] = {"negative_rate": rate, "mask_loss_on": args.mask_loss_on, "checkpoint": repo_relative(stage2 / ASAM_BEST),
                              "stage2_seconds": train_s, "epochs": len(epochs),
                              "epoch_seconds": sum(e.get("seconds", 0.0) for e in epochs),
                              "test": json.loads((stage2 / "test_metrics.json").read_text())}
         if (stage2 / "test_presence.json").is_file():  # a presence head: its rule, rates, AUROCs
             runs[f"{rate:g}"]["presence"] = json.loads((stage2 / "test_presence.json").read_text())
-    first = work / f"stage2_neg{args.negative_rates[0]:g}" / ASAM_BEST
+    first = stage2_dir(work, args.negative_rates[0], args.mask_loss_on) / ASAM_BEST
     speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work) if args.infer_images else None
 
     result = {"what": "A-SAM (LiteMedSAM backbone, encoder frozen) on HC18 + USGRA: box-prompted "

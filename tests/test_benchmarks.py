@@ -139,3 +139,7 @@ def test_bench_asam_negative_rates_and_table():
     assert table[0].count("FP rate") == 2 and len(table) == 4
     assert table[2] == "| A/1 | 3 | 0.900 | 0.800 | 1.000 | 0.700 | 0.250 |"
     assert table[3] == "| mean | 3 | 0.900 | - | - | - | - |"
+    from pathlib import Path
+
+    assert bench_asam.stage2_dir(Path("w"), 0.5, "all") == Path("w/stage2_neg0.5")          # the committed runs
+    assert bench_asam.stage2_dir(Path("w"), 0.5, "present") == Path("w/stage2_neg0.5_present")
