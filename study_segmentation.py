@@ -121,7 +121,7 @@ def run(a) -> int:
                     print(f"[skip] {dataset} {arm} seed {seed}: its rows are in {results / 'runs.csv'}", flush=True)
                     continue
                 enc = encoder_of(study, arm, seed)
-                if arm in BASELINES:
+                if arm in BASELINES and not enc.is_file():   # the study's own file, where it wrote one
                     st.run(f"{arm}_s{seed}", baseline_cmd(py, study, arm, seed, a.pretrain_img_size), [enc])
                 elif not enc.is_file():
                     waiting.append(f"{arm} seed {seed}")

@@ -114,8 +114,16 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
     settings = json.loads((results / "settings.json").read_text())
     assert settings["waiting"] == ["aclus_superpixel seed 0"] and settings["epochs"] == 1
     assert settings["datasets"] == ["SynLung-Anatomy"]
+    assert (tmp_path / "study" / "eval_seg" / "stages" / "random_s0.json").is_file()
     assert ss.main(argv) == 0                                    # rows there: nothing runs again
     assert "[skip] SynLung-Anatomy byol seed 0" in capsys.readouterr().out
+    # a baseline encoder the study wrote is used as it is, not written again
+    bn = tmp_path / "study" / "runs" / "bn_control" / "seed0" / "encoder_resnet18.pth"
+    bn.parent.mkdir(parents=True)
+    bn.write_bytes((tmp_path / "study" / "runs" / "random" / "seed0" / "encoder_resnet18.pth").read_bytes())
+    stamp = bn.stat().st_mtime_ns
+    assert ss.main([*argv[:7], "random,bn_control", *argv[8:]]) == 0
+    assert bn.stat().st_mtime_ns == stamp and "[rows] SynLung-Anatomy bn_control seed 0" in capsys.readouterr().out
     assert ss.main([*argv, "--epochs", "2"]) == 2                # other settings: refused, one line
     assert capsys.readouterr().err.strip().splitlines() == [
         f"study_segmentation.py: error: {results / 'settings.json'}: its rows were made with epochs=1, now 2; "
