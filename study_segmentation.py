@@ -76,7 +76,9 @@ def render(results: Path) -> str:
         raise StudyError(f"{results / 'per_image.csv'}: no rows to render")
     md = seg.results_markdown(rows, runs, read_json(results / "settings.json"))
     atomic_write(results / "results.md", lambda f: f.write(md.encode()))
-    for doc in (REPO / "README.md", REPO / "docs" / "RESULTS.md"):
+    # the documents show this repository's committed results only, never a scratch folder's
+    docs = (REPO / "README.md", REPO / "docs" / "RESULTS.md") if results.is_relative_to(REPO / "docs" / "results") else ()
+    for doc in docs:
         if doc.is_file() and BEGIN in doc.read_text():
             text = splice(doc.read_text(), f"(rendered from `{os.path.relpath(results, REPO)}` by "
                           f"`study_segmentation.py --render_only`)\n\n{md}", str(doc), BEGIN, END)

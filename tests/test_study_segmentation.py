@@ -104,7 +104,9 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
             "--arms", "random,byol,aclus_superpixel", "--seeds", "0", "--img_size", "32", "--pretrain_img_size", "32",
             "--epochs", "1", "--batch_size", "4", "--fractions", "0.5,1", "--variants", "frozen",
             "--threads", "1", "--results", str(results)]
+    readme = (ss.REPO / "README.md").read_text()
     assert ss.main(argv) == 0
+    assert (ss.REPO / "README.md").read_text() == readme          # a scratch --results leaves the docs alone
     out = capsys.readouterr().out
     assert "waiting for encoders: aclus_superpixel seed 0" in out
     runs = (results / "runs.csv").read_text().splitlines()
