@@ -6,9 +6,10 @@
     python study_segmentation.py --render_only --results docs/results/segmentation_cpu_long
 
 ``--study`` is the ``--out`` folder of ``study_real_data.py``: its encoders are
-``runs/<arm>/seed<s>/encoder_resnet18.pth``. For every data set, seed and arm whose encoder is
-there (``random`` and ``bn_control`` are written as the study writes them, with
-``study.bn_control``, when missing), ``evaluation_segmentation.py`` trains a decoder at every
+``runs/<arm>/seed<s>/encoder_resnet18.pth``. For every data set, seed and arm whose pre-training
+the study has finished (its stage record ``stages/pretrain_<arm>_s<s>.json``; ``random`` and
+``bn_control`` are the study's files, or, where it has none, written as it writes them with
+``study.bn_control`` under ``--work``), ``evaluation_segmentation.py`` trains a decoder at every
 label fraction and variant (frozen, fine-tune) with that seed's label subsets, and its test
 Dice per image goes to ``<results>/per_image.csv`` (and one row per run to ``runs.csv``):
 :mod:`study.segmentation`. A (data set, arm, seed) whose rows are all there is not run again, so a
@@ -43,16 +44,22 @@ from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
 
 BEGIN, END = "<!-- segmentation:begin -->", "<!-- segmentation:end -->"
 #: what a re-run must share with the rows already in --results
-SETTINGS_KEYS = ("img_size", "epochs", "batch_size", "lr", "fractions", "variants")
+SETTINGS_KEYS = ("study", "data_root", "img_size", "epochs", "batch_size", "lr", "fractions", "variants")
 
 
 def encoder_of(study: Path, arm: str, seed: int) -> Path:
     return study / "runs" / arm / f"seed{seed}" / ENCODER_NAME
 
 
-def baseline_cmd(py: str, study: Path, arm: str, seed: int, img_size: int) -> list[str]:
-    """The command ``study_real_data.py`` writes a baseline's encoder with."""
-    cmd = [py, "-m", "study.bn_control", "--out", str(encoder_of(study, arm, seed)), "--seed", str(seed),
+def finished(study: Path, arm: str, seed: int) -> bool:
+    """Whether the study finished pre-training this (arm, seed): its stage record is there (run folders
+    of older code write the encoder every epoch, so the file alone does not say the run is over)."""
+    return encoder_of(study, arm, seed).is_file() and (study / "stages" / f"pretrain_{arm}_s{seed}.json").is_file()
+
+
+def baseline_cmd(py: str, study: Path, out: Path, arm: str, seed: int, img_size: int) -> list[str]:
+    """The command ``study_real_data.py`` writes a baseline's encoder with (here to ``out``)."""
+    cmd = [py, "-m", "study.bn_control", "--out", str(out), "--seed", str(seed),
            "--img_size", str(img_size), "--statistics", "start" if arm == "random" else "corpus"]
     return cmd + (["--frames", str(study / "frames")] if arm == "bn_control" else [])
 
@@ -74,6 +81,8 @@ def render(results: Path) -> str:
     runs = read_rows(results / "runs.csv", seg.RUN_COLUMNS, seg.INTS, seg.FLOATS)
     if not rows:
         raise StudyError(f"{results / 'per_image.csv'}: no rows to render")
+    if not (results / "settings.json").is_file():
+        raise StudyError(f"{results / 'settings.json'}: missing (written by a run of study_segmentation.py)")
     md = seg.results_markdown(rows, runs, read_json(results / "settings.json"))
     atomic_write(results / "results.md", lambda f: f.write(md.encode()))
     # the documents show this repository's committed results only, never a scratch folder's
@@ -92,9 +101,18 @@ def run(a) -> int:
     if not (study / "runs").is_dir():
         raise DataError(f"--study {a.study}: no runs/ folder (expected the --out folder of study_real_data.py)")
     datasets = [d for d in a.datasets.split(",") if d]
+    try:
+        fractions = [float(f) for f in a.fractions.split(",")]
+    except ValueError:
+        raise DataError(f"--fractions {a.fractions!r}: expected a comma list of numbers in (0, 1]") from None
+    variants = a.variants.split(",")
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise DataError(f"--fractions {a.fractions!r}: expected a comma list of numbers in (0, 1]")
+    if any(v not in VARIANTS for v in variants):
+        raise DataError(f"--variants {a.variants!r}: expected a comma list of {', '.join(VARIANTS)}")
     settings = {"study": os.path.basename(str(study)), "data_root": a.data_root, "datasets": datasets,
                 "img_size": a.img_size, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
-                "fractions": [float(f) for f in a.fractions.split(",")], "variants": a.variants.split(",")}
+                "fractions": sorted(fractions), "variants": [v for v in VARIANTS if v in variants]}
     results.mkdir(parents=True, exist_ok=True)
     check_settings(results, settings)
     arms = [x for x in a.arms.split(",") if x] if a.arms else \
@@ -123,9 +141,10 @@ def run(a) -> int:
                     print(f"[skip] {dataset} {arm} seed {seed}: its rows are in {results / 'runs.csv'}", flush=True)
                     continue
                 enc = encoder_of(study, arm, seed)
-                if arm in BASELINES and not enc.is_file():   # the study's own file, where it wrote one
-                    st.run(f"{arm}_s{seed}", baseline_cmd(py, study, arm, seed, a.pretrain_img_size), [enc])
-                elif not enc.is_file():
+                if arm in BASELINES and not enc.is_file():   # the study's own file where it wrote one, else ours
+                    enc = work / "encoders" / arm / f"seed{seed}" / ENCODER_NAME
+                    st.run(f"{arm}_s{seed}", baseline_cmd(py, study, enc, arm, seed, a.pretrain_img_size), [enc])
+                elif arm not in BASELINES and not finished(study, arm, seed):
                     waiting.append(f"{arm} seed {seed}")
                     continue
                 out_dir = work / dataset / arm / f"seed{seed}"

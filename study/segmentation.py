@@ -96,8 +96,9 @@ def results_markdown(rows: list[dict], runs: list[dict], settings: dict, n_boot:
     out = [f"Segmentation downstream of the study `{settings.get('study', '?')}` "
            f"({settings.get('img_size')} px, {settings.get('epochs')} epochs, selection on validation Dice; "
            f"{settings.get('where', '?')}; commit {settings.get('commit') or '?'}). "
-           "Test Dice per image (mean over the classes it shows); the difference from random init is paired "
-           "by seed and test image, its interval resamples test images, then seeds.\n"]
+           "Test Dice per image (mean over the classes it shows); mean ± sd over an arm's seeds; the difference "
+           "from random init is paired by seed and test image over the seeds both arms have (so it can differ "
+           "from the difference of the two means), its interval resamples test images, then seeds.\n"]
     for dataset in sorted({r["dataset"] for r in rows}):
         leak = settings.get("leaks", {}).get(dataset)
         for variant in [v for v in VARIANTS if any(r["variant"] == v for r in rows)]:

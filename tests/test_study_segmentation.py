@@ -26,7 +26,7 @@ def test_unit_bootstrap_has_the_two_level_variance_computed_by_hand():
     assert reps.var() == pytest.approx(3.708333 / 3, rel=0.015)
     # the same distribution as the fold bootstrap of the classification study
     folds = hierarchical_bootstrap(list(values), n_boot=200_000, seed=1)
-    assert np.percentile(reps, [2.5, 50, 97.5]) == pytest.approx(np.percentile(folds, [2.5, 50, 97.5]), abs=0.05)
+    assert folds.mean() == pytest.approx(2.5, abs=0.01) and folds.var() == pytest.approx(3.708333 / 3, rel=0.015)
     assert np.array_equal(unit_bootstrap(values, 1000, seed=3), unit_bootstrap(values, 1000, seed=3, chunk=7))
 
 
@@ -90,8 +90,13 @@ def _fake_study(tmp_path):
     torch.manual_seed(5)
     from study.bn_control import start_encoder
 
-    torch.save({k: v for k, v in start_encoder(5).state_dict().items() if not k.startswith("fc.")},
-               enc / "encoder_resnet18.pth")
+    state = {k: v for k, v in start_encoder(5).state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, enc / "encoder_resnet18.pth")
+    (study / "stages").mkdir()
+    (study / "stages" / "pretrain_byol_s0.json").write_text("{}")          # the study finished it
+    mid = study / "runs" / "detcon_superpixel" / "seed0"                     # an encoder, the run not over
+    mid.mkdir(parents=True)
+    torch.save(state, mid / "encoder_resnet18.pth")
     return study
 
 
@@ -101,20 +106,21 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
     root = write_samus_layout(tmp_path / "seg", n_images=10, size=40, seed=0)
     study, results = _fake_study(tmp_path), tmp_path / "results"
     argv = ["--study", str(study), "--data_root", str(root), "--datasets", "SynLung-Anatomy",
-            "--arms", "random,byol,aclus_superpixel", "--seeds", "0", "--img_size", "32", "--pretrain_img_size", "32",
+            "--arms", "random,byol,aclus_superpixel,detcon_superpixel", "--seeds", "0", "--img_size", "32", "--pretrain_img_size", "32",
             "--epochs", "1", "--batch_size", "4", "--fractions", "0.5,1", "--variants", "frozen",
             "--threads", "1", "--results", str(results)]
     readme = (ss.REPO / "README.md").read_text()
     assert ss.main(argv) == 0
     assert (ss.REPO / "README.md").read_text() == readme          # a scratch --results leaves the docs alone
     out = capsys.readouterr().out
-    assert "waiting for encoders: aclus_superpixel seed 0" in out
+    assert "waiting for encoders: aclus_superpixel seed 0, detcon_superpixel seed 0" in out
+    assert not (study / "runs" / "random").exists()                         # the study's folder untouched
     runs = (results / "runs.csv").read_text().splitlines()
     assert len(runs) == 1 + 2 * 2                                # header + 2 arms x 2 fractions
     md = (results / "results.md").read_text()
     assert "**SynLung-Anatomy, frozen**" in md and "| 100% | byol | 1 |" in md
     settings = json.loads((results / "settings.json").read_text())
-    assert settings["waiting"] == ["aclus_superpixel seed 0"] and settings["epochs"] == 1
+    assert settings["waiting"] == ["aclus_superpixel seed 0", "detcon_superpixel seed 0"] and settings["epochs"] == 1
     assert settings["datasets"] == ["SynLung-Anatomy"]
     assert (tmp_path / "study" / "eval_seg" / "stages" / "random_s0.json").is_file()
     assert ss.main(argv) == 0                                    # rows there: nothing runs again
@@ -122,7 +128,7 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
     # a baseline encoder the study wrote is used as it is, not written again
     bn = tmp_path / "study" / "runs" / "bn_control" / "seed0" / "encoder_resnet18.pth"
     bn.parent.mkdir(parents=True)
-    bn.write_bytes((tmp_path / "study" / "runs" / "random" / "seed0" / "encoder_resnet18.pth").read_bytes())
+    bn.write_bytes((tmp_path / "study" / "eval_seg" / "encoders" / "random" / "seed0" / "encoder_resnet18.pth").read_bytes())
     stamp = bn.stat().st_mtime_ns
     assert ss.main([*argv[:7], "random,bn_control", *argv[8:]]) == 0
     assert bn.stat().st_mtime_ns == stamp and "[rows] SynLung-Anatomy bn_control seed 0" in capsys.readouterr().out
@@ -132,3 +138,6 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
         "use another --results"]
     assert ss.main([*argv[:4], "--datasets", "Nope", "--results", str(results)]) == 2
     assert "--datasets 'Nope': not in" in capsys.readouterr().err
+    assert ss.main([*argv, "--fractions", "0.1,x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "study_segmentation.py: error: --fractions '0.1,x': expected a comma list of numbers in (0, 1]"]
