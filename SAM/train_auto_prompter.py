@@ -190,7 +190,8 @@ def main(argv=None) -> dict:
 
     def save(path, **extra):
         save_checkpoint(path, "asam_stage2", seg, keys, prompter,
-                        config=vars(cfg) | {"datasets": list(cfg.datasets)}, **extra)
+                        config=vars(cfg) | {"datasets": list(cfg.datasets), "presence_weight": args.presence_weight,
+                                            "mask_loss_on": args.mask_loss_on}, **extra)
 
     if cache is not None:
         cache.fill(train_ds)

@@ -7,7 +7,8 @@ Each block lives between ``<!-- results:NAME -->`` and ``<!-- results:NAME:end -
 documents; a document without a block's markers is left alone for that block, and a block whose
 JSON is missing is not rendered. Blocks: ``asam`` (docs/results/asam_lite_cpu.json,
 benchmarks/bench_asam.py), ``presence`` (docs/results/asam_lite_presence_cpu.json, the same
-script with ``--infer_images 0``), ``realism`` (docs/results/synthetic_realism.json,
+script with ``--infer_images 0``), ``presence_present`` (docs/results/asam_lite_presence_present_cpu.json,
+``--mask_loss_on present``), ``realism`` (docs/results/synthetic_realism.json,
 benchmarks/measure_synthetic_realism.py), ``lung_asam`` (docs/results/lung_asam.json,
 benchmarks/measure_lung_asam.py).
 """
@@ -63,9 +64,10 @@ def asam_block(d: dict) -> str:
         f"Ran on {where(d)}. File: `docs/results/asam_lite_cpu.json` (`benchmarks/bench_asam.py`)."])
 
 
-def presence_block(d: dict) -> str:
+def presence_block(d: dict, file: str = "asam_lite_presence_cpu.json") -> str:
     """Prompt-free A-SAM per negative rate: each prompt's presence score, threshold and what it costs."""
     s, runs = d["settings"], d["prompt_free"]
+    on = s.get("mask_loss_on")                      # files before --mask_loss_on: not said
     rows = ["| negatives | prompt | threshold | AUROC: head / pred. IoU / max prob. / area | test Dice, no decision "
             "| test Dice, decision | FP rate, no decision | FP rate, decision |", "|---" * 8 + "|"]
     for r, run in runs.items():
@@ -79,12 +81,43 @@ def presence_block(d: dict) -> str:
     rule = next(iter(runs.values()))["presence"]["rule"]
     return "\n".join([
         f"Prompt-free A-SAM (LiteMedSAM backbone, encoder frozen; {s['epochs']} epochs on {s['max_train']} "
-        f"training lines per data set, {s['max_val']} validation and {s['max_test']} test lines per data set). "
+        f"training lines per data set, {s['max_val']} validation and {s['max_test']} test lines per data set"
+        + ({None: "", "all": "; mask loss on every line"}.get(on, "; mask loss on the lines whose anatomy is "
+                                                                   "present only") + "). ") +
         f"Rule: {rule}. The threshold is chosen on the validation split and stored in `best.pt`; AUROC of "
         "each candidate score on the test split (images with the anatomy against those without: the other "
         "data set's images and empty labels). Dice over the images that show the anatomy (a mask the "
         "decision removes scores 0); FP rate over the images without it.", "", *rows, "",
-        f"Ran on {where(d)}. File: `docs/results/asam_lite_presence_cpu.json` (`benchmarks/bench_asam.py`)."])
+        f"Ran on {where(d)}. File: `docs/results/{file}` (`benchmarks/bench_asam.py`)."])
+
+
+#: what two bench_asam.py runs must share to be set side by side
+SAME_RUN = ("seg_root", "epochs", "batch_size", "lr", "prompter_grid", "balance_prompts", "encoder_lr",
+            "max_train", "max_val", "max_test")
+
+
+def presence_present_block(d: dict, reference: Path | None = None) -> str:
+    """:func:`presence_block` of the run whose mask loss skips empty targets, and its mean Dice and
+    per-prompt FP rate beside stage 2 without negatives (the same lines and seed)."""
+    reference = reference or RESULTS / "asam_lite_presence_cpu.json"
+    block = presence_block(d, "asam_lite_presence_present_cpu.json")
+    ref = json.loads(reference.read_text()) if reference.is_file() else {}
+    if "0" not in ref.get("prompt_free", {}):
+        return block
+    differ = [k for k in SAME_RUN if ref["settings"].get(k) != d["settings"].get(k)]
+    if differ:
+        return block + f"\n\nNot comparable with `{reference.name}`: other {', '.join(differ)}."
+    base = ref["prompt_free"]["0"]["presence"]["without_decision"]
+    lines = []
+    for r, run in d["prompt_free"].items():
+        after, before = run["test"], run["presence"]["without_decision"]
+        fp = max((v["fp_rate"] for k, v in after.items() if k != "mean" and v.get("fp_rate") is not None),
+                 default=None)
+        lines.append(f"negatives {r}: mean test Dice {_f(base['mean']['dice'])} without negatives (no decision, "
+                     f"`{reference.name}`) -> {_f(before['mean']['dice'])} trained so, no decision -> "
+                     f"{_f(after['mean']['dice'])} with the decision "
+                     f"({after['mean']['dice'] - base['mean']['dice']:+.3f}); largest FP rate of a prompt {_f(fp)}.")
+    return block + "\n\n" + "\n".join(lines)
 
 
 def realism_block(d: dict) -> str:
@@ -145,7 +178,8 @@ def lung_block(d: dict) -> str:
 
 
 BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
-          "presence": ("asam_lite_presence_cpu.json", presence_block), "realism": ("synthetic_realism.json", realism_block),
+          "presence": ("asam_lite_presence_cpu.json", presence_block),
+          "presence_present": ("asam_lite_presence_present_cpu.json", presence_present_block), "realism": ("synthetic_realism.json", realism_block),
           "lung_asam": ("lung_asam.json", lung_block)}
 
 

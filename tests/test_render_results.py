@@ -2,6 +2,8 @@
 from the committed JSON files (a hand edit, or a JSON re-measured without re-rendering, fails)."""
 from __future__ import annotations
 
+import json
+
 from benchmarks import render_results
 
 
@@ -21,3 +23,23 @@ def test_committed_tables_match_their_files():
         for name, block in blocks.items():
             assert render_results.splice(text, name, block) == text, f"{doc.name}: block {name} is stale; " \
                 "run python benchmarks/render_results.py"
+
+
+def test_the_present_only_run_is_set_beside_stage_2_without_negatives(tmp_path):
+    def run(before, after, fp):
+        keys = {"A/1": {"dice": after, "fp_rate": fp}, "mean": {"dice": after, "fp_rate": fp}}
+        return {"test": keys, "presence": {"rule": "r", "presence": {"A/1": {"threshold": 1.0}},
+                                           "without_decision": {"A/1": {"dice": before, "fp_rate": 1.0},
+                                                                "mean": {"dice": before, "fp_rate": 1.0}}}}
+    settings = {"epochs": 1, "max_train": 2, "max_val": 1, "max_test": 1, "mask_loss_on": "present"}
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"settings": settings | {"mask_loss_on": "all"}, "prompt_free": {"0": run(0.5, 0.1, 0.0)}}))
+    d = {"settings": settings, "prompt_free": {"0.5": run(0.48, 0.47, 0.02)}, "machine": {}}
+    text = render_results.presence_present_block(d, ref)
+    assert "mask loss on the lines whose anatomy is present only" in text
+    assert text.splitlines()[-1] == ("negatives 0.5: mean test Dice 0.500 without negatives (no decision, `ref.json`) "
+                                     "-> 0.480 trained so, no decision -> 0.470 with the decision (-0.030); "
+                                     "largest FP rate of a prompt 0.020.")
+    ref.write_text(json.dumps({"settings": settings | {"epochs": 2}, "prompt_free": {"0": run(0.5, 0.1, 0.0)}}))
+    assert render_results.presence_present_block(d, ref).endswith("Not comparable with `ref.json`: other epochs.")
+    assert "without negatives" not in render_results.presence_present_block(d, tmp_path / "absent.json")
