@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from evaluation.segmentation import ASAM_TRAINING_SETS, FRACTIONS, VARIANTS  # noqa: E402
 from study import StudyError  # noqa: E402
 from study import segmentation as seg  # noqa: E402
+from SAM.samus_data import read_class_json  # noqa: E402
 from study.plan import BASELINES  # noqa: E402
 from study.provenance import code_version, git_state, machine, recorded_command  # noqa: E402
 from study.render import splice  # noqa: E402
@@ -210,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("--study and --data_root are required (unless --render_only)")
         if not re.fullmatch(r"\d+(,\d+)*", a.seeds):
             raise DataError(f"--seeds {a.seeds!r}: expected a comma list of integers")
-        classes = read_json(Path(a.data_root) / "MainPatient" / "class.json") \
-            if (Path(a.data_root) / "MainPatient" / "class.json").is_file() else None
-        if classes is None:
-            raise DataError(f"--data_root {a.data_root}: no MainPatient/class.json")
+        classes = read_class_json(a.data_root)
         bad = [d for d in a.datasets.split(",") if d and d not in classes]
         if bad:
             raise DataError(f"--datasets {bad[0]!r}: not in {a.data_root}/MainPatient/class.json "

@@ -78,8 +78,10 @@ def test_rows_done_and_the_table_pair_arms_with_random_init():
     assert not seg.done(runs, "D", "random", 0, ["frozen", "finetune"], [0.5, 1.0])
     assert not seg.done(runs, "D", "random", 1, ["frozen"], [0.5, 1.0])
     better, _ = seg.rows_of(_summary({"a": {"1": 0.6, "2": 0.8}, "b": {"1": 0.3}}), dataset="D", arm="aclus", seed=0)
+    better = [r | {"dice": r["dice"] + 0.2} if r["fraction"] == 0.5 else r for r in better]   # fractions kept apart
     md = seg.table(images + better, "D", "frozen", ["random", "aclus"], [0.5, 1.0], n_boot=500)
     assert "| 100% | aclus | 1 | 0.500 ± – | +0.100 [+0.100, +0.100] higher |" in md
+    assert "| 50% | aclus | 1 | 0.700 ± – | +0.300 [+0.300, +0.300] higher |" in md
     assert "| 50% | random | 1 | 0.400 ± – | – |" in md
 
 
