@@ -23,6 +23,19 @@ from dataclasses import dataclass
 from utils.config import ConfigError
 from utils.flags import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, check_flag_ranges
 
+#: stage-2 flags of the A-SAMs whose masks feed pre-training (the study's --asam_build, the lung
+#: A-SAM of benchmarks/measure_lung_asam.py): half as many negatives as lines, so the presence
+#: head sees absent targets, and the mask loss on present lines only, so the decoder does not
+#: learn to mark nothing (docs/results/asam_lite_presence_present_cpu.json: FP rate <= 0.017 per
+#: prompt, mean Dice 0.470 against 0.477 without negatives). Stage 2's own defaults stay
+#: METHOD.md's training (no negatives, mask loss on every line).
+ABSENCE_TRAINING = {"negative_rate": 0.5, "mask_loss_on": "present"}
+
+
+def absence_flags() -> list[str]:
+    """:data:`ABSENCE_TRAINING` as ``SAM/train_auto_prompter.py`` flags."""
+    return [x for k, v in ABSENCE_TRAINING.items() for x in (f"--{k}", str(v))]
+
 
 @dataclass
 class TaskConfig:

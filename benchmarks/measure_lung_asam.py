@@ -8,17 +8,26 @@ with HC18 and USGRA, measured on held-out synthetic scans and on real lung frame
    class per anatomy: soft tissue, rib, pleura, lung, consolidation, rib shadow; ``--style``)
    beside links to the data sets of ``--seg_root``;
 2. ``SAM/train_auto_prompter.py`` (LiteMedSAM backbone, encoder frozen) on all of them,
-   ``--max_train`` lines per data set, ``--negative_rate`` negatives, ``--eval_test``: Dice per
-   anatomy on held-out synthetic scans, Dice on HC18 / USGRA, false-positive rates;
+   ``--max_train`` lines per data set, ``--negative_rate`` negatives and ``--mask_loss_on``
+   (default :data:`SAM.config.ABSENCE_TRAINING`: the presence head learns absence), ``--eval_test``:
+   Dice per anatomy on held-out synthetic scans, Dice on HC18 / USGRA, false-positive rates, with
+   the presence decision and without it (``<work_dir>/stage2_neg<rate>[_present]``);
 3. real lung frames (no labels exist): ``--frames_per_video`` evenly spaced frames of
    ``--n_videos`` videos of ``--lung_frames`` (a ``<Sub>/img/<video>_f<index>.png`` tree, e.g. the
    study's frames); ``SAM/infer_masks.py`` with this checkpoint's lung prompts, and with every
    prompt of ``--compare`` (an A-SAM that never saw a lung); per source and prompt: the share
    of frames where it fires, regions per frame, pixel share, C5 survival
    (:mod:`pretraining.mask_stats`), and the spread of the pleura's vertical centroid within a video.
+   A checkpoint with presence thresholds is measured twice: with its decision (``asam_lung``,
+   what the study's ``asam_lung`` source writes) and with ``--presence off``
+   (``asam_lung_no_decision``): the share of frames per prompt that keep a region, before and after;
+   and its HC18 / USGRA prompts with the decision (``asam_lung_absent_prompts``: anatomies no lung
+   frame shows).
 
-Writes ``--out`` (default docs/results/lung_asam.json) and ``--montage`` (the lung A-SAM on
-held-out synthetic scans); real-frame overlays stay in ``<work_dir>`` (COVID-BLUES licence).
+Writes ``--out`` (default docs/results/lung_asam_presence.json; ``docs/results/lung_asam.json``
+is the run with ``--negative_rate 0 --mask_loss_on all``, before the presence head existed) and
+``--montage`` (the lung A-SAM on held-out synthetic scans); real-frame overlays stay in
+``<work_dir>`` (COVID-BLUES licence).
 """
 from __future__ import annotations
 
@@ -35,9 +44,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_asam import repo_relative  # noqa: E402
+from benchmarks.bench_asam import repo_relative, stage2_dir  # noqa: E402
 from pretraining.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
+from SAM.config import ABSENCE_TRAINING  # noqa: E402
+from SAM.presence import MASK_LOSS_ON  # noqa: E402
 from utils.extract_frames import spread_evenly, video_of  # noqa: E402
 from utils.flags import script_parser  # noqa: E402
 from utils.io import atomic_write, read_label  # noqa: E402
@@ -60,13 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_val", type=int, default=20)
     p.add_argument("--max_test", type=int, default=60)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--negative_rate", type=float, default=0.0,
-                   help="stage-2 negatives per line (0: METHOD.md's training, as the compared A-SAM)")
+    p.add_argument("--negative_rate", type=float, default=ABSENCE_TRAINING["negative_rate"],
+                   help="stage-2 negatives per line (%(default)s; 0: METHOD.md's training, no absent targets)")
+    p.add_argument("--mask_loss_on", choices=MASK_LOSS_ON, default=ABSENCE_TRAINING["mask_loss_on"],
+                   help="stage-2 --mask_loss_on (%(default)s)")
     p.add_argument("--prompter_grid", type=int, default=16)
     p.add_argument("--n_videos", type=int, default=12, help="real videos (12)")
     p.add_argument("--frames_per_video", type=int, default=3, help="frames per real video (3)")
     p.add_argument("--view", type=int, default=112, help="pre-training view side for C5 survival (112)")
-    p.add_argument("--out", default=str(REPO / "docs/results/lung_asam.json"))
+    p.add_argument("--out", default=str(REPO / "docs/results/lung_asam_presence.json"))
     p.add_argument("--montage", default=str(REPO / "figs/lung_asam_synthetic.png"))
     a = p.parse_args(argv)
     for flag in ("seg_root", "lung_frames"):
@@ -131,18 +144,22 @@ def main(argv=None) -> dict:
     if not (data / "MainPatient" / "class.json").is_file():
         write_lung_layout(data, a.n_synthetic, 256, seed=0, style=a.style, seg_root=a.seg_root)
     datasets = ",".join(json.loads((data / "MainPatient" / "class.json").read_text()))
-    stage2 = work / "stage2"
+    stage2 = stage2_dir(work, a.negative_rate, a.mask_loss_on)
     t1 = time.perf_counter()
     if not (stage2 / "test_metrics.json").is_file():
         train_auto_prompter.main([
             "--task", "SAMUS", "--data_root", str(data), "--datasets", datasets, "--backbone", "lite",
             "--epochs", str(a.epochs), "--max_train", str(a.max_train), "--max_val", str(a.max_val),
-            "--max_test", str(a.max_test), "--negative_rate", str(a.negative_rate), "--workers", "1",
+            "--max_test", str(a.max_test), "--negative_rate", str(a.negative_rate),
+            "--mask_loss_on", a.mask_loss_on, "--workers", "1",
             "--device", "cpu", "--prompter_grid", str(a.prompter_grid), "--balance_prompts", "true",
             "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
             + (["--resume"] if (stage2 / ASAM_LAST).is_file() else []))
     train_s = time.perf_counter() - t1
     test = json.loads((stage2 / "test_metrics.json").read_text())
+    # with presence thresholds: test_metrics has the decision applied; this the masks without it, rule, AUROCs
+    test_presence = json.loads((stage2 / "test_presence.json").read_text()) \
+        if (stage2 / "test_presence.json").is_file() else None
 
     # the lung A-SAM on held-out synthetic scans: a montage for figs/
     syn = work / "synthetic_test"
@@ -162,19 +179,29 @@ def main(argv=None) -> dict:
     videos = pick_real_frames(Path(a.lung_frames), a.n_videos, a.frames_per_video, real)
     if not videos:
         raise SystemExit(f"--lung_frames {a.lung_frames}: no <Sub>/img/*.png frames there")
-    sources = {"asam_lung": (stage2 / ASAM_BEST, list(LUNG_PROMPTS))}
+    from SAM.checkpoint import load_checkpoint
+    # name -> (checkpoint, prompts, --presence): a checkpoint with thresholds also without its decision
+    sources = {"asam_lung": (stage2 / ASAM_BEST, list(LUNG_PROMPTS), "checkpoint")}
+    ck = load_checkpoint(stage2 / ASAM_BEST, ("asam_stage2",))
+    if "presence" in ck:
+        sources["asam_lung_no_decision"] = (stage2 / ASAM_BEST, list(LUNG_PROMPTS), "off")
+        # its HC18 / USGRA prompts: anatomies no lung frame shows, so every region kept is a false positive
+        sources["asam_lung_absent_prompts"] = (stage2 / ASAM_BEST,
+                                               [k for k in ck["prompt_keys"] if k not in LUNG_PROMPTS], "checkpoint")
     if a.compare:
-        from SAM.checkpoint import load_checkpoint
-        sources["asam_hc18_usgra"] = (Path(a.compare), load_checkpoint(a.compare, ("asam_stage2",))["prompt_keys"])
+        sources["asam_hc18_usgra"] = (Path(a.compare), load_checkpoint(a.compare, ("asam_stage2",))["prompt_keys"],
+                                      "checkpoint")
     real_stats = {}
-    for name, (ckpt, prompts) in sources.items():
+    for name, (ckpt, prompts, presence) in sources.items():
         shutil.rmtree(work / f"real_{name}", ignore_errors=True)  # timed afresh on every run
         res = infer_masks.main(["--ckpt", str(ckpt), "--data_dir", str(real), "--out_dir", str(work / f"real_{name}"),
                                 "--prompts", ",".join(prompts), "--device", "cpu", "--workers", "0",
-                                "--montage", str(work / f"real_{name}_montage.png")])
+                                "--presence", presence, "--montage", str(work / f"real_{name}_montage.png")])
         real_stats[name] = measure_source(work / f"real_{name}", videos, prompts, a.view)
         real_stats[name]["checkpoint"] = repo_relative(ckpt)
         real_stats[name]["images_per_s"] = res["images_per_s"] or None
+        real_stats[name]["presence"] = presence
+        real_stats[name]["removed"] = res["removed"]
 
     result = {"what": "lung A-SAM (LiteMedSAM, encoder frozen): stage 2 on synthetic lung scans + HC18 + USGRA; "
                       "Dice on held-out scans, statistics on real lung frames",
@@ -183,7 +210,7 @@ def main(argv=None) -> dict:
               "data": {"datasets": datasets.split(","),
                        "lines": {s: len((data / "MainPatient" / f"{s}.txt").read_text().split())
                                  for s in ("train", "val", "test")}},
-              "test": test, "stage2_seconds": train_s, "real_frames": {"videos": len(videos),
+              "test": test, "test_presence": test_presence, "stage2_seconds": train_s, "real_frames": {"videos": len(videos),
                                                                        "frames": sum(map(len, videos.values()))},
               "real": real_stats, "machine": where, "seconds": time.perf_counter() - t0}
     result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]

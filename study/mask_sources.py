@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from SAM.config import absence_flags
 from study import StudyError
 from utils import mask_layout as layout
 from utils.flags import AT_LEAST_1, POSITIVE, PROBABILITY, Range
@@ -118,8 +119,8 @@ def _asam(job: MaskJob) -> str | None:
         asam_dir = job.out / "asam_lite"
         st.run("asam_build", [py, "SAM/train_auto_prompter.py", "--task", "HC18_USGRA", "--data_root",
                               str(Path(a.asam_build).resolve()), "--backbone", "lite", "--out_dir", str(asam_dir),
-                              "--eval_test"], [asam_dir / ASAM_BEST],
-               note="A-SAM stage 2 (lite) on HC18 + USGRA: hours on a CPU")
+                              "--eval_test", *absence_flags()], [asam_dir / ASAM_BEST],
+               note="A-SAM stage 2 (lite) on HC18 + USGRA, with negatives (it learns absence): hours on a CPU")
         ckpt = str(asam_dir / ASAM_BEST)
     if not ckpt:
         return "no A-SAM checkpoint (--asam_ckpt, --asam_masks or --asam_build)"

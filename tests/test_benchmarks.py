@@ -143,3 +143,13 @@ def test_bench_asam_negative_rates_and_table():
 
     assert bench_asam.stage2_dir(Path("w"), 0.5, "all") == Path("w/stage2_neg0.5")          # the committed runs
     assert bench_asam.stage2_dir(Path("w"), 0.5, "present") == Path("w/stage2_neg0.5_present")
+
+
+def test_time_suite_reads_pytest_summary_line():
+    """The counts and seconds of pytest's last summary line, singular kinds in their plural key; an
+    output without one gives nothing. Breaks if an earlier line or a progress line is read."""
+    from benchmarks.time_suite import pytest_summary
+
+    out = "....  [ 50%]\nFAILED x\n= 1 failed, 2 passed in 3.00s =\n... 497 passed, 11 skipped, 1 error, 2 warnings in 634.13s (0:10:34)\n"
+    assert pytest_summary(out) == {"passed": 497, "skipped": 11, "errors": 1, "warnings": 2, "seconds": 634.13}
+    assert pytest_summary("........ [ 14%]\n") == {}

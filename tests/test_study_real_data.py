@@ -75,6 +75,22 @@ def test_every_mask_source_makes_its_label_tree_or_says_what_it_needs(tmp_path):
             assert why is None and st.calls, name
 
 
+def test_the_study_builds_an_asam_that_learns_absence(tmp_path):
+    """--asam_build trains stage 2 with negatives and the mask loss on present lines (issue 27), and
+    masks the frames with the checkpoint it built. Breaks if the build drops the absence flags (its
+    presence head would see no absent target) or infers with another checkpoint."""
+    from study.mask_sources import MASK_SOURCES, MaskJob
+
+    args = srd.get_args_parser().parse_args(["--asam_build", str(tmp_path / "seg")])
+    st = _RecordingStages()
+    assert MASK_SOURCES["asam"].make(MaskJob(args, st, tmp_path, tmp_path / "frames", tmp_path / "l", "py")) is None
+    (name, build, outputs), (_, infer, _) = st.calls
+    assert name == "asam_build" and build[1] == "SAM/train_auto_prompter.py"
+    assert build[build.index("--negative_rate") + 1] == "0.5", build
+    assert build[build.index("--mask_loss_on") + 1] == "present", build
+    assert infer[infer.index("--ckpt") + 1] == str(outputs[0]), (infer, outputs)
+
+
 def test_cpu_and_gpu_presets_plan_what_the_issue_asks():
     """The CPU preset: stride-10 corpus, 3 seeds, probes at 25/50/100 %, three protocols; the GPU preset:
     224 px, batch >= 192, >= 100 epochs with 3 warm-up, autocast on CUDA, the paper's fine-tune."""

@@ -1,0 +1,99 @@
+"""Wall time of the default test suite at several commits, one after the other on this machine:
+
+    python benchmarks/time_suite.py --commits 28bbec9,HEAD --out docs/results/suite_timing.json
+
+Each commit is checked out into a temporary ``git worktree`` beside the repository (so that
+``../shared/data`` resolves as it does from the repository), where ``python -m pytest -q -p
+no:cacheprovider`` runs, the command of ``.ci/run`` without its install step; the worktree is
+removed afterwards. Per commit: wall seconds, the seconds and counts pytest reports, its exit
+status, the load average before and after. Nothing else should run meanwhile: on 2 cores one
+parallel job doubles every figure, so the load is recorded, and commits are compared as the
+ratio of two runs made minutes apart on the same machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils.io import atomic_write  # noqa: E402
+
+SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|warnings?)")
+SECONDS = re.compile(r" in ([0-9.]+)s")
+
+
+def pytest_summary(output: str) -> dict:
+    """Counts and seconds of pytest's last summary line, e.g. '497 passed, 11 skipped, 2 warnings
+    in 634.13s (0:10:34)' -> {'passed': 497, 'skipped': 11, 'warnings': 2, 'seconds': 634.13}."""
+    lines = [l for l in output.splitlines() if SECONDS.search(l) and SUMMARY.search(l)]
+    if not lines:
+        return {}
+    out = {{"error": "errors", "warning": "warnings"}.get(kind, kind): int(n) for n, kind in SUMMARY.findall(lines[-1])}
+    out["seconds"] = float(SECONDS.search(lines[-1]).group(1))
+    return out
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def time_commit(commit: str, log_dir: Path) -> dict:
+    sha = git("rev-parse", "--verify", f"{commit}^{{commit}}")
+    tree = REPO.parent / f".time_suite_{sha[:12]}"
+    git("worktree", "add", "--detach", "-f", str(tree), sha)
+    try:
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tree,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        log = log_dir / f"pytest_{sha[:12]}.log"
+        log.write_text(proc.stdout + proc.stderr)
+    finally:
+        git("worktree", "remove", "--force", str(tree))
+    return {"commit": sha, "subject": git("log", "-1", "--format=%s", sha)[:120], "wall_s": round(wall, 1),
+            "pytest": pytest_summary(proc.stdout), "returncode": proc.returncode,
+            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0], "log": str(log)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--commits", required=True, help="comma list of commits, timed in this order")
+    p.add_argument("--out", default=str(REPO / "docs/results/suite_timing.json"))
+    p.add_argument("--log_dir", default="runs/time_suite", help="pytest's output per commit (not committed)")
+    a = p.parse_args(argv)
+    commits = [c.strip() for c in a.commits.split(",") if c.strip()]
+    if not commits:
+        p.error("--commits: expected at least one commit")
+    for c in commits:
+        if subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "-q", f"{c}^{{commit}}"],
+                          capture_output=True).returncode:
+            p.error(f"--commits: {c!r} is not a commit of {REPO}")
+    from benchmarks.machine import machine
+    where = machine()  # the load average before any work
+    log_dir = Path(a.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for c in commits:
+        runs.append(time_commit(c, log_dir))
+        r = runs[-1]
+        print(f"{r['commit'][:7]}: {r['wall_s']:.0f} s wall, pytest {r['pytest']}, exit {r['returncode']}")
+    result = {"what": "wall time of the default test suite (python -m pytest -q) per commit, run one after "
+                      "the other in temporary worktrees", "runs": runs,
+              "ratio_to_first": [round(r["wall_s"] / runs[0]["wall_s"], 3) for r in runs],
+              "machine": where | {"load_avg_1min_now": os.getloadavg()[0]}}
+    atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print(f"wrote {a.out}; ratios to the first commit: {result['ratio_to_first']}")
+    return 0 if all(r["returncode"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
