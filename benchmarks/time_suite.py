@@ -4,9 +4,11 @@
 
 Each commit is checked out into a temporary ``git worktree`` beside the repository (so that
 ``../shared/data`` resolves as it does from the repository), where ``python -m pytest -q -p
-no:cacheprovider`` runs, the command of ``.ci/run`` without its install step; the worktree is
-removed afterwards. Per commit: wall seconds, the seconds and counts pytest reports, its exit
-status, the load average before and after. Nothing else should run meanwhile: on 2 cores one
+no:cacheprovider --durations=0`` runs (``.ci/run``'s command without its install step, with
+per-test times); the worktree is removed afterwards. Per commit: wall seconds, the seconds and
+counts pytest reports, its exit status, the load average before and after, the seconds of each
+test, and the seconds of the tests every commit has (a suite that grew can take longer and
+still not be slower). Nothing else should run meanwhile: on 2 cores one
 parallel job doubles every figure, so the load is recorded, and commits are compared as the
 ratio of two runs made minutes apart on the same machine.
 """
@@ -41,6 +43,25 @@ def pytest_summary(output: str) -> dict:
     return out
 
 
+DURATION = re.compile(r"^([0-9.]+)s (setup|call|teardown) +(\S+)$")
+
+
+def test_seconds(output: str) -> dict[str, float]:
+    """Seconds per test id (setup + call + teardown) from ``pytest --durations=0`` output."""
+    out: dict[str, float] = {}
+    for line in output.splitlines():
+        m = DURATION.match(line.strip())
+        if m:
+            out[m.group(3)] = out.get(m.group(3), 0.0) + float(m.group(1))
+    return out
+
+
+def shared_seconds(runs: list[dict[str, float]]) -> dict:
+    """The tests every run has, and each run's seconds over them (a suite that only grew is not slower)."""
+    shared = set.intersection(*(set(r) for r in runs)) if runs else set()
+    return {"tests": len(shared), "seconds": [round(sum(r[t] for t in shared), 1) for r in runs]}
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -52,7 +73,8 @@ def time_commit(commit: str, log_dir: Path) -> dict:
     try:
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tree,
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0"],
+                              cwd=tree,
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         log = log_dir / f"pytest_{sha[:12]}.log"
@@ -61,7 +83,8 @@ def time_commit(commit: str, log_dir: Path) -> dict:
         git("worktree", "remove", "--force", str(tree))
     return {"commit": sha, "subject": git("log", "-1", "--format=%s", sha)[:120], "wall_s": round(wall, 1),
             "pytest": pytest_summary(proc.stdout), "returncode": proc.returncode,
-            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0], "log": str(log)}
+            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0], "log": str(log),
+            "test_seconds": test_seconds(proc.stdout)}
 
 
 def main(argv=None) -> int:
@@ -89,9 +112,11 @@ def main(argv=None) -> int:
     result = {"what": "wall time of the default test suite (python -m pytest -q) per commit, run one after "
                       "the other in temporary worktrees", "runs": runs,
               "ratio_to_first": [round(r["wall_s"] / runs[0]["wall_s"], 3) for r in runs],
+              "shared_tests": shared_seconds([r["test_seconds"] for r in runs]),
               "machine": where | {"load_avg_1min_now": os.getloadavg()[0]}}
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(f"wrote {a.out}; ratios to the first commit: {result['ratio_to_first']}")
+    print(f"wrote {a.out}; ratios to the first commit: {result['ratio_to_first']}; the "
+          f"{result['shared_tests']['tests']} tests all share: {result['shared_tests']['seconds']} s")
     return 0 if all(r["returncode"] == 0 for r in runs) else 1
 
 

@@ -153,3 +153,14 @@ def test_time_suite_reads_pytest_summary_line():
     out = "....  [ 50%]\nFAILED x\n= 1 failed, 2 passed in 3.00s =\n... 497 passed, 11 skipped, 1 error, 2 warnings in 634.13s (0:10:34)\n"
     assert pytest_summary(out) == {"passed": 497, "skipped": 11, "errors": 1, "warnings": 2, "seconds": 634.13}
     assert pytest_summary("........ [ 14%]\n") == {}
+
+
+def test_time_suite_sums_phases_per_test_and_compares_shared_tests():
+    """--durations lines sum setup + call + teardown per test id; the shared-test seconds cover only
+    the ids every run has. Breaks if a phase is dropped or a test only one run has is counted."""
+    from benchmarks.time_suite import shared_seconds, test_seconds
+
+    out = "2.00s call     tests/a.py::t\n0.50s setup    tests/a.py::t\n1.25s call     tests/b.py::u\nnot a line\n"
+    a = test_seconds(out)
+    assert a == {"tests/a.py::t": 2.5, "tests/b.py::u": 1.25}
+    assert shared_seconds([a, {"tests/a.py::t": 3.0, "tests/c.py::v": 9.0}]) == {"tests": 1, "seconds": [2.5, 3.0]}
