@@ -8,7 +8,7 @@
     python study_real_data.py ... --preset gpu                      # one H100-class GPU, paper-like settings
     python study_real_data.py ... --asam_ckpt runs/asam_lite/best.pt   # with the A-SAM arms
     python study_real_data.py ... --asam_build ../shared/data/seg      # train that A-SAM first (CPU: hours)
-    python study_real_data.py ... --arms aclus_asam_lung --asam_lung_ckpt runs/lung_asam/stage2/best.pt
+    python study_real_data.py ... --arms aclus_asam_lung --asam_lung_ckpt runs/lung_asam/stage2_neg0.5_present/best.pt
     python study_real_data.py --render_only                         # tables + figures from docs/results/study
     python study_real_data.py ... --preset smoke --out /tmp/s --results /tmp/s/results   # minutes, measures nothing
 

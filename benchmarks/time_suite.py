@@ -56,10 +56,27 @@ def test_seconds(output: str) -> dict[str, float]:
     return out
 
 
+def by_name(seconds: dict[str, float]) -> dict[str, float]:
+    """Seconds per test name (the id after its file: a test moved to another file keeps its name;
+    tests of one name in several files are summed)."""
+    out: dict[str, float] = {}
+    for test_id, s in seconds.items():
+        name = test_id.split("::", 1)[-1]
+        out[name] = out.get(name, 0.0) + s
+    return out
+
+
 def shared_seconds(runs: list[dict[str, float]]) -> dict:
-    """The tests every run has, and each run's seconds over them (a suite that only grew is not slower)."""
-    shared = set.intersection(*(set(r) for r in runs)) if runs else set()
-    return {"tests": len(shared), "seconds": [round(sum(r[t] for t in shared), 1) for r in runs]}
+    """The test names every run has, and each run's seconds over them (a suite that only grew is
+    not slower; a test moved between files still counts)."""
+    names = [by_name(r) for r in runs]
+    shared = set.intersection(*(set(r) for r in names)) if names else set()
+    return {"tests": len(shared), "seconds": [round(sum(r[t] for t in shared), 2) for r in names]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    return {"ratio_to_first": [round(r["wall_s"] / runs[0]["wall_s"], 3) for r in runs],
+            "shared_tests": shared_seconds([r["test_seconds"] for r in runs])}
 
 
 def git(*args: str) -> str:
@@ -92,7 +109,15 @@ def main(argv=None) -> int:
     p.add_argument("--commits", required=True, help="comma list of commits, timed in this order")
     p.add_argument("--out", default=str(REPO / "docs/results/suite_timing.json"))
     p.add_argument("--log_dir", default="runs/time_suite", help="pytest's output per commit (not committed)")
+    p.add_argument("--resummarise", action="store_true",
+                   help="run nothing: recompute the ratios and shared-test seconds of --out from its runs")
     a = p.parse_args(argv)
+    if a.resummarise:
+        result = json.loads(Path(a.out).read_text())
+        result.update(summarise(result["runs"]))
+        atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
+        print(f"{a.out}: ratios {result['ratio_to_first']}, shared tests {result['shared_tests']}")
+        return 0
     commits = [c.strip() for c in a.commits.split(",") if c.strip()]
     if not commits:
         p.error("--commits: expected at least one commit")
@@ -110,9 +135,7 @@ def main(argv=None) -> int:
         r = runs[-1]
         print(f"{r['commit'][:7]}: {r['wall_s']:.0f} s wall, pytest {r['pytest']}, exit {r['returncode']}")
     result = {"what": "wall time of the default test suite (python -m pytest -q) per commit, run one after "
-                      "the other in temporary worktrees", "runs": runs,
-              "ratio_to_first": [round(r["wall_s"] / runs[0]["wall_s"], 3) for r in runs],
-              "shared_tests": shared_seconds([r["test_seconds"] for r in runs]),
+                      "the other in temporary worktrees", "runs": runs, **summarise(runs),
               "machine": where | {"load_avg_1min_now": os.getloadavg()[0]}}
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"wrote {a.out}; ratios to the first commit: {result['ratio_to_first']}; the "

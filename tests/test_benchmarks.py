@@ -157,10 +157,13 @@ def test_time_suite_reads_pytest_summary_line():
 
 def test_time_suite_sums_phases_per_test_and_compares_shared_tests():
     """--durations lines sum setup + call + teardown per test id; the shared-test seconds cover only
-    the ids every run has. Breaks if a phase is dropped or a test only one run has is counted."""
+    the test names every run has, wherever the file. Breaks if a phase is dropped, a test only one
+    run has is counted, or a moved test is left out."""
     from benchmarks.time_suite import shared_seconds, test_seconds
 
     out = "2.00s call     tests/a.py::t\n0.50s setup    tests/a.py::t\n1.25s call     tests/b.py::u\nnot a line\n"
     a = test_seconds(out)
     assert a == {"tests/a.py::t": 2.5, "tests/b.py::u": 1.25}
     assert shared_seconds([a, {"tests/a.py::t": 3.0, "tests/c.py::v": 9.0}]) == {"tests": 1, "seconds": [2.5, 3.0]}
+    # a test moved to another file is still the same test
+    assert shared_seconds([a, {"tests/moved.py::u": 1.0, "tests/c.py::v": 9.0}]) == {"tests": 1, "seconds": [1.25, 1.0]}
