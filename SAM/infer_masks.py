@@ -250,12 +250,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image-reading processes (default: 1 on machines with <= 4 CPUs, else "
                         "min(4, CPUs / 4); 0 = read in the main process)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability for foreground")
-    p.add_argument("--min_pred_iou", type=float, default=None,
-                   help="leave out masks whose predicted IoU is below this (off by default; SAM's "
-                        "automatic mask generator: 0.88)")
-    p.add_argument("--min_stability", type=float, default=None,
-                   help="leave out masks whose stability score is below this (off by default; SAM's "
-                        "automatic mask generator: 0.95)")
+    for flag, score, sam_default in (("--min_pred_iou", "predicted IoU", 0.88), ("--min_stability", "stability score", 0.95)):
+        p.add_argument(flag, type=float, default=None, help=f"leave out masks whose {score} is below this "
+                                                            f"(off by default; SAM's automatic mask generator: {sam_default})")
     p.add_argument("--presence", type=parse_presence, default="checkpoint",
                    help="checkpoint (default): a prompt whose presence score is below the threshold "
                         "stage 2 chose on its validation split marks nothing; off: no decision; a "
