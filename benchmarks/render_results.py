@@ -10,7 +10,8 @@ benchmarks/bench_asam.py), ``presence`` (docs/results/asam_lite_presence_cpu.jso
 script with ``--infer_images 0``), ``presence_present`` (docs/results/asam_lite_presence_present_cpu.json,
 ``--mask_loss_on present``), ``realism`` (docs/results/synthetic_realism.json,
 benchmarks/measure_synthetic_realism.py), ``lung_asam`` (docs/results/lung_asam.json,
-benchmarks/measure_lung_asam.py).
+benchmarks/measure_lung_asam.py ``--negative_rate 0 --mask_loss_on all``), ``lung_asam_presence``
+(docs/results/lung_asam_presence.json, the same script with its defaults: negatives, presence decision).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def realism_block(d: dict) -> str:
         "(`benchmarks/measure_synthetic_realism.py`)."])
 
 
-def lung_block(d: dict) -> str:
+def lung_block(d: dict, file: str = "lung_asam.json") -> str:
     test = d["test"]
     rows = ["| prompt | test images | Dice | FP rate on images without it | FP area |", "|---|---|---|---|---|"]
     for k, v in test.items():
@@ -169,18 +170,55 @@ def lung_block(d: dict) -> str:
     s = d["settings"]
     return "\n".join([
         f"Stage 2 (LiteMedSAM, encoder frozen) on {', '.join(d['data']['datasets'])}: {s['max_train']} training "
-        f"lines per data set, {s['epochs']} epochs, negatives {s['negative_rate']}; synthetic scans in the "
+        f"lines per data set, {s['epochs']} epochs, negatives {s['negative_rate']}"
+        + ("; mask loss on the lines whose anatomy is present only" if s.get("mask_loss_on") == "present" else "")
+        + (f"; presence decision of the checkpoint: {d['test_presence']['rule']}" if d.get("test_presence") else "")
+        + "; synthetic scans in the "
         f"`{s['style']}` style. Held-out test lines:", "", *rows, "",
         f"Real lung frames ({d['real_frames']['frames']} frames of {d['real_frames']['videos']} COVID-BLUES "
         "videos; no labels exist, so these describe the masks, they do not score them):", "", *real, "",
         f"Share of frames where each prompt fires: {fires}.", "",
-        f"Ran on {where(d)}. File: `docs/results/lung_asam.json` (`benchmarks/measure_lung_asam.py`)."])
+        f"Ran on {where(d)}. File: `docs/results/{file}` (`benchmarks/measure_lung_asam.py`)."])
+
+
+def lung_presence_block(d: dict, reference: Path | None = None) -> str:
+    """:func:`lung_block` of the lung A-SAM trained to know absence, then per lung prompt: the share of
+    real frames where it keeps a region, for the lung A-SAM trained without negatives (``reference``),
+    for this one without its decision and with it; and its synthetic test Dice / FP rate both ways."""
+    reference = reference or RESULTS / "lung_asam.json"
+    ref = json.loads(reference.read_text()) if reference.is_file() else {}
+    real, test, raw = d["real"], d["test"], (d.get("test_presence") or {}).get("without_decision", {})
+    old = ref.get("real", {}).get("asam_lung", {}).get("per_prompt", {})
+    off = real.get("asam_lung_no_decision", {}).get("per_prompt", {})
+    on = real["asam_lung"]["per_prompt"]
+    thr = {k: v.get("threshold") for k, v in (d.get("test_presence") or {}).get("presence", {}).items()}
+    rows = ["| prompt | threshold | real frames kept: no negatives | trained with negatives, no decision | "
+            "with the decision | synthetic test Dice, no decision / decision | FP rate, no decision / decision |",
+            "|---" * 7 + "|"]
+    for k in on:
+        fires = lambda r: _f(r.get(k, {}).get("fires"), 2)  # noqa: E731
+        t, u = raw.get(k, {}), test.get(k, {})
+        rows.append(f"| {k} | {_f(thr.get(k), 2)} | {fires(old)} | {fires(off)} | {fires(on)} | "
+                    f"{_f(t.get('dice'))} / {_f(u.get('dice'))} | {_f(t.get('fp_rate'))} / {_f(u.get('fp_rate'))} |")
+    frames = (f"`{ref['settings']['lung_frames']}` and `{d['settings']['lung_frames']}`"
+              if ref and ref["settings"].get("lung_frames") != d["settings"].get("lung_frames") else "the same frames")
+    return "\n".join([
+        lung_block(d, "lung_asam_presence.json"), "",
+        f"Per lung prompt, the share of the {d['real_frames']['frames']} real frames on which it keeps a region: "
+        f"the lung A-SAM trained without negatives (`{reference.name}`, no presence head), this one without its "
+        f"decision (`--presence off`) and with it (what the study's `asam_lung` source writes); frames picked "
+        f"by the same rule from {frames}. Synthetic test columns: held-out scans with exact labels.", "", *rows]
+        + ([] if "asam_lung_absent_prompts" not in real else [
+            "", "Its prompts of anatomies no lung frame shows, with the decision, keep a region on this share of "
+            "the real frames: " + ", ".join(f"{k} {_f(v['fires'], 2)}" for k, v in
+                                            real["asam_lung_absent_prompts"]["per_prompt"].items()) + "."]))
 
 
 BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "presence": ("asam_lite_presence_cpu.json", presence_block),
           "presence_present": ("asam_lite_presence_present_cpu.json", presence_present_block), "realism": ("synthetic_realism.json", realism_block),
-          "lung_asam": ("lung_asam.json", lung_block)}
+          "lung_asam": ("lung_asam.json", lung_block),
+          "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block)}
 
 
 def splice(text: str, name: str, block: str) -> str:

@@ -43,3 +43,27 @@ def test_the_present_only_run_is_set_beside_stage_2_without_negatives(tmp_path):
     ref.write_text(json.dumps({"settings": settings | {"epochs": 2}, "prompt_free": {"0": run(0.5, 0.1, 0.0)}}))
     assert render_results.presence_present_block(d, ref).endswith("Not comparable with `ref.json`: other epochs.")
     assert "without negatives" not in render_results.presence_present_block(d, tmp_path / "absent.json")
+
+
+def test_the_lung_presence_table_sets_each_prompt_before_and_after(tmp_path):
+    """One row per lung prompt: its threshold, the share of real frames kept by the lung A-SAM without
+    negatives (the reference file), by this one without and with its decision, and the synthetic test
+    Dice / FP rate both ways. Breaks if a column reads another source or the no-decision numbers."""
+    def real(fires):
+        return {"overall": {"frames": 4, "fires": 1.0, "regions_per_frame": {"mean": 1.0}, "total_share": {"mean": 0.1},
+                            "c5_survival": {"share": 0.5}}, "per_prompt": {k: {"fires": f} for k, f in fires.items()}}
+    ref = tmp_path / "old.json"
+    ref.write_text(json.dumps({"settings": {"lung_frames": "f"}, "real": {"asam_lung": real({"L/1": 1.0, "L/2": 0.75})}}))
+    d = {"settings": {"max_train": 2, "epochs": 1, "negative_rate": 0.5, "mask_loss_on": "present", "style": "s",
+                      "lung_frames": "f"},
+         "data": {"datasets": ["L"]}, "real_frames": {"frames": 4, "videos": 2}, "machine": {},
+         "test": {"L/1": {"n": 3, "dice": 0.8, "fp_rate": 0.0}, "L/2": {"n": 3, "dice": 0.4, "fp_rate": 0.1}},
+         "test_presence": {"rule": "r", "presence": {"L/1": {"threshold": 1.5}, "L/2": {"threshold": -0.25}},
+                           "without_decision": {"L/1": {"dice": 0.9, "fp_rate": 1.0}, "L/2": {"dice": 0.5, "fp_rate": 1.0}}},
+         "real": {"asam_lung": real({"L/1": 0.5, "L/2": 0.25}), "asam_lung_no_decision": real({"L/1": 1.0, "L/2": 1.0}),
+                  "asam_lung_absent_prompts": real({"H/1": 0.0})}}
+    text = render_results.lung_presence_block(d, ref)
+    assert "| L/1 | 1.50 | 1.00 | 1.00 | 0.50 | 0.900 / 0.800 | 1.000 / 0.000 |" in text
+    assert "| L/2 | -0.25 | 0.75 | 1.00 | 0.25 | 0.500 / 0.400 | 1.000 / 0.100 |" in text
+    assert "presence decision of the checkpoint: r" in text and "from the same frames" in text
+    assert text.endswith("keep a region on this share of the real frames: H/1 0.00.")
