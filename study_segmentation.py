@@ -39,7 +39,9 @@ from study.plan import BASELINES  # noqa: E402
 from study.provenance import code_version, git_state, machine, recorded_command  # noqa: E402
 from study.render import splice  # noqa: E402
 from study.results import read_json, read_rows, write_json, write_rows  # noqa: E402
+from utils.flags import AT_LEAST_1, POSITIVE, check_flag_ranges  # noqa: E402
 from utils.io import DataError, atomic_write  # noqa: E402
+from utils.run_lock import RunLock  # noqa: E402
 from utils.stage_files import ENCODER_NAME  # noqa: E402
 from utils.stage_runner import ResumableStages, StageFailed  # noqa: E402
 
@@ -175,6 +177,11 @@ def run(a) -> int:
     return 0
 
 
+#: flag -> allowed range, checked before any work
+NUMERIC_FLAGS = {"--img_size": AT_LEAST_1, "--pretrain_img_size": AT_LEAST_1, "--epochs": AT_LEAST_1,
+                 "--batch_size": AT_LEAST_1, "--lr": POSITIVE, "--threads": AT_LEAST_1}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -211,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("--study and --data_root are required (unless --render_only)")
         if not re.fullmatch(r"\d+(,\d+)*", a.seeds):
             raise DataError(f"--seeds {a.seeds!r}: expected a comma list of integers")
+        check_flag_ranges(a, NUMERIC_FLAGS)
         classes = read_class_json(a.data_root)
         bad = [d for d in a.datasets.split(",") if d and d not in classes]
         if bad:
             raise DataError(f"--datasets {bad[0]!r}: not in {a.data_root}/MainPatient/class.json "
                             f"({', '.join(sorted(classes))})")
-        return run(a)
+        results = Path(a.results)
+        results.mkdir(parents=True, exist_ok=True)
+        with RunLock(results):   # two calls into one --results would each write back only their own rows
+            return run(a)
     except (StudyError, StageFailed, DataError) as e:
         print(f"study_segmentation.py: error: {e}", file=sys.stderr)
         return 2

@@ -143,3 +143,25 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
     assert ss.main([*argv, "--fractions", "0.1,x"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "study_segmentation.py: error: --fractions '0.1,x': expected a comma list of numbers in (0, 1]"]
+
+
+def test_a_second_call_into_the_same_results_and_bad_numbers_are_one_line(tmp_path, capsys):
+    """A --results folder another live call owns is refused before any work (two calls would each write
+    back only their own rows); out-of-range numeric flags are one line each. Breaks if the lock is not
+    taken, or a zero size reaches the evaluation."""
+    from utils.run_lock import RunLock
+    from utils.synthetic_us import write_samus_layout
+
+    root = write_samus_layout(tmp_path / "seg", n_images=4, size=32, seed=0)
+    study, results = _fake_study(tmp_path), tmp_path / "results"
+    argv = ["--study", str(study), "--data_root", str(root), "--datasets", "SynLung-Anatomy", "--results", str(results)]
+    results.mkdir()
+    with RunLock(results):
+        assert ss.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"study_segmentation.py: error: {results}: another run owns this folder")
+    assert not (results / "settings.json").exists() and not (results / "run.lock").exists()
+    for flag, value in (("--pretrain_img_size", "0"), ("--lr", "0.0"), ("--threads", "0")):
+        assert ss.main([*argv, flag, value]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"study_segmentation.py: error: {flag} {value}: must be in "
+                                                                f"{ss.NUMERIC_FLAGS[flag]}"]
