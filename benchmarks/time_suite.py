@@ -4,10 +4,11 @@
 
 Each commit is checked out into a temporary ``git worktree`` beside the repository (so that
 ``../shared/data`` resolves as it does from the repository), where ``python -m pytest -q -p
-no:cacheprovider --durations=0`` runs (``.ci/run``'s command without its install step, with
+no:cacheprovider --durations=0 --durations-min=0`` runs (``.ci/run``'s command without its install step, with
 per-test times); the worktree is removed afterwards. Per commit: wall seconds, the seconds and
 counts pytest reports, its exit status, the load average before and after, the seconds of each
-test, and the seconds of the tests every commit has (a suite that grew can take longer and
+test (every phase, however short; docs/results/suite_timing.json was made before
+``--durations-min=0``, so it holds only the phases of 0.005 s or more), and the seconds of the tests every commit has (a suite that grew can take longer and
 still not be slower). Nothing else should run meanwhile: on 2 cores one
 parallel job doubles every figure, so the load is recorded, and commits are compared as the
 ratio of two runs made minutes apart on the same machine.
@@ -90,7 +91,8 @@ def time_commit(commit: str, log_dir: Path) -> dict:
     try:
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0"],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
+                               "--durations-min=0"],
                               cwd=tree,
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -106,7 +108,7 @@ def time_commit(commit: str, log_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--commits", required=True, help="comma list of commits, timed in this order")
+    p.add_argument("--commits", default=None, help="comma list of commits, timed in this order")
     p.add_argument("--out", default=str(REPO / "docs/results/suite_timing.json"))
     p.add_argument("--log_dir", default="runs/time_suite", help="pytest's output per commit (not committed)")
     p.add_argument("--resummarise", action="store_true",
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
         print(f"{a.out}: ratios {result['ratio_to_first']}, shared tests {result['shared_tests']}")
         return 0
-    commits = [c.strip() for c in a.commits.split(",") if c.strip()]
+    commits = [c.strip() for c in (a.commits or "").split(",") if c.strip()]
     if not commits:
         p.error("--commits: expected at least one commit")
     for c in commits:
