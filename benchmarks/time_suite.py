@@ -102,7 +102,7 @@ def time_commit(commit: str, log_dir: Path) -> dict:
         git("worktree", "remove", "--force", str(tree))
     return {"commit": sha, "subject": git("log", "-1", "--format=%s", sha)[:120], "wall_s": round(wall, 1),
             "pytest": pytest_summary(proc.stdout), "returncode": proc.returncode,
-            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0], "log": str(log),
+            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0], "log": log.name,  # in --log_dir, never committed
             "test_seconds": test_seconds(proc.stdout)}
 
 
