@@ -250,9 +250,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image-reading processes (default: 1 on machines with <= 4 CPUs, else "
                         "min(4, CPUs / 4); 0 = read in the main process)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability for foreground")
-    for flag, score, sam_default in (("--min_pred_iou", "predicted IoU", 0.88), ("--min_stability", "stability score", 0.95)):
-        p.add_argument(flag, type=float, default=None, help=f"leave out masks whose {score} is below this "
-                                                            f"(off by default; SAM's automatic mask generator: {sam_default})")
+    for flag, score, sam_default in (("--min_pred_iou", "predicted IoU", 0.88),
+                                     ("--min_stability", "stability score", 0.95)):
+        p.add_argument(flag, type=float, default=None,
+                       help=f"leave out masks whose {score} is below this (off by default; SAM's automatic "
+                            f"mask generator: {sam_default})")
     p.add_argument("--presence", type=parse_presence, default="checkpoint",
                    help="checkpoint (default): a prompt whose presence score is below the threshold "
                         "stage 2 chose on its validation split marks nothing; off: no decision; a "
@@ -357,7 +359,7 @@ def main(argv=None) -> dict:
               "share_with_region": share, "presence": presence_note}
     atomic_write(out_dir / f"asam_counts_rank{rank}.json", lambda f: f.write(json.dumps(counts, indent=1).encode()))
     return {"written": written, "skipped_existing": len(mine) - len(todo), "bad": bad,
-            "seconds": seconds, "images_per_s": rate, "removed": removed,
+            "seconds": seconds, "images_per_s": rate, "removed": removed, "presence": presence_note,
             "images_with_region": dict(zip(wanted, regions)), "share_with_region": share}
 
 

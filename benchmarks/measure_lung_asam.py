@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
         real_stats[name] = measure_source(work / f"real_{name}", videos, prompts, a.view)
         real_stats[name]["checkpoint"] = repo_relative(ckpt)
         real_stats[name]["images_per_s"] = res["images_per_s"] or None
-        real_stats[name]["presence"] = presence
+        real_stats[name]["presence"] = res["presence"]   # the decision applied, as infer_masks says it
         real_stats[name]["removed"] = res["removed"]
 
     result = {"what": "lung A-SAM (LiteMedSAM, encoder frozen): stage 2 on synthetic lung scans + HC18 + USGRA; "

@@ -187,7 +187,9 @@ def lung_presence_block(d: dict, reference: Path | None = None) -> str:
     for this one without its decision and with it; and its synthetic test Dice / FP rate both ways."""
     reference = reference or RESULTS / "lung_asam.json"
     ref = json.loads(reference.read_text()) if reference.is_file() else {}
-    real, test, raw = d["real"], d["test"], (d.get("test_presence") or {}).get("without_decision", {})
+    # no presence record: no decision was applied, so "no decision" and "decision" are the same masks
+    real, test = d["real"], d["test"]
+    raw = (d.get("test_presence") or {}).get("without_decision", test)
     old = ref.get("real", {}).get("asam_lung", {}).get("per_prompt", {})
     off = real.get("asam_lung_no_decision", {}).get("per_prompt", {})
     on = real["asam_lung"]["per_prompt"]
@@ -200,8 +202,9 @@ def lung_presence_block(d: dict, reference: Path | None = None) -> str:
         t, u = raw.get(k, {}), test.get(k, {})
         rows.append(f"| {k} | {_f(thr.get(k), 2)} | {fires(old)} | {fires(off)} | {fires(on)} | "
                     f"{_f(t.get('dice'))} / {_f(u.get('dice'))} | {_f(t.get('fp_rate'))} / {_f(u.get('fp_rate'))} |")
-    frames = (f"`{ref['settings']['lung_frames']}` and `{d['settings']['lung_frames']}`"
-              if ref and ref["settings"].get("lung_frames") != d["settings"].get("lung_frames") else "the same frames")
+    frames = (f"`{ref.get('settings', {}).get('lung_frames')}` and `{d['settings']['lung_frames']}`"
+              if ref and ref.get("settings", {}).get("lung_frames") != d["settings"].get("lung_frames")
+              else "the same frames")
     return "\n".join([
         lung_block(d, "lung_asam_presence.json"), "",
         f"Per lung prompt, the share of the {d['real_frames']['frames']} real frames on which it keeps a region: "

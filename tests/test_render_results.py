@@ -67,3 +67,17 @@ def test_the_lung_presence_table_sets_each_prompt_before_and_after(tmp_path):
     assert "| L/2 | -0.25 | 0.75 | 1.00 | 0.25 | 0.500 / 0.400 | 1.000 / 0.100 |" in text
     assert "presence decision of the checkpoint: r" in text and "from the same frames" in text
     assert text.endswith("keep a region on this share of the real frames: H/1 0.00.")
+
+
+def test_the_lung_presence_table_without_a_presence_record_shows_one_set_of_masks(tmp_path):
+    """A checkpoint without presence thresholds applied no decision: both Dice / FP columns show the
+    test masks (not '-' beside them), and a reference file without settings does not break the block."""
+    ref = tmp_path / "old.json"
+    ref.write_text(json.dumps({"real": {}}))
+    real = {"overall": {"frames": 1, "fires": 1.0, "regions_per_frame": {"mean": 1.0}, "total_share": {"mean": 0.1},
+                        "c5_survival": {"share": 0.5}}, "per_prompt": {"L/1": {"fires": 1.0}}}
+    d = {"settings": {"max_train": 2, "epochs": 1, "negative_rate": 0.0, "style": "s", "lung_frames": "f"},
+         "data": {"datasets": ["L"]}, "real_frames": {"frames": 1, "videos": 1}, "machine": {},
+         "test": {"L/1": {"n": 3, "dice": 0.8, "fp_rate": 1.0}}, "test_presence": None, "real": {"asam_lung": real}}
+    text = render_results.lung_presence_block(d, ref)
+    assert "| L/1 | - | - | - | 1.00 | 0.800 / 0.800 | 1.000 / 1.000 |" in text
