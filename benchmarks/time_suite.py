@@ -81,12 +81,19 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+    r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"time_suite.py: error: git {' '.join(args)}: {last}")
+    return r.stdout.strip()
 
 
 def time_commit(commit: str, log_dir: Path) -> dict:
     sha = git("rev-parse", "--verify", f"{commit}^{{commit}}")
     tree = REPO.parent / f".time_suite_{sha[:12]}"
+    if tree.exists():   # left by a killed run
+        git("worktree", "remove", "--force", str(tree))
+    git("worktree", "prune")
     git("worktree", "add", "--detach", "-f", str(tree), sha)
     try:
         load_before = os.getloadavg()[0]
