@@ -335,8 +335,11 @@ def render(results: Path) -> Path:
     if not store.rows:
         raise StudyError(f"{results / 'per_fold.csv'}: no rows yet")
     mask_stats = read_json(results / "mask_stats.json") if (results / "mask_stats.json").is_file() else {}
-    docs = (REPO / "README.md", REPO / "docs" / "RESULTS.md") if results == (REPO / "docs/results/study").resolve() else ()
-    md = render_all(results, store.rows, store.runs, store.loss, mask_stats, settings, docs)
+    # a study folder of docs/results/ (not a variant, not a scratch folder) owns the README / RESULTS
+    # block named after it, where those files have one
+    committed = results.parent == (REPO / "docs" / "results").resolve()
+    docs = (REPO / "README.md", REPO / "docs" / "RESULTS.md") if committed else ()
+    md = render_all(results, store.rows, store.runs, store.loss, mask_stats, settings, docs, block_name=results.name)
     print(f"rendered {md} ({len(store.rows)} rows)" + (f"; updated {', '.join(d.name for d in docs)}" if docs else ""))
     return md
 

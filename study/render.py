@@ -3,7 +3,9 @@
 Nothing here is typed by hand: ``study_real_data.py --render_only`` reads
 ``per_fold.csv``, ``runs.csv``, ``loss.csv``, ``mask_stats.json`` and ``settings.json``
 from the results folder and writes ``results.md``, the figures beside it, and the block
-between ``<!-- study:begin -->`` and ``<!-- study:end -->`` of README.md and docs/RESULTS.md.
+between the results folder's markers (``<!-- study:begin -->`` ... ``<!-- study:end -->`` for
+``docs/results/study``, ``<!-- study_cpu_long:begin -->`` ... for ``docs/results/study_cpu_long``) of
+README.md and docs/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import numpy as np
 from study import stats
 from study.plan import BASELINES
 
-BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The begin / end markers of the README / RESULTS block of the results folder ``name``."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+BEGIN, END = markers("study")
 REFERENCES = ("random", "byol")
 PROTOCOL_LABELS = {"linear": "linear probe (logistic regression on frozen features)",
                    "knn": "kNN probe (cosine, k = 20, frozen features)",
@@ -129,6 +138,37 @@ def curve_table(rows: list[dict], protocol: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def schedule_table(rows: list[dict], protocol: str) -> str:
+    """Per pre-trained arm and reference (random init, byol): the probe points at which the paired
+    interval excludes zero, "higher" and "lower" apart; "not distinguishable at any point" when none
+    does. Empty when the arms were probed at the end only."""
+    fractions = sorted({r["fraction"] for r in rows if r["arm"] not in BASELINES and r["protocol"] == protocol})
+    arms = [a for a in arm_order(rows) if a not in BASELINES]
+    if len(fractions) < 2 or not arms:
+        return ""
+    refs = [r for r in REFERENCES if any(x["arm"] == r for x in rows)]
+    lines = ["| arm | " + " | ".join(f"vs {r}" for r in refs) + " |", "|" + "---|" * (1 + len(refs))]
+    for arm in arms:
+        cells = []
+        for ref in refs:
+            if ref == arm:
+                cells.append("–")
+                continue
+            found: dict[str, list[str]] = {"higher": [], "lower": []}
+            probed = []
+            for f in fractions:
+                d = stats.paired_difference(at_fraction(rows, f), arm, ref, protocol)
+                if d.n_pairs:
+                    probed.append(f)
+                if d.verdict in found:
+                    found[d.verdict].append(f"{f:.0%}")
+            said = [f"{v} at {', '.join(at)}" for v, at in found.items() if at]
+            cells.append("; ".join(said) if said else
+                         "no pairs" if not probed else "not distinguishable at any point")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def runs_table(runs: list[dict]) -> str:
     if not runs:
         return ""
@@ -213,6 +253,11 @@ def summary_block(rows: list[dict], settings: dict) -> str:
         v = verdicts(rows, protocol)
         if v:
             parts.append("\n".join(v))
+        when = schedule_table(rows, protocol)
+        if when:
+            parts.append(f"Over the schedule, {PROTOCOL_LABELS.get(protocol, protocol)}: the probe points (share "
+                         "of the steps) at which the paired interval excludes zero; a pre-trained arm at that point "
+                         "against random init at its start, or against byol at the same point.\n\n" + when.rstrip())
     return "\n\n".join(parts) + "\n"
 
 
@@ -350,8 +395,9 @@ def loss_figure(loss: list[dict], path: Path) -> Path | None:
 
 
 def render_all(results: Path, rows: list[dict], runs: list[dict], loss: list[dict], mask_stats: dict,
-               settings: dict, docs: tuple[Path, ...] = ()) -> Path:
-    """Write figures and ``results.md`` into ``results``; splice the summary block into ``docs``."""
+               settings: dict, docs: tuple[Path, ...] = (), block_name: str = "study") -> Path:
+    """Write figures and ``results.md`` into ``results``; splice the summary block into those of
+    ``docs`` that hold the markers of ``block_name``."""
     figures = []
     for protocol in protocols_of(rows):
         name = downstream_of(settings)["name"]
@@ -364,7 +410,8 @@ def render_all(results: Path, rows: list[dict], runs: list[dict], loss: list[dic
     md = results_markdown(rows, runs, mask_stats, settings, figures, loss)
     (results / "results.md").write_text(md)
     block = summary_block(rows, settings)
+    begin, end = markers(block_name)
     for doc in docs:
-        if doc.is_file() and BEGIN in doc.read_text():
-            doc.write_text(splice(doc.read_text(), block, str(doc)))
+        if doc.is_file() and begin in doc.read_text():
+            doc.write_text(splice(doc.read_text(), block, str(doc), begin, end))
     return results / "results.md"

@@ -215,6 +215,51 @@ def test_render_states_differences_with_intervals_and_splices_the_docs(tmp_path)
         render.splice("no markers", "x", "README.md")
 
 
+def test_schedule_table_says_at_which_probe_points_an_arm_differs():
+    """aclus_asam is +shift/2 at 50 % and +shift at 100 % of its steps on every (seed, fold); byol equals
+    random init at 50 %: the table names both points for a gain, both for a loss, and none for byol. With
+    aclus_asam below random at 50 % and above it at 100 %, both verdicts appear at their own point (a bug
+    that compared every point at the end, or dropped "lower", fails it)."""
+    up = render.schedule_table(_study_rows(0.03), "linear")
+    assert "| aclus_asam | higher at 50%, 100% | higher at 50%, 100% |" in up
+    assert "| byol | not distinguishable at any point | – |" in up
+    down = render.schedule_table(_study_rows(-0.03), "linear")
+    assert "| aclus_asam | lower at 50%, 100% | lower at 50%, 100% |" in down
+    dip = [{**r, "accuracy": r["accuracy"] - 0.03} if (r["arm"], r["fraction"]) == ("aclus_asam", 0.5) else r
+           for r in _study_rows(0.03)]                             # 50 %: base - 0.015; 100 %: base + 0.03
+    assert "| aclus_asam | higher at 100%; lower at 50% |" in render.schedule_table(dip, "linear")
+    end_only = [r for r in _study_rows(0.03) if r["fraction"] in (0.0, 1.0)]
+    assert render.schedule_table(end_only, "linear") == ""          # one probe point: nothing over a schedule
+
+
+def test_a_results_folder_splices_only_its_own_block(tmp_path):
+    """render_all with block_name 'study_cpu_long' rewrites that block and leaves the 'study' block alone."""
+    rows = _study_rows(0.03)
+    settings = {"preset": plan.PRESETS["cpu_long"].to_dict(), "where": "CPU", "steps": 100}
+    doc = tmp_path / "README.md"
+    doc.write_text("a\n<!-- study:begin -->\nshort\n<!-- study:end -->\n"
+                   "b\n<!-- study_cpu_long:begin -->\nold\n<!-- study_cpu_long:end -->\n")
+    render.render_all(tmp_path, rows, [], [], {}, settings, docs=(doc,), block_name="study_cpu_long")
+    text = doc.read_text()
+    assert "\nshort\n" in text and "\nold\n" not in text
+    assert "Over the schedule" in text.split("<!-- study_cpu_long:begin -->")[1]
+
+
+@pytest.mark.parametrize("name", ["study", "study_cpu_long"])
+def test_the_committed_study_blocks_are_rendered_from_their_files(name):
+    """README / RESULTS hold what summary_block makes of the committed rows (a hand edit, or rows added
+    without --render_only, fails: run python study_real_data.py --render_only --results docs/results/<name>)."""
+    from study.results import Results, read_json
+
+    results = srd.REPO / "docs" / "results" / name
+    block = render.summary_block(Results(results).rows, read_json(results / "settings.json"))
+    begin, end = render.markers(name)
+    for doc in (srd.REPO / "README.md", srd.REPO / "docs" / "RESULTS.md"):
+        text = doc.read_text()
+        assert begin in text, f"{doc.name}: no {begin} block"
+        assert render.splice(text, block, doc.name, begin, end) == text, f"{doc.name}: block {name} is stale"
+
+
 def test_cpu_long_preset_and_its_sweep_variants():
     """The long preset of the campaign: 64 px, batch 64, >= 40 epochs, ~5 % warm-up, probes at 10/25/50/100 %;
     a sweep point (other epochs / base_lr) keeps the warm-up's share, is named, and its rows live apart."""
