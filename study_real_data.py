@@ -14,6 +14,7 @@
 
 Arms (``--arms``): ``random`` (the seed's random start), ``bn_control`` (that start with the
 corpus's BatchNorm statistics, study/bn_control.py), ``byol`` (classic, whole image), ``lightly_byol`` (the same with lightly's heads and loss),
+``lightly_byol_x2`` (those with the loss doubled: our byol's gradient scale, the BYOL parity check),
 ``<detcon|aclus>_<superpixel|asam|sam_auto|asam_lung>`` (sam_auto: SAM's everything mode,
 SAM/auto_masks.py; asam_lung: an A-SAM taught the lung anatomies on synthetic scans,
 benchmarks/measure_lung_asam.py, with its lung prompts only). Every arm runs for every seed of the preset, and every
@@ -365,7 +366,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="committed results folder (default docs/results/study, docs/results/study_gpu; "
                         "smoke: <out>/results)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help=f"comma list: random, bn_control, byol, lightly_byol, <detcon|aclus>_<{'|'.join(MASK_SOURCES)}>")
+                   help=f"comma list: random, bn_control, byol, lightly_byol, lightly_byol_x2, <detcon|aclus>_<{'|'.join(MASK_SOURCES)}>")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
     p.add_argument("--frame_stride", type=int, default=None, help="every k-th COVID-BLUES frame (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None,

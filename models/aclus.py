@@ -9,7 +9,8 @@ Which parts run is declared by the method (:mod:`models.methods`):
 * ``byol``     = classic BYOL: global-average-pooled C5 of a plain ResNet-18
 * ``byol_fpn`` = BYOL's loss on one whole-image region at the 4 scales
 * ``lightly_byol`` = classic BYOL with lightly's heads and loss (the study's reference
-  implementation of BYOL, written by nobody here)
+  implementation of BYOL, written by nobody here); ``lightly_byol_x2`` the same with its
+  loss doubled, i.e. our ``byol``'s gradient scale
 
 Per step: the online and the target networks see view 1 and view 2 batched into
 one pass. For ``aclus`` they also see the overlap of the two crops, damaged
@@ -217,14 +218,15 @@ class ACLUS(nn.Module):
 
     def _forward_lightly(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """lightly's BYOL step: its heads on pooled C5, ``0.5 * (NCS(p0, z1) + NCS(p1, z0))``
-        (negative cosine similarity, in [-1, 1]; ours is its ``2 + 2 x``, so twice the gradient)."""
+        (negative cosine similarity, in [-1, 1]; ours is its ``2 + 2 x``, so twice the gradient),
+        times the method's ``loss_scale``."""
         views = torch.cat([batch["view1"], batch["view2"]])                 # 2B x 3 x S x S
         pred = self.predictor(self.projector_c5(self._encode(self.encoder, views)["c5"].mean(dim=(2, 3))))
         with torch.no_grad():                                                # 2B x D each
             proj = self.target_projector_c5(self._encode(self.target_encoder, views)["c5"].mean(dim=(2, 3)))
         p0, p1 = pred.chunk(2)
         z0, z1 = proj.chunk(2)
-        loss = 0.5 * (self.lightly_criterion(p0, z1) + self.lightly_criterion(p1, z0))
+        loss = self.spec.loss_scale * 0.5 * (self.lightly_criterion(p0, z1) + self.lightly_criterion(p1, z0))
         return loss, {"regression/global": loss.detach(), "loss": loss.detach()}
 
     def _forward_regions(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None

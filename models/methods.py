@@ -29,8 +29,13 @@ class Method:
     #: models/losses) or "lightly" (lightly's BYOL heads and NegativeCosineSimilarity: the
     #: reference implementation the study's own BYOL is compared with)
     heads: str = "aclus"
+    #: factor on the whole objective (1: the method's own loss). ``lightly_byol_x2`` sets 2: lightly's
+    #: loss is ``-cos`` where ours is ``2 - 2 cos``, so with 2 its gradient is our byol's
+    loss_scale: float = 1.0
 
     def __post_init__(self):
+        if not self.loss_scale > 0:
+            raise ValueError(f"method {self.name!r}: loss_scale={self.loss_scale!r}, expected a positive number")
         for key, value, allowed in (("pooling", self.pooling, POOLINGS), ("pair_loss", self.pair_loss, PAIR_LOSSES),
                                     ("heads", self.heads, HEADS)):
             if value not in allowed:
@@ -53,6 +58,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lightly_byol", "global", True, "regression", False,
            "classic BYOL with lightly's projection / prediction heads and loss (our data, views, "
            "optimizer, schedule, EMA)", heads="lightly"),
+    Method("lightly_byol_x2", "global", True, "regression", False,
+           "lightly_byol with its loss doubled: the gradient of our byol's 2 - 2 cos (does the loss scale "
+           "explain the byol / lightly_byol gap?)", heads="lightly", loss_scale=2.0),
 )}
 
 

@@ -84,6 +84,11 @@ def verdicts(rows: list[dict], protocol: str) -> list[str]:
     return out
 
 
+#: the BYOL implementations our byol is checked against, with their titles in results.md
+PARITY_REFERENCES = {"lightly_byol": "lightly's",
+                     "lightly_byol_x2": "lightly's with its loss doubled (lightly_byol_x2: our gradient scale)"}
+
+
 def parity_table(rows: list[dict], protocol: str, ours: str = "byol", reference: str = "lightly_byol") -> str:
     """Our BYOL against lightly's at every probe point: each one's mean ± sd over seeds x folds,
     the paired difference, and whether it lies within the seeds' spread (|difference| <= the
@@ -270,10 +275,11 @@ def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, setti
         t = curve_table(rows, protocol)
         if t:
             md += [f"## Over the steps: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
-    for protocol in protocols_of(rows):
-        t = parity_table(rows, protocol)
-        if t:
-            md += [f"## Our BYOL vs lightly's: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
+    for reference, title in PARITY_REFERENCES.items():
+        for protocol in protocols_of(rows):
+            t = parity_table(rows, protocol, reference=reference)
+            if t:
+                md += [f"## Our BYOL vs {title}: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
     if runs:
         md += ["## Cost of each pre-trained arm", "", runs_table(runs)]
     if mask_stats:

@@ -18,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+from models.methods import METHODS
 from study import StudyError
 from study.plan import Preset, expected_keys
 
@@ -31,7 +32,7 @@ _INT = {"seed", "steps", "fold", "n_test", "frames", "batch_size", "epochs", "im
 _FLOAT = {"fraction", "accuracy", "macro_f1", "train_s", "wall_s", "value"}
 
 #: encoder forward passes per pre-training image: (online, with backward; target, no backward)
-PASSES = {"byol": (2, 2), "lightly_byol": (2, 2), "byol_fpn": (2, 2), "detcon": (2, 2), "aclus": (3, 3)}
+PASSES = {name: (3, 3) if m.context else (2, 2) for name, m in METHODS.items()}  # the context term: a third pass
 
 
 def read_json(path: Path) -> dict:
