@@ -9,6 +9,14 @@ Layout::
 
 One sample = one split line = one (image, anatomy) pair; its target is ``label == class ID``.
 The prompt key of a sample is "<Dataset>/<class ID>" (index into the auto-prompter's tokens).
+
+A **negative set** is a data set that class.json gives 1 class (the background alone): images
+that show none of the anatomies, e.g. lung frames beside fetal-head and nerve scans. Its lines
+read ``0/<Dataset>/<name>`` and it needs no label files. Its images only ever serve as
+negatives (:func:`negative_lines`): shown with the prompts of the data sets they lack, whose
+targets are empty. Which those are: every other data set, or the list that the optional
+``MainPatient/absent.json`` gives, ``{"<image set>": ["<data set whose anatomy it lacks>", ...]}``
+(lung frames lack fetal heads, but not the synthetic lung scans' pleura).
 """
 from __future__ import annotations
 
@@ -21,7 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.io import DataError, read_image, read_label
+from utils.io import DataError, atomic_write, read_image, read_label
+
+
+#: the class ID of a negative set's lines (the background: none of the anatomies is shown)
+NEGATIVE_SET_ID = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,16 @@ class SplitLine:
     def image_key(self) -> str:
         return f"{self.dataset}/{self.name}"
 
+    @property
+    def from_negative_set(self) -> bool:
+        """A negative set's own line (not yet paired with a prompt)."""
+        return self.class_id == NEGATIVE_SET_ID and self.prompt is None
+
+    @property
+    def empty_target(self) -> bool:
+        """A negative, or a negative set's line: the target is empty whatever the label holds."""
+        return self.class_id == NEGATIVE_SET_ID
+
 
 def read_class_json(root: str | Path) -> dict[str, int]:
     path = Path(root) / "MainPatient" / "class.json"
@@ -56,8 +78,11 @@ def read_class_json(root: str | Path) -> dict[str, int]:
         raise DataError(f"{path}: not a JSON object of dataset -> class count ({e})") from None
 
 
-def read_split(root: str | Path, split: str, datasets: tuple[str, ...] = ()) -> list[SplitLine]:
-    """Parse ``MainPatient/<split>.txt``; keep only ``datasets`` when given."""
+def read_split(root: str | Path, split: str, datasets: tuple[str, ...] = (),
+               negative_sets: bool = False) -> list[SplitLine]:
+    """Parse ``MainPatient/<split>.txt``; keep only ``datasets`` when given, and the lines of
+    negative sets (class ID 0) only with ``negative_sets``, then every negative set's (they
+    hold no prompt of their own: which prompts they meet is absent.json's business)."""
     path = Path(root) / "MainPatient" / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
@@ -71,10 +96,17 @@ def read_split(root: str | Path, split: str, datasets: tuple[str, ...] = ()) -> 
         if len(parts) != 3 or not parts[0].isdigit():
             raise DataError(f"{path}:{n}: expected '<class ID>/<Dataset>/<name>', got '{raw}'")
         line = SplitLine(int(parts[0]), parts[1], parts[2])
-        if datasets and line.dataset not in datasets:
+        if datasets and line.dataset not in datasets and not (negative_sets and classes.get(line.dataset) == 1):
             continue
         if line.dataset not in classes:
             raise DataError(f"{path}:{n}: dataset '{line.dataset}' is missing from class.json")
+        if classes[line.dataset] == 1:  # a negative set: no anatomy to prompt for
+            if not line.from_negative_set:
+                raise DataError(f"{path}:{n}: dataset '{line.dataset}' has 1 class in class.json (a negative "
+                                f"set, no anatomy): its lines read '0/{line.dataset}/<name>', got '{raw}'")
+            if negative_sets:
+                lines.append(line)
+            continue
         if not 1 <= line.class_id < classes[line.dataset]:
             raise DataError(f"{path}:{n}: class ID {line.class_id} outside 1..{classes[line.dataset] - 1}")
         lines.append(line)
@@ -90,6 +122,50 @@ def prompt_keys(root: str | Path, datasets: tuple[str, ...] = ()) -> list[str]:
     if missing:
         raise DataError(f"{root}: datasets {missing} not in class.json ({sorted(classes)})")
     return [f"{d}/{c}" for d in sorted(datasets or classes) for c in range(1, classes[d])]
+
+
+def add_negative_set(root: str | Path, name: str, images: dict[str, list[Path]],
+                     lacks: list[str] | None = None) -> None:
+    """Add the negative set ``name`` to the SAMUS-layout ``root`` (whose MainPatient files this
+    rewrites, atomically): each image of ``images[split]`` linked as ``<root>/<name>/img/<stem>.png``
+    with a line ``0/<name>/<stem>`` in that split, ``{name: 1}`` in class.json, and ``lacks`` (the
+    data sets whose anatomies the images do not show; None: every other one) in absent.json.
+    Running it again with the same images changes nothing."""
+    root = Path(root)
+    main = root / "MainPatient"
+    classes = read_class_json(root)
+    if classes.get(name, 1) != 1:
+        raise DataError(f"{main / 'class.json'}: '{name}' is a data set with anatomies, not a negative set")
+    unknown = sorted(set(lacks or ()) - set(classes))
+    if unknown:
+        raise DataError(f"{main / 'class.json'}: data sets {unknown} (what '{name}' lacks) are not in it")
+    for split, paths in images.items():
+        split_file = main / f"{split}.txt"
+        old = split_file.read_text().splitlines() if split_file.is_file() else []
+        new = []
+        for path in paths:
+            path = Path(path)
+            if path.suffix.lower() != ".png":
+                raise DataError(f"{path}: a negative set's images must be PNG files")
+            link = root / name / "img" / path.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(path.resolve())
+            new.append(f"{NEGATIVE_SET_ID}/{name}/{path.stem}")
+        lines = old + [l for l in dict.fromkeys(new) if l not in set(old)]
+        atomic_write(split_file, lambda f, t="".join(l + "\n" for l in lines).encode(): f.write(t))
+    classes[name] = 1
+    atomic_write(main / "class.json", lambda f: f.write((json.dumps(classes, indent=4) + "\n").encode()))
+    absent_file = main / "absent.json"
+    absent = json.loads(absent_file.read_text()) if absent_file.is_file() else {}
+    if lacks is None:
+        absent.pop(name, None)
+    else:
+        absent[name] = sorted(lacks)
+    if absent:
+        atomic_write(absent_file, lambda f: f.write((json.dumps(absent, indent=1) + "\n").encode()))
+    elif absent_file.is_file():
+        absent_file.unlink()
 
 
 # --------------------------------------------------------------------------- #
@@ -175,26 +251,58 @@ def subset_lines(lines: list[SplitLine], n: int, seed: int = 0) -> list[SplitLin
     (the first N lines of such a file would be one class)."""
     rng = np.random.default_rng(seed)
     keep: set[int] = set()
-    for dataset in sorted({line.dataset for line in lines}):
+    # negative sets last: adding one leaves the anatomy sets' draws as they were
+    for _, dataset in sorted({(line.from_negative_set, line.dataset) for line in lines}):
         idx = [i for i, line in enumerate(lines) if line.dataset == dataset]
         keep.update(idx if len(idx) <= n else rng.choice(idx, n, replace=False).tolist())
     return [line for i, line in enumerate(lines) if i in keep]
 
 
-def negative_lines(lines: list[SplitLine], keys: list[str], rate: float, seed: int = 0) -> list[SplitLine]:
+def read_absent_for(root: str | Path) -> dict[str, set[str]]:
+    """``MainPatient/absent.json`` (optional): {image set: the data sets whose anatomies its
+    images lack}; {} when the file is not there (every image set lacks every other set's)."""
+    path = Path(root) / "MainPatient" / "absent.json"
+    if not path.is_file():
+        return {}
+    classes = read_class_json(root)
+    try:
+        raw = json.loads(path.read_text())
+        out = {str(k): {str(d) for d in v} for k, v in raw.items() if isinstance(v, list)}
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not a JSON object of data set -> list of data sets ({e})") from None
+    if len(out) != len(raw):
+        raise DataError(f"{path}: every value must be a list of data set names")
+    unknown = sorted(({*out} | {d for v in out.values() for d in v}) - set(classes))
+    if unknown:
+        raise DataError(f"{path}: data sets {unknown} are not in class.json ({sorted(classes)})")
+    return out
+
+
+def negative_lines(lines: list[SplitLine], keys: list[str], rate: float, seed: int = 0,
+                   absent_for: dict[str, set[str]] | None = None) -> list[SplitLine]:
     """Negatives for prompt-free training: each image paired with prompts of the *other*
-    data sets (whose anatomy it does not carry), as many as ``rate`` x the lines given
+    data sets (whose anatomy it does not carry; with ``absent_for``, of the data sets listed
+    for its own, :func:`read_absent_for`), as many as ``rate`` x the lines given
     (``rate`` >= 1 or a short supply: every such pair), drawn seeded.
+
+    The lines of negative sets (class ID 0) are drawn apart and after the others: the anatomy
+    lines give ``rate`` x their count from their own images' pairs (the same draw as without a
+    negative set), the negative sets ``rate`` x theirs from theirs.
 
     Returns the extra lines (targets empty), in a stable order.
     """
-    images = sorted({(l.dataset, l.name) for l in lines})
-    pairs = [(d, n, k) for d, n in images for k in keys if k.split("/")[0] != d]
-    want = min(len(pairs), round(rate * len(lines)))
-    if want <= 0:
-        return []
-    chosen = sorted(np.random.default_rng(seed).choice(len(pairs), want, replace=False).tolist())
-    return [SplitLine(0, pairs[i][0], pairs[i][1], prompt=pairs[i][2]) for i in chosen]
+    absent_for = absent_for or {}
+    rng = np.random.default_rng(seed)
+    out = []
+    for group in ([l for l in lines if not l.from_negative_set], [l for l in lines if l.from_negative_set]):
+        images = sorted({(l.dataset, l.name) for l in group})
+        pairs = [(d, n, k) for d, n in images for k in keys
+                 if k.split("/")[0] != d and k.split("/")[0] in absent_for.get(d, {k.split("/")[0]})]
+        want = min(len(pairs), round(rate * len(group)))
+        if want > 0:
+            chosen = sorted(rng.choice(len(pairs), want, replace=False).tolist())
+            out += [SplitLine(0, pairs[i][0], pairs[i][1], prompt=pairs[i][2]) for i in chosen]
+    return out
 
 
 def check_files(root: Path, lines: list[SplitLine], split_file: str, skip_missing: bool = False
@@ -206,7 +314,9 @@ def check_files(root: Path, lines: list[SplitLine], split_file: str, skip_missin
     """
     missing, keep = [], []
     for line in lines:
-        paths = [root / line.dataset / "img" / f"{line.name}.png", root / line.dataset / "label" / f"{line.name}.png"]
+        paths = [root / line.dataset / "img" / f"{line.name}.png"]
+        if not line.empty_target:  # a negative set's image needs no label: it shows no anatomy
+            paths.append(root / line.dataset / "label" / f"{line.name}.png")
         absent = [str(p) for p in paths if not p.is_file()]
         missing += absent
         if not absent:
@@ -238,12 +348,13 @@ class SAMUSDataset(Dataset):
                  return_orig: bool = False, max_items: int = 0, subset_seed: int = 0,
                  skip_missing: bool = False, negative_rate: float = 0.0):
         self.root = Path(root)
-        self.lines = read_split(root, split, datasets)
+        self.lines = read_split(root, split, datasets, negative_sets=negative_rate > 0)
         if max_items > 0:
             self.lines = subset_lines(self.lines, max_items, subset_seed)
         self.lines = check_files(self.root, self.lines, f"{root}/MainPatient/{split}.txt", skip_missing)
-        if negative_rate > 0:
-            self.lines += negative_lines(self.lines, keys, negative_rate, subset_seed)
+        if negative_rate > 0:  # a negative set's own lines leave: its images come back as negatives
+            negatives = negative_lines(self.lines, keys, negative_rate, subset_seed, read_absent_for(root))
+            self.lines = [l for l in self.lines if not l.from_negative_set] + negatives
         self.img_size, self.low_res = img_size, low_res
         self.key_index = {k: i for i, k in enumerate(keys)}
         unknown = {l.prompt_key for l in self.lines} - set(self.key_index)
@@ -257,6 +368,8 @@ class SAMUSDataset(Dataset):
 
     def load_pair(self, line: SplitLine) -> tuple[np.ndarray, np.ndarray]:
         img = read_image(self.root / line.dataset / "img" / f"{line.name}.png", "rgb")
+        if line.empty_target:  # no anatomy to mark: no label is read (a negative set has none)
+            return img, np.zeros(img.shape[:2], np.int64)
         lab_path = self.root / line.dataset / "label" / f"{line.name}.png"
         lab = read_label(lab_path)
         if lab.shape != img.shape[:2]:
@@ -272,12 +385,12 @@ class SAMUSDataset(Dataset):
         img, lab = self.load_pair(line)
         # an empty target is a legitimate answer: "no such anatomy here" (a negative line,
         # or a split line whose anatomy is absent from this image)
-        orig = np.zeros_like(lab, np.uint8) if line.negative else (lab == line.class_id).astype(np.uint8)
+        orig = np.zeros_like(lab, np.uint8) if line.empty_target else (lab == line.class_id).astype(np.uint8)
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
         mask = orig
         if self.augment:
             a_img, a_lab = augment_pair(img, lab, rng)
-            a_mask = np.zeros_like(a_lab, np.uint8) if line.negative else (a_lab == line.class_id).astype(np.uint8)
+            a_mask = np.zeros_like(a_lab, np.uint8) if line.empty_target else (a_lab == line.class_id).astype(np.uint8)
             if a_mask.sum() >= 4 or not orig.any():  # the zoom can push a small anatomy out of view: keep original then
                 img, mask = a_img, a_mask
         S, L = self.img_size, self.low_res

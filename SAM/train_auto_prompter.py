@@ -18,7 +18,9 @@ USGRA is measured in docs/RESULTS.md.
 Writes <out_dir>/best.pt and last.pt of kind 'asam_stage2'; with --eval_test also
 <out_dir>/test_metrics.json (prompt-free Dice / IoU / HD95 per dataset and class over the images
 that show the anatomy, and the false-positive rate of each prompt on the test images of the
-other data sets, where its anatomy is absent). --negative_rate R trains with such negatives.
+other data sets, where its anatomy is absent). --negative_rate R trains with such negatives; a
+negative set in the data root (SAM/samus_data.py: a data set of 1 class, lines 0/<Set>/<name>)
+adds its images, shown only with the prompts of the data sets it lacks, in training and test.
 """
 from __future__ import annotations
 

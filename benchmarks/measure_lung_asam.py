@@ -24,6 +24,14 @@ with HC18 and USGRA, measured on held-out synthetic scans and on real lung frame
    and its HC18 / USGRA prompts with the decision (``asam_lung_absent_prompts``: anatomies no lung
    frame shows).
 
+``--negative_videos N`` adds real lung frames to stage 2 as a negative set
+(:func:`SAM.samus_data.add_negative_set`): ``--negative_frames_per_video`` frames of N other videos
+of ``--lung_frames`` (never one of the measured videos), split 70/10/20 by video, shown only with
+the HC18 / USGRA prompts (anatomies a lung frame lacks; the lung prompts never meet them). Its data
+root and stage-2 folder are apart (``data_lungneg<N>``, ``stage2_..._lungneg<N>``), so the run
+without them is left as it was. The test split's false-positive rates of the HC18 / USGRA prompts
+then count the negative set's test frames too; the measured real frames stay out of every split.
+
 Writes ``--out`` (default docs/results/lung_asam_presence.json; ``docs/results/lung_asam.json``
 is the run with ``--negative_rate 0 --mask_loss_on all``, before the presence head existed) and
 ``--montage`` (the lung A-SAM on held-out synthetic scans); real-frame overlays stay in
@@ -78,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompter_grid", type=int, default=16)
     p.add_argument("--n_videos", type=int, default=12, help="real videos (12)")
     p.add_argument("--frames_per_video", type=int, default=3, help="frames per real video (3)")
+    p.add_argument("--negative_videos", type=int, default=0,
+                   help="real lung videos whose frames join stage 2 as negatives of the HC18 / USGRA prompts "
+                        "(0: none; never the measured videos)")
+    p.add_argument("--negative_frames_per_video", type=int, default=3)
     p.add_argument("--view", type=int, default=112, help="pre-training view side for C5 survival (112)")
     p.add_argument("--out", default=str(REPO / "docs/results/lung_asam_presence.json"))
     p.add_argument("--montage", default=str(REPO / "figs/lung_asam_synthetic.png"))
@@ -85,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("seg_root", "lung_frames"):
         if not Path(getattr(a, flag)).is_dir():
             p.error(f"--{flag} {getattr(a, flag)}: not a folder")
+    for flag in ("n_videos", "frames_per_video", "negative_videos", "negative_frames_per_video"):
+        if getattr(a, flag) < (0 if flag == "negative_videos" else 1):
+            p.error(f"--{flag} {getattr(a, flag)}: out of range")
     if a.compare and not Path(a.compare).is_file():
         p.error(f"--compare {a.compare}: no such checkpoint")
     return a
@@ -109,6 +124,24 @@ def pick_real_frames(root: Path, n_videos: int, per_video: int, dest: Path) -> d
                 link.symlink_to(f.resolve())
         out[f"{sub}/{video}"] = [f"{sub}/{f.stem}" for f in pick]
     return out
+
+
+NEGATIVE_SET = "Negatives-LungFrames"
+
+
+def pick_negative_videos(root: Path, exclude: set[str], n_videos: int, per_video: int) -> dict[str, list[Path]]:
+    """``per_video`` evenly spaced frames of ``n_videos`` videos of ``root`` (a ``<Sub>/img/*.png``
+    tree) spread evenly over those not in ``exclude`` ("<Sub>/<video>"), split 70/10/20 by video
+    (at least one video for training): {split: [frame paths]}."""
+    videos: dict[str, list[Path]] = {}
+    for f in sorted(root.glob("*/img/*.png")):
+        videos.setdefault(f"{f.parent.parent.name}/{video_of(f.stem)}", []).append(f)
+    chosen = spread_evenly(sorted(set(videos) - exclude), n_videos)
+    n_val, n_test = round(0.1 * len(chosen)), round(0.2 * len(chosen))
+    n_train = max(1, len(chosen) - n_val - n_test)
+    order = [chosen[i] for i in np.random.default_rng(0).permutation(len(chosen))]
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {split: [f for v in sorted(vs) for f in spread_evenly(videos[v], per_video)] for split, vs in parts.items()}
 
 
 def measure_source(label_root: Path, videos: dict[str, list[str]], prompts: list[str], view: int) -> dict:
@@ -145,6 +178,24 @@ def main(argv=None) -> dict:
         write_lung_layout(data, a.n_synthetic, 256, seed=0, style=a.style, seg_root=a.seg_root)
     datasets = ",".join(json.loads((data / "MainPatient" / "class.json").read_text()))
     stage2 = stage2_dir(work, a.negative_rate, a.mask_loss_on)
+    real = work / "real"
+    videos = pick_real_frames(Path(a.lung_frames), a.n_videos, a.frames_per_video, real)
+    if not videos:
+        raise SystemExit(f"--lung_frames {a.lung_frames}: no <Sub>/img/*.png frames there")
+    negative_set = None
+    if a.negative_videos:
+        from SAM.samus_data import add_negative_set
+
+        suffix = f"_lungneg{a.negative_videos}"
+        if not (work / f"data{suffix}" / "MainPatient" / "class.json").is_file():
+            shutil.copytree(data, work / f"data{suffix}", symlinks=True, dirs_exist_ok=True)
+        data, stage2 = work / f"data{suffix}", stage2.with_name(stage2.name + suffix)
+        splits = pick_negative_videos(Path(a.lung_frames), set(videos), a.negative_videos, a.negative_frames_per_video)
+        lacks = sorted(d for d in datasets.split(",") if d != LUNG_DATASET)
+        add_negative_set(data, NEGATIVE_SET, splits, lacks=lacks)
+        negative_set = {"name": NEGATIVE_SET, "lacks": lacks, "frames": {k: len(v) for k, v in splits.items()},
+                        "videos": {k: len({video_of(f.stem) for f in v}) for k, v in splits.items()},
+                        "measured_videos_excluded": True}
     t1 = time.perf_counter()
     if not (stage2 / "test_metrics.json").is_file():
         train_auto_prompter.main([
@@ -175,10 +226,6 @@ def main(argv=None) -> dict:
                       "--prompts", ",".join(LUNG_PROMPTS), "--device", "cpu", "--workers", "0",
                       "--montage", a.montage])
 
-    real = work / "real"
-    videos = pick_real_frames(Path(a.lung_frames), a.n_videos, a.frames_per_video, real)
-    if not videos:
-        raise SystemExit(f"--lung_frames {a.lung_frames}: no <Sub>/img/*.png frames there")
     from SAM.checkpoint import load_checkpoint
     # name -> (checkpoint, prompts, --presence): a checkpoint with thresholds also without its decision
     sources = {"asam_lung": (stage2 / ASAM_BEST, list(LUNG_PROMPTS), "checkpoint")}
@@ -207,7 +254,7 @@ def main(argv=None) -> dict:
                       "Dice on held-out scans, statistics on real lung frames",
               "settings": {k: repo_relative(v) if k in ("seg_root", "lung_frames", "compare", "work_dir") and v else v
                            for k, v in vars(a).items() if k not in ("out", "montage")},
-              "data": {"datasets": datasets.split(","),
+              "data": {"datasets": datasets.split(","), "negative_set": negative_set,
                        "lines": {s: len((data / "MainPatient" / f"{s}.txt").read_text().split())
                                  for s in ("train", "val", "test")}},
               "test": test, "test_presence": test_presence, "stage2_seconds": train_s, "real_frames": {"videos": len(videos),

@@ -158,3 +158,31 @@ def test_infer_masks_missing_checkpoint_is_one_line(repo_root, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0] == f"infer_masks.py: error: {bad}: A-SAM checkpoint not found"
+
+
+def test_stage2_with_a_negative_set_counts_its_images_as_absent_cases(run, tmp_path):
+    """A negative set (issue 27) in the root: stage 2 trains with its images as negatives and the test
+    split's false-positive rate of the prompt it lacks counts its test images; the other prompt's
+    does not (the set does not lack it)."""
+    import shutil
+
+    from SAM.samus_data import add_negative_set, read_split
+
+    root = tmp_path / "seg"
+    shutil.copytree(run["root"], root)
+    frames = []
+    for i in range(6):
+        frames.append(tmp_path / "frames" / f"v{i}_f0.png")
+        frames[-1].parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(frames[-1]), np.full((50, 70), 40 * i, np.uint8))
+    add_negative_set(root, "Neg-Frames", {"train": frames[:3], "val": frames[3:4], "test": frames[4:]},
+                     lacks=["SynLung-Pleura"])
+    out = tmp_path / "s2_neg"
+    train_auto_prompter.main(COMMON + ["--data_root", str(root), "--sam_ckpt", str(run["s1"] / "best.pt"),
+                                       "--epochs", "1", "--out_dir", str(out), "--eval_test", "--prompter_grid", "4",
+                                       "--negative_rate", "0.5", "--mask_loss_on", "present"])
+    raw = json.loads((out / "test_presence.json").read_text())["without_decision"]
+    test = read_split(root, "test")
+    images = {d: {l.name for l in test if l.dataset == d} for d in ("SynLung-Anatomy", "SynLung-Pleura")}
+    assert raw["SynLung-Pleura/1"]["n_without"] == len(images["SynLung-Anatomy"]) + 2   # + the 2 frames
+    assert raw["SynLung-Anatomy/1"]["n_without"] == len(images["SynLung-Pleura"])
