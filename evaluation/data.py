@@ -346,34 +346,18 @@ def _open_image_folder(data: DownstreamData, out_dir: str | Path | None) -> Down
         folds = {int(r["fold"]) for r in rows}
         if folds != set(range(1, o.folds + 1)):
             raise DataError(f"{source}: the split has folds {sorted(folds)}, this run asks for --folds {o.folds}")
+        asked, how = _groups([r["file"] for r in rows], o)
+        if asked is not None and _partition(asked) != _partition([r["group"] for r in rows]):
+            raise DataError(f"{source}: the split was made with other groups than this run's {how}; "
+                            "delete it to split again, or run without the grouping flag to keep it")
         data.notes.append(f"{root}: the split of {source} ({o.folds} folds)")
     else:
         rel = [f for f, _ in files]
-        if o.groups:
-            table = read_groups_csv(Path(o.groups))
-            by_name: dict[str, str | None] = {}
-            for f, g in table.items():
-                name = f.rsplit("/", 1)[-1]
-                by_name[name] = g if name not in by_name else None  # a bare name that is not unique: no
-            missing = [f for f in rel if f not in table and by_name.get(f.rsplit("/", 1)[-1]) is None]
-            if missing:
-                raise DataError(f"{o.groups}: no group for {len(missing)} image(s), e.g. {missing[0]}")
-            groups = [table.get(f) or by_name[f.rsplit("/", 1)[-1]] for f in rel]
-            how = f"groups from {o.groups}"
-        elif o.group_rule:
-            if o.group_rule not in GROUP_RULES:
-                try:
-                    if re.compile(o.group_rule).groups < 1:
-                        raise DataError(f"--group_rule {o.group_rule!r}: the expression needs a (group)")
-                except re.error as e:
-                    raise DataError(f"--group_rule {o.group_rule!r}: not a regular expression ({e})") from None
-            groups = [group_of(f, o.group_rule) for f in rel]
-            how = f"groups by the rule {o.group_rule!r}"
-        else:
+        groups, how = _groups(rel, o)
+        if groups is None:
             groups = rel
             data.notes.append(f"{root}: the split is per image (no --groups CSV or --group_rule): images of one "
                               "patient or video may sit on both sides of a fold")
-            how = "per image"
         labels = np.array([data.classes.index(c) for _, c in files])
         try:  # a patient of two classes stays whole: groups are not split by class
             fold = make_split(labels, np.array(groups), o.folds, o.split_seed)
@@ -388,6 +372,38 @@ def _open_image_folder(data: DownstreamData, out_dir: str | Path | None) -> Down
     data.notes += [f"{root}: {n}" for n in notes]
     data.rows, data.split_path = rows, (source or beside)
     return data
+
+
+def _groups(files: list[str], o: DataOptions) -> tuple[list[str] | None, str]:
+    """The group of each file (relative path) by ``--groups`` or ``--group_rule``, and how it was
+    made; (None, "per image") without either."""
+    if o.groups:
+        table = read_groups_csv(Path(o.groups))
+        by_name: dict[str, str | None] = {}
+        for f, g in table.items():
+            name = f.rsplit("/", 1)[-1]
+            by_name[name] = g if name not in by_name else None  # a bare name that is not unique: no
+        missing = [f for f in files if f not in table and by_name.get(f.rsplit("/", 1)[-1]) is None]
+        if missing:
+            raise DataError(f"{o.groups}: no group for {len(missing)} image(s), e.g. {missing[0]}")
+        return [table.get(f) or by_name[f.rsplit("/", 1)[-1]] for f in files], f"groups from {o.groups}"
+    if o.group_rule:
+        if o.group_rule not in GROUP_RULES:
+            try:
+                if re.compile(o.group_rule).groups < 1:
+                    raise DataError(f"--group_rule {o.group_rule!r}: the expression needs a (group)")
+            except re.error as e:
+                raise DataError(f"--group_rule {o.group_rule!r}: not a regular expression ({e})") from None
+        return [group_of(f, o.group_rule) for f in files], f"groups by the rule {o.group_rule!r}"
+    return None, "per image"
+
+
+def _partition(groups: list[str]) -> set[frozenset[int]]:
+    """Which positions share a group, whatever the groups are called."""
+    members: dict[str, set[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, set()).add(i)
+    return {frozenset(m) for m in members.values()}
 
 
 def iter_folds(data_path: str | Path, img_size: int = 224, options: DataOptions = DataOptions()):
