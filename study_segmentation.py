@@ -99,6 +99,14 @@ def render(results: Path) -> str:
     return md
 
 
+def merge_waiting(earlier: list[str], now: list[str], arms: list[str], seeds: list[int]) -> list[str]:
+    """The "waiting" list after a call over ``arms`` x ``seeds``: that call's own answer for its
+    pairs, the earlier entries of every other pair kept (a call over fewer arms or seeds says
+    nothing about the rest)."""
+    scope = {f"{arm} seed {seed}" for arm in arms for seed in seeds}
+    return sorted({w for w in earlier if w not in scope} | set(now))
+
+
 def run(a) -> int:
     study, results = Path(a.study).resolve(), Path(a.results).resolve()
     if not (study / "runs").is_dir():
@@ -137,6 +145,7 @@ def run(a) -> int:
     settings["datasets"] = sorted(set(earlier.get("datasets", [])) | set(datasets))   # one call per set adds up
     settings["leaks"] = earlier.get("leaks", {}) | settings["leaks"]
     waiting = []
+    listed = lambda: merge_waiting(earlier.get("waiting", []), waiting, arms, seeds)  # noqa: E731
     for seed in seeds:
         for dataset in datasets:
             for arm in arms:
@@ -166,10 +175,10 @@ def run(a) -> int:
                 write_rows(results / "per_image.csv", images, seg.IMAGE_COLUMNS)
                 write_rows(results / "runs.csv", runs, seg.RUN_COLUMNS)
                 made_by.setdefault(settings["commit"] or "unknown", []).append(f"{dataset} {arm} seed {seed}")
-                write_json(results / "settings.json", settings | {"made_by": made_by, "waiting": waiting})
+                write_json(results / "settings.json", settings | {"made_by": made_by, "waiting": listed()})
                 print(f"[rows] {dataset} {arm} seed {seed}: {len(new_images)} image rows "
                       f"({time.time() - t0:.0f} s)", flush=True)
-    write_json(results / "settings.json", settings | {"made_by": made_by, "waiting": sorted(set(waiting))})
+    write_json(results / "settings.json", settings | {"made_by": made_by, "waiting": listed()})
     if waiting:
         print("waiting for encoders: " + ", ".join(sorted(set(waiting))))
     if images:

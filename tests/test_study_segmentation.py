@@ -102,6 +102,12 @@ def _fake_study(tmp_path):
     return study
 
 
+def test_waiting_is_answered_per_pair_by_the_call_that_covers_it():
+    earlier = ["aclus seed 0", "aclus seed 1", "detcon seed 0"]
+    assert ss.merge_waiting(earlier, [], ["aclus"], [0]) == ["aclus seed 1", "detcon seed 0"]   # aclus 0 is done
+    assert ss.merge_waiting(earlier, ["byol seed 2"], ["byol"], [2]) == sorted(earlier + ["byol seed 2"])
+
+
 def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread):
     from utils.synthetic_us import write_samus_layout
 
@@ -127,6 +133,10 @@ def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread)
     assert (tmp_path / "study" / "eval_seg" / "stages" / "random_s0.json").is_file()
     assert ss.main(argv) == 0                                    # rows there: nothing runs again
     assert "[skip] SynLung-Anatomy byol seed 0" in capsys.readouterr().out
+    # a call over one arm keeps the others' waiting entries (it was rewritten with its own arms only)
+    narrow = argv[:argv.index("--arms") + 1] + ["byol"] + argv[argv.index("--arms") + 2:]
+    assert ss.main(narrow) == 0
+    assert json.loads((results / "settings.json").read_text())["waiting"] == settings["waiting"]
     # a baseline encoder the study wrote is used as it is, not written again
     bn = tmp_path / "study" / "runs" / "bn_control" / "seed0" / "encoder_resnet18.pth"
     bn.parent.mkdir(parents=True)
