@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from utils.io import atomic_write  # noqa: E402
 
-SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|warnings?)")
+SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?)")
 SECONDS = re.compile(r" in ([0-9.]+)s")
 
 

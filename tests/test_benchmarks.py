@@ -153,6 +153,7 @@ def test_time_suite_reads_pytest_summary_line():
     out = "....  [ 50%]\nFAILED x\n= 1 failed, 2 passed in 3.00s =\n... 497 passed, 11 skipped, 1 error, 2 warnings in 634.13s (0:10:34)\n"
     assert pytest_summary(out) == {"passed": 497, "skipped": 11, "errors": 1, "warnings": 2, "seconds": 634.13}
     assert pytest_summary("........ [ 14%]\n") == {}
+    assert pytest_summary("= 5 passed, 3 deselected in 1.50s =") == {"passed": 5, "deselected": 3, "seconds": 1.5}
 
 
 def test_time_suite_sums_phases_per_test_and_compares_shared_tests():
