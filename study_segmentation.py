@@ -99,12 +99,11 @@ def render(results: Path) -> str:
     return md
 
 
-def merge_waiting(earlier: list[str], now: list[str], arms: list[str], seeds: list[int]) -> list[str]:
-    """The "waiting" list after a call over ``arms`` x ``seeds``: that call's own answer for its
-    pairs, the earlier entries of every other pair kept (a call over fewer arms or seeds says
-    nothing about the rest)."""
-    scope = {f"{arm} seed {seed}" for arm in arms for seed in seeds}
-    return sorted({w for w in earlier if w not in scope} | set(now))
+def merge_waiting(earlier: list[str], now: list[str], answered: set[str]) -> list[str]:
+    """The "waiting" list: this call's own answer for the "<arm> seed <N>" pairs it has looked at
+    (``answered``), the earlier entries of every other pair kept (a call over fewer arms or seeds,
+    or one stopped midway, says nothing about the rest)."""
+    return sorted({w for w in earlier if w not in answered} | set(now))
 
 
 def run(a) -> int:
@@ -144,11 +143,12 @@ def run(a) -> int:
     made_by = earlier.get("made_by", {})
     settings["datasets"] = sorted(set(earlier.get("datasets", [])) | set(datasets))   # one call per set adds up
     settings["leaks"] = earlier.get("leaks", {}) | settings["leaks"]
-    waiting = []
-    listed = lambda: merge_waiting(earlier.get("waiting", []), waiting, arms, seeds)  # noqa: E731
+    waiting, answered = [], set()
+    listed = lambda: merge_waiting(earlier.get("waiting", []), waiting, answered)  # noqa: E731
     for seed in seeds:
         for dataset in datasets:
             for arm in arms:
+                answered.add(f"{arm} seed {seed}")
                 if seg.done(runs, dataset, arm, seed, settings["variants"], settings["fractions"]):
                     print(f"[skip] {dataset} {arm} seed {seed}: its rows are in {results / 'runs.csv'}", flush=True)
                     continue

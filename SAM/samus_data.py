@@ -126,38 +126,58 @@ def prompt_keys(root: str | Path, datasets: tuple[str, ...] = ()) -> list[str]:
 
 def add_negative_set(root: str | Path, name: str, images: dict[str, list[Path]],
                      lacks: list[str] | None = None) -> None:
-    """Add the negative set ``name`` to the SAMUS-layout ``root`` (whose MainPatient files this
-    rewrites, atomically): each image of ``images[split]`` linked as ``<root>/<name>/img/<stem>.png``
-    with a line ``0/<name>/<stem>`` in that split, ``{name: 1}`` in class.json, and ``lacks`` (the
+    """Make ``name`` a negative set of the SAMUS-layout ``root`` (whose MainPatient files this
+    rewrites, atomically, class.json first): each image of ``images[split]`` linked as
+    ``<root>/<name>/img/<file name>`` with a line ``0/<name>/<stem>`` in that split (the set's
+    earlier lines are replaced, other sets' kept), ``{name: 1}`` in class.json, and ``lacks`` (the
     data sets whose anatomies the images do not show; None: every other one) in absent.json.
-    Running it again with the same images changes nothing."""
+    Two images of one name, in one split or two, are refused. Running it again with the same
+    images changes nothing."""
     root = Path(root)
     main = root / "MainPatient"
     classes = read_class_json(root)
     if classes.get(name, 1) != 1:
         raise DataError(f"{main / 'class.json'}: '{name}' is a data set with anatomies, not a negative set")
+    if lacks is not None and not lacks:
+        raise DataError(f"negative set '{name}': lacks=[] would show its images with no prompt at all")
     unknown = sorted(set(lacks or ()) - set(classes))
     if unknown:
         raise DataError(f"{main / 'class.json'}: data sets {unknown} (what '{name}' lacks) are not in it")
-    for split, paths in images.items():
-        split_file = main / f"{split}.txt"
-        old = split_file.read_text().splitlines() if split_file.is_file() else []
-        new = []
-        for path in paths:
-            path = Path(path)
-            if path.suffix.lower() != ".png":
-                raise DataError(f"{path}: a negative set's images must be PNG files")
-            link = root / name / "img" / path.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                link.symlink_to(path.resolve())
-            new.append(f"{NEGATIVE_SET_ID}/{name}/{path.stem}")
-        lines = old + [l for l in dict.fromkeys(new) if l not in set(old)]
-        atomic_write(split_file, lambda f, t="".join(l + "\n" for l in lines).encode(): f.write(t))
+    seen: dict[str, Path] = {}
+    for path in (Path(p) for paths in images.values() for p in paths):
+        if path.suffix.lower() != ".png":
+            raise DataError(f"{path}: a negative set's images must be PNG files")
+        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
+            raise DataError(f"negative set '{name}': {seen[path.stem]} and {path} have one name")
+        if path.stem in seen:
+            raise DataError(f"negative set '{name}': {path} is listed twice (in one split or two)")
+        seen[path.stem] = path
+    absent_file = main / "absent.json"
+    try:
+        absent = json.loads(absent_file.read_text()) if absent_file.is_file() else {}
+        if not isinstance(absent, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise DataError(f"{absent_file}: not a JSON object of data set -> list of data sets ({e})") from None
     classes[name] = 1
     atomic_write(main / "class.json", lambda f: f.write((json.dumps(classes, indent=4) + "\n").encode()))
-    absent_file = main / "absent.json"
-    absent = json.loads(absent_file.read_text()) if absent_file.is_file() else {}
+    folder = root / name / "img"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in seen.values():
+        link = folder / path.name
+        if link.is_symlink() and link.resolve() != path.resolve():
+            link.unlink()                        # the same name, another frame: the set was re-picked
+        elif link.exists() and not link.is_symlink():
+            raise DataError(f"{link}: a file is there, not a link this function made")
+        if not link.is_symlink():
+            link.symlink_to(path.resolve())
+    for split in sorted({*images, *(p.stem for p in main.glob("*.txt"))}):
+        split_file = main / f"{split}.txt"
+        old = split_file.read_text().splitlines() if split_file.is_file() else []
+        keep = [l for l in old if l.split("/")[1:2] != [name]]
+        lines = keep + [f"{NEGATIVE_SET_ID}/{name}/{Path(p).stem}" for p in images.get(split, [])]
+        if lines != old:
+            atomic_write(split_file, lambda f, t="".join(l + "\n" for l in lines).encode(): f.write(t))
     if lacks is None:
         absent.pop(name, None)
     else:
@@ -260,7 +280,8 @@ def subset_lines(lines: list[SplitLine], n: int, seed: int = 0) -> list[SplitLin
 
 def read_absent_for(root: str | Path) -> dict[str, set[str]]:
     """``MainPatient/absent.json`` (optional): {image set: the data sets whose anatomies its
-    images lack}; {} when the file is not there (every image set lacks every other set's)."""
+    images lack}; {} when the file is not there (every image set lacks every other set's). It may
+    name an anatomy set too, which then changes that set's own negatives."""
     path = Path(root) / "MainPatient" / "absent.json"
     if not path.is_file():
         return {}

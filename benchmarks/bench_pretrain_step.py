@@ -56,8 +56,10 @@ REFERENCE = "lightly_byol"
 #: loop of its own; models.methods' ``lightly_byol`` (lightly's heads inside our step) is timed as it
 CHOICES = (REFERENCE, *(m for m in METHODS if m != REFERENCE))
 #: (GMACs of 224 px views through the encoder of each method) / plain ResNet-18's
-FLOOR = {"byol": 1.0, "byol_fpn": 2 * (1.8 + 2.4) / (2 * 1.8), "detcon": 2 * (1.8 + 2.4) / (2 * 1.8),
-         "aclus": 3 * (1.8 + 2.4) / (2 * 1.8)}
+#: (a global method: plain ResNet-18 on two views; a region method: ResNet-18 + FPN on two views, three
+#: with the context pass)
+FLOOR = {name: 1.0 if m.pooling == "global" else (3 if m.context else 2) * (1.8 + 2.4) / (2 * 1.8)
+         for name, m in METHODS.items()}
 
 
 #: distinct synthetic scans behind a benchmark batch (each item gets its own crops)

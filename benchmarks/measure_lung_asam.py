@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("n_videos", "frames_per_video", "negative_videos", "negative_frames_per_video"):
         if getattr(a, flag) < (0 if flag == "negative_videos" else 1):
             p.error(f"--{flag} {getattr(a, flag)}: out of range")
+    if a.negative_videos and not a.negative_rate > 0:
+        p.error("--negative_videos needs --negative_rate > 0 (stage 2 reads negative sets only for negatives)")
     if a.compare and not Path(a.compare).is_file():
         p.error(f"--compare {a.compare}: no such checkpoint")
     return a
@@ -191,8 +193,18 @@ def main(argv=None) -> dict:
             shutil.copytree(data, work / f"data{suffix}", symlinks=True, dirs_exist_ok=True)
         data, stage2 = work / f"data{suffix}", stage2.with_name(stage2.name + suffix)
         splits = pick_negative_videos(Path(a.lung_frames), set(videos), a.negative_videos, a.negative_frames_per_video)
+        if not splits["train"]:
+            raise SystemExit(f"--lung_frames {a.lung_frames}: no video left for negatives beside the "
+                             f"{len(videos)} measured ones")
         lacks = sorted(d for d in datasets.split(",") if d != LUNG_DATASET)
+        picked = {k: [f"{f.parent.parent.name}/{f.name}" for f in v] for k, v in splits.items()}
+        record = stage2 / "negative_set.json"   # a stage-2 folder trained on other negatives is not reused
+        if record.is_file() and json.loads(record.read_text()) != picked:
+            raise SystemExit(f"{record}: {stage2} was trained with other negative frames (other --n_videos, "
+                             "--frames_per_video or --negative_* flags); remove it or use another --work_dir")
         add_negative_set(data, NEGATIVE_SET, splits, lacks=lacks)
+        stage2.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, lambda f: f.write(json.dumps(picked, indent=1).encode()))
         negative_set = {"name": NEGATIVE_SET, "lacks": lacks, "frames": {k: len(v) for k, v in splits.items()},
                         "videos": {k: len({video_of(f.stem) for f in v}) for k, v in splits.items()},
                         "measured_videos_excluded": True}

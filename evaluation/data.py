@@ -348,8 +348,10 @@ def _open_image_folder(data: DownstreamData, out_dir: str | Path | None) -> Down
             raise DataError(f"{source}: the split has folds {sorted(folds)}, this run asks for --folds {o.folds}")
         asked, how = _groups([r["file"] for r in rows], o)
         if asked is not None and _partition(asked) != _partition([r["group"] for r in rows]):
-            raise DataError(f"{source}: the split was made with other groups than this run's {how}; "
-                            "delete it to split again, or run without the grouping flag to keep it")
+            flag = "--groups" if o.groups else "--group_rule"
+            fix = ("pass another --split" if given is not None else "delete it to split again")
+            raise DataError(f"{source}: the split was made with other groups than {flag} gives ({how}); "
+                            f"{fix}, or leave out {flag} to use the split as it is")
         data.notes.append(f"{root}: the split of {source} ({o.folds} folds)")
     else:
         rel = [f for f, _ in files]

@@ -29,13 +29,15 @@ class Method:
     #: models/losses) or "lightly" (lightly's BYOL heads and NegativeCosineSimilarity: the
     #: reference implementation the study's own BYOL is compared with)
     heads: str = "aclus"
-    #: factor on the whole objective (1: the method's own loss). ``lightly_byol_x2`` sets 2: lightly's
-    #: loss is ``-cos`` where ours is ``2 - 2 cos``, so with 2 its gradient is our byol's
+    #: factor on lightly's BYOL loss (lightly heads only; 1: its own loss). ``lightly_byol_x2`` sets 2:
+    #: lightly's loss is ``-cos`` where ours is ``2 - 2 cos``, so with 2 its gradient is our byol's
     loss_scale: float = 1.0
 
     def __post_init__(self):
         if not self.loss_scale > 0:
             raise ValueError(f"method {self.name!r}: loss_scale={self.loss_scale!r}, expected a positive number")
+        if self.loss_scale != 1.0 and self.heads != "lightly":
+            raise ValueError(f"method {self.name!r}: loss_scale scales lightly's BYOL loss only (heads='lightly')")
         for key, value, allowed in (("pooling", self.pooling, POOLINGS), ("pair_loss", self.pair_loss, PAIR_LOSSES),
                                     ("heads", self.heads, HEADS)):
             if value not in allowed:

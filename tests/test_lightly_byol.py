@@ -106,9 +106,11 @@ def test_lightly_byol_x2_steps_with_our_byols_gradient():
                 assert same(x.bias.grad, y.bias.grad)
 
 
-def test_a_method_with_a_loss_scale_that_is_not_positive_is_refused():
+def test_a_loss_scale_that_is_not_positive_or_not_on_lightlys_loss_is_refused():
     with pytest.raises(ValueError, match="loss_scale"):
-        Method("x", "global", True, "regression", False, "", loss_scale=0.0)
+        Method("x", "global", True, "regression", False, "", heads="lightly", loss_scale=0.0)
+    with pytest.raises(ValueError, match="lightly's BYOL loss only"):   # our heads would ignore it
+        Method("x", "global", True, "regression", False, "", loss_scale=2.0)
 
 
 @pytest.mark.parametrize("field, value", [("pair_loss", "regresion"), ("pooling", "local"), ("heads", "timm")])

@@ -102,6 +102,22 @@ def test_adding_a_negative_set_twice_changes_nothing_and_bad_input_is_named(root
     assert {p.name: p.read_text() for p in (root / "MainPatient").iterdir()} == before
     with pytest.raises(DataError, match="not in it"):
         add_negative_set(root, "Neg-Frames", {"train": frames[:1]}, lacks=["Nope"])
+    with pytest.raises(DataError, match="no prompt at all"):
+        add_negative_set(root, "Neg-Frames", {"train": frames[:1]}, lacks=[])
+    with pytest.raises(DataError, match="listed twice"):                    # one frame in two splits: a leak
+        add_negative_set(root, "Neg-Frames", {"train": frames[:2], "test": frames[1:2]}, lacks=lacks)
+    other = tmp_path / "other" / frames[0].name
+    other.parent.mkdir()
+    other.write_bytes(frames[0].read_bytes())
+    with pytest.raises(DataError, match="have one name"):                   # another video's frame, same name
+        add_negative_set(root, "Neg-Frames", {"train": [frames[0], other]}, lacks=lacks)
+    assert {p.name: p.read_text() for p in (root / "MainPatient").iterdir()} == before   # refused before writing
+    # picked again: the set's lines are replaced, the anatomy sets' kept
+    add_negative_set(root, "Neg-Frames", {"train": frames[4:], "val": frames[:1]}, lacks=lacks)
+    train = read_split(root, "train", negative_sets=True)
+    assert {l.name for l in train if l.from_negative_set} == {f.stem for f in frames[4:]}
+    assert not any(l.dataset == "Neg-Frames" for l in read_split(root, "test", negative_sets=True))
+    assert (root / "MainPatient" / "train.txt").read_text().startswith(before["train.txt"].split("0/Neg")[0])
     anatomy = read_split(root, "train")[0].dataset
     with pytest.raises(DataError, match="not a negative set"):
         add_negative_set(root, anatomy, {"train": frames[:1]})

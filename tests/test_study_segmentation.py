@@ -102,10 +102,10 @@ def _fake_study(tmp_path):
     return study
 
 
-def test_waiting_is_answered_per_pair_by_the_call_that_covers_it():
+def test_waiting_is_answered_per_pair_by_the_call_that_looked_at_it():
     earlier = ["aclus seed 0", "aclus seed 1", "detcon seed 0"]
-    assert ss.merge_waiting(earlier, [], ["aclus"], [0]) == ["aclus seed 1", "detcon seed 0"]   # aclus 0 is done
-    assert ss.merge_waiting(earlier, ["byol seed 2"], ["byol"], [2]) == sorted(earlier + ["byol seed 2"])
+    assert ss.merge_waiting(earlier, [], {"aclus seed 0"}) == ["aclus seed 1", "detcon seed 0"]   # aclus 0 is done
+    assert ss.merge_waiting(earlier, ["byol seed 2"], {"byol seed 2"}) == sorted(earlier + ["byol seed 2"])
 
 
 def test_the_script_runs_resumes_and_renders(tmp_path, capsys, one_torch_thread):
