@@ -217,6 +217,28 @@ def lung_presence_block(d: dict, reference: Path | None = None) -> str:
                                             real["asam_lung_absent_prompts"]["per_prompt"].items()) + "."]))
 
 
+def context_block(d: dict) -> str:
+    """The context term of a pre-training run (benchmarks/measure_context_task.py) with the BatchNorm
+    mode it trained with: against its own image's target and another image's, at initialisation and
+    at the checkpoint; the gap is what the term knows of the image."""
+    bn = d.get("trained_with", "batch")
+    scales = [k.split("/")[1] for k in d["trained"][bn]]
+    ck = d.get("checkpoint", {})
+    lines = [f"Run `{d.get('run')}` ({d.get('method')}, {d.get('size')} px, batch {d.get('batch')}, base_lr "
+             f"{d.get('base_lr')}, its `{ck.get('file')}` after epoch {ck.get('epoch')}), overlap pass with "
+             f"`{bn}` BatchNorm as trained; {d.get('batches')} batches of its own loader; {d.get('where')}. "
+             "Values are `2 - 2 cos` (0: the prediction points at the target).", "",
+             "| | target | " + " | ".join(s.upper() for s in scales) + " |", "|---|---|" + "---|" * len(scales)]
+    for when in ("init", "trained"):
+        same, other = d[when][bn], d[when][f"{bn}_other_image"]
+        label = "at initialisation" if when == "init" else "after training"
+        lines.append(f"| {label} | its own image's | " + " | ".join(_f(same[f"context/{s}"]) for s in scales) + " |")
+        lines.append(f"| | another image's | " + " | ".join(_f(other[f"context/{s}"]) for s in scales) + " |")
+        lines.append(f"| | gap | " + " | ".join(f"{other[f'context/{s}'] - same[f'context/{s}']:+.3f}"
+                                                for s in scales) + " |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "presence": ("asam_lite_presence_cpu.json", presence_block),
           "presence_present": ("asam_lite_presence_present_cpu.json", presence_present_block), "realism": ("synthetic_realism.json", realism_block),

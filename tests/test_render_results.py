@@ -81,3 +81,20 @@ def test_the_lung_presence_table_without_a_presence_record_shows_one_set_of_mask
          "test": {"L/1": {"n": 3, "dice": 0.8, "fp_rate": 1.0}}, "test_presence": None, "real": {"asam_lung": real}}
     text = render_results.lung_presence_block(d, ref)
     assert "| L/1 | - | - | - | 1.00 | 0.800 / 0.800 | 1.000 / 1.000 |" in text
+
+
+def test_the_context_table_sets_each_image_beside_another_images_target():
+    """context_block reads the BatchNorm mode the run trained with and prints the gap other - own per
+    scale; reading the other mode, or the gap the wrong way round, fails it."""
+    def terms(c5, p4):
+        return {"context/c5": c5, "context/p4": p4}
+    d = {"run": "r", "method": "aclus", "size": 64, "batch": 64, "base_lr": 2.0, "trained_with": "batch",
+         "batches": 3, "where": "CPU", "checkpoint": {"file": "latest.pth", "epoch": 40},
+         "init": {"batch": terms(2.0, 1.9), "batch_other_image": terms(2.0, 1.9),
+                  "running": terms(9.0, 9.0), "running_other_image": terms(9.0, 9.0)},
+         "trained": {"batch": terms(0.10, 0.20), "batch_other_image": terms(0.15, 0.20),
+                     "running": terms(9.0, 9.0), "running_other_image": terms(9.0, 9.0)}}
+    text = render_results.context_block(d)
+    assert "| after training | its own image's | 0.100 | 0.200 |" in text
+    assert "| | gap | +0.050 | +0.000 |" in text and "9.000" not in text
+    assert "`batch` BatchNorm as trained" in text and "after epoch 40" in text
