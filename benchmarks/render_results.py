@@ -217,6 +217,42 @@ def lung_presence_block(d: dict, reference: Path | None = None) -> str:
                                             real["asam_lung_absent_prompts"]["per_prompt"].items()) + "."]))
 
 
+def lung_negatives_block(d: dict, reference: Path | None = None) -> str:
+    """The lung A-SAM trained with real lung frames as a negative set of the HC18 / USGRA prompts
+    (``measure_lung_asam.py --negative_videos``) beside the same run without them (``reference``):
+    per prompt, the share of the held-out real frames that keep a region (with the decision), and the
+    test Dice / FP rate with the decision."""
+    reference = reference or RESULTS / "lung_asam_presence.json"
+    ref = json.loads(reference.read_text()) if reference.is_file() else {}
+    neg = d["data"].get("negative_set") or {}
+    before, after = ref.get("real", {}), d["real"]
+    kept = lambda real, k: ({**real.get("asam_lung_absent_prompts", {}).get("per_prompt", {}),  # noqa: E731
+                             **real.get("asam_lung", {}).get("per_prompt", {})}.get(k) or {}).get("fires")
+    rows = ["| prompt | real frames kept: without / with the lung negatives | test Dice: without / with | "
+            "test FP rate: without / with |", "|---|---|---|---|"]
+    for k in (x for x in d["test"] if x != "mean"):
+        t0, t1 = ref.get("test", {}).get(k, {}), d["test"][k]
+        rows.append(f"| {k}{' (absent from lung)' if k.split('/')[0] in neg.get('lacks', ()) else ''} | "
+                    f"{_f(kept(before, k), 2)} / {_f(kept(after, k), 2)} | {_f(t0.get('dice'))} / {_f(t1.get('dice'))} | "
+                    f"{_f(t0.get('fp_rate'))} / {_f(t1.get('fp_rate'))} |")
+    frames, videos = neg.get("frames", {}), neg.get("videos", {})
+    own = ("negative_videos", "negative_frames_per_video")
+    differ = sorted(k for k, v in d["settings"].items() if k not in own and ref.get("settings", {}).get(k) != v)
+    if differ:
+        return f"Not comparable with `{reference.name}`: other {', '.join(differ)}."
+    return "\n".join([
+        f"Stage 2 as in `{reference.name}` (the same settings and anatomy lines), plus the negative set "
+        f"`{neg.get('name')}`: {sum(frames.values())} real lung frames of {sum(videos.values())} COVID-BLUES "
+        f"videos (train / val / test {frames.get('train')} / {frames.get('val')} / {frames.get('test')} frames, "
+        f"split by video), shown only with the prompts of {', '.join(neg.get('lacks', []))}; none of the "
+        f"{d['real_frames']['videos']} measured videos is among them. Real frames: the share of the "
+        f"{d['real_frames']['frames']} measured frames on which the prompt keeps a region with the presence "
+        "decision (every region of a prompt absent from lung is a false positive). Test columns with the "
+        "decision; the HC18 / USGRA FP rates of the run with negatives also count the negative set's test "
+        f"frames. Ran on {where(d)}; stage 2 took {d['stage2_seconds'] / 60:.0f} min. File: "
+        "`docs/results/lung_asam_negatives.json` (`benchmarks/measure_lung_asam.py`).", "", *rows])
+
+
 def context_block(d: dict) -> str:
     """The context term of a pre-training run (benchmarks/measure_context_task.py) with the BatchNorm
     mode it trained with: against its own image's target and another image's, at initialisation and

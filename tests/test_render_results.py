@@ -98,3 +98,25 @@ def test_the_context_table_sets_each_image_beside_another_images_target():
     assert "| after training | its own image's | 0.100 | 0.200 |" in text
     assert "| | gap | +0.050 | +0.000 |" in text and "9.000" not in text
     assert "`batch` BatchNorm as trained" in text and "after epoch 40" in text
+
+
+def test_the_lung_negatives_table_sets_each_prompt_before_and_after(tmp_path):
+    """lung_negatives_block: per prompt, the share of real frames kept (an absent prompt's from the
+    'absent prompts' record, a lung prompt's from the decision's) before / after, test Dice and FP both
+    ways; a reference made with other settings is refused, the picking flags aside."""
+    def run(fetal_kept, pleura_kept, dice, **settings):
+        return {"settings": {"epochs": 8, "negative_videos": 0, **settings},
+                "data": {"negative_set": {"name": "N", "lacks": ["FetalHead-HC18"], "frames": {"train": 4, "test": 2},
+                                          "videos": {"train": 2, "test": 1}}},
+                "real_frames": {"videos": 3, "frames": 9}, "stage2_seconds": 600.0, "machine": {},
+                "real": {"asam_lung_absent_prompts": {"per_prompt": {"FetalHead-HC18/1": {"fires": fetal_kept}}},
+                         "asam_lung": {"per_prompt": {"SynLung-Lung/3": {"fires": pleura_kept}}}},
+                "test": {"FetalHead-HC18/1": {"dice": dice, "fp_rate": 0.05}, "SynLung-Lung/3": {"dice": 0.5, "fp_rate": 0.01},
+                         "mean": {"dice": 0.0}}}
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps(run(0.72, 0.60, 0.66)))
+    text = render_results.lung_negatives_block(run(0.10, 0.58, 0.64, negative_videos=60), ref)
+    assert "| FetalHead-HC18/1 (absent from lung) | 0.72 / 0.10 | 0.660 / 0.640 | 0.050 / 0.050 |" in text
+    assert "| SynLung-Lung/3 | 0.60 / 0.58 |" in text and "mean" not in text.split("|---|")[-1]
+    assert render_results.lung_negatives_block(run(0.1, 0.5, 0.6, epochs=4), ref) == \
+        "Not comparable with `ref.json`: other epochs."
