@@ -279,7 +279,8 @@ BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "presence": ("asam_lite_presence_cpu.json", presence_block),
           "presence_present": ("asam_lite_presence_present_cpu.json", presence_present_block), "realism": ("synthetic_realism.json", realism_block),
           "lung_asam": ("lung_asam.json", lung_block),
-          "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block)}
+          "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block),
+          "context_cpu_long": ("context_task_cpu_long.json", context_block)}
 
 
 def splice(text: str, name: str, block: str) -> str:
