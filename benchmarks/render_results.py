@@ -228,13 +228,17 @@ def lung_negatives_block(d: dict, reference: Path | None = None) -> str:
     before, after = ref.get("real", {}), d["real"]
     kept = lambda real, k: ({**real.get("asam_lung_absent_prompts", {}).get("per_prompt", {}),  # noqa: E731
                              **real.get("asam_lung", {}).get("per_prompt", {})}.get(k) or {}).get("fires")
+    head = lambda run, k: ((run.get("test_presence") or {}).get("presence", {}).get(k) or {})  # noqa: E731
     rows = ["| prompt | real frames kept: without / with the lung negatives | test Dice: without / with | "
-            "test FP rate: without / with |", "|---|---|---|---|"]
+            "test FP rate: without / with | presence head, test AUROC: without / with | "
+            "its true-positive rate at the threshold: without / with |", "|---|---|---|---|---|---|"]
     for k in (x for x in d["test"] if x != "mean"):
         t0, t1 = ref.get("test", {}).get(k, {}), d["test"][k]
+        h0, h1 = head(ref, k), head(d, k)
         rows.append(f"| {k}{' (absent from lung)' if k.split('/')[0] in neg.get('lacks', ()) else ''} | "
                     f"{_f(kept(before, k), 2)} / {_f(kept(after, k), 2)} | {_f(t0.get('dice'))} / {_f(t1.get('dice'))} | "
-                    f"{_f(t0.get('fp_rate'))} / {_f(t1.get('fp_rate'))} |")
+                    f"{_f(t0.get('fp_rate'))} / {_f(t1.get('fp_rate'))} | {_f(h0.get('auroc'))} / {_f(h1.get('auroc'))} | "
+                    f"{_f(h0.get('tpr'), 2)} / {_f(h1.get('tpr'), 2)} |")
     frames, videos = neg.get("frames", {}), neg.get("videos", {})
     own = ("negative_videos", "negative_frames_per_video")
     differ = sorted(k for k, v in d["settings"].items() if k not in own and ref.get("settings", {}).get(k) != v)
@@ -280,7 +284,8 @@ BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "presence_present": ("asam_lite_presence_present_cpu.json", presence_present_block), "realism": ("synthetic_realism.json", realism_block),
           "lung_asam": ("lung_asam.json", lung_block),
           "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block),
-          "context_cpu_long": ("context_task_cpu_long.json", context_block)}
+          "context_cpu_long": ("context_task_cpu_long.json", context_block),
+          "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block)}
 
 
 def splice(text: str, name: str, block: str) -> str:

@@ -116,7 +116,7 @@ def test_the_lung_negatives_table_sets_each_prompt_before_and_after(tmp_path):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps(run(0.72, 0.60, 0.66)))
     text = render_results.lung_negatives_block(run(0.10, 0.58, 0.64, negative_videos=60), ref)
-    assert "| FetalHead-HC18/1 (absent from lung) | 0.72 / 0.10 | 0.660 / 0.640 | 0.050 / 0.050 |" in text
+    assert "| FetalHead-HC18/1 (absent from lung) | 0.72 / 0.10 | 0.660 / 0.640 | 0.050 / 0.050 | - / - | - / - |" in text
     assert "| SynLung-Lung/3 | 0.60 / 0.58 |" in text and "mean" not in text.split("|---|")[-1]
     assert render_results.lung_negatives_block(run(0.1, 0.5, 0.6, epochs=4), ref) == \
         "Not comparable with `ref.json`: other epochs."
