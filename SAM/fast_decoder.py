@@ -28,6 +28,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor
 
+from SAM.presence import PresenceRule, mask_scores
+
 # SAM's two-way transformer lets ~7 tokens and the g x g image tokens (4096 for LiteMedSAM)
 # attend to each other. Projecting the image tokens (C -> C/2, four times per layer) and
 # re-laying them out dominates its cost; with few tokens the same scores and outputs come
@@ -172,7 +174,7 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
                        valid: list[tuple[int, int]], sizes: list[tuple[int, int]],
                        threshold: float = 0.5, min_pred_iou: float | None = None,
                        min_stability: float | None = None,
-                       return_scores: bool = False, presence_thresholds: np.ndarray | None = None
+                       return_scores: bool = False, presence: PresenceRule | None = None
                        ) -> list[np.ndarray] | tuple[list[np.ndarray], list[list[dict]]]:
     """images (B, 3, S, S) in [0, 1], letterboxed with content ``valid[b]`` -> B uint8 index
     maps (H_b x W_b): 0 background, k where the k-th prompt is the most probable anatomy and
@@ -181,11 +183,13 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     Quality filter (off when None): a prompt's mask whose predicted IoU (SAM's IoU head, not
     bounded to [0, 1] in an untrained model) is below ``min_pred_iou`` or whose stability score (:func:`stability_score` at the ``threshold``
     logit, offset 1, on the low-res logits inside the content) is below ``min_stability``
-    is left out of that image's map. Presence decision (``presence_thresholds``, one per prompt
-    id, e.g. :func:`SAM.presence.threshold_vector` of the checkpoint; None: off): a prompt
-    whose presence logit (the prompter's head) is below its threshold marks nothing.
+    is left out of that image's map. Presence decision (``presence``, its prompts in the order of
+    ``prompt_ids``, e.g. :func:`SAM.presence.presence_rule` of the checkpoint; None: off): a
+    prompt judged absent from the scores of its mask (the prompter's head, SAM's predicted IoU,
+    the mask's highest probability and area at the image's size) marks nothing.
     With ``return_scores`` also one list per image of ``{"pred_iou", "stability", "kept"}``
-    (and ``"presence"`` with a presence head) per prompt, in prompt order."""
+    (and ``"presence"``, the head's logit, with a presence head; ``"max_prob"``, ``"area"`` and
+    ``"present"``, the decision, with ``presence``) per prompt, in prompt order."""
     B, K = images.shape[0], len(prompt_ids)
     emb = seg.embed(images)                                               # B x 256 x g x g
     idx = torch.tensor(prompt_ids, device=images.device).expand(B, K)    # B x K
@@ -197,12 +201,9 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
     cols = math.ceil(max(w for _, w in content) / scale)
     logits, pred_iou = decode_low_res(seg, emb, sparse, rows, cols, with_iou=True)  # B x K x 4r x 4c, B x K
     has_head = getattr(prompter, "presence_head", None) is not None
-    presence = prompter.presence(sparse) if has_head else None                          # B x K
-    if presence_thresholds is not None:
-        if not has_head:
-            raise ValueError("a presence threshold needs an auto-prompter with a presence head")
-        judged_present = presence >= torch.as_tensor(presence_thresholds, dtype=presence.dtype,
-                                                     device=presence.device)            # B x K
+    head = prompter.presence(sparse) if has_head else None                              # B x K
+    if presence is not None and not has_head:
+        raise ValueError("a presence decision needs an auto-prompter with a presence head")
     logit_threshold = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else 0.0
     out, scores = [], []
     for b, size in enumerate(sizes):
@@ -213,16 +214,23 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
             kept &= pred_iou[b] >= min_pred_iou
         if min_stability is not None:
             kept &= stability >= min_stability
-        if presence_thresholds is not None:
-            kept &= judged_present[b]
         full = nn.functional.interpolate(logits[b, None, :, :vh, :vw], size=tuple(size),
-                                         mode="bilinear", align_corners=False)[0]
+                                         mode="bilinear", align_corners=False)[0]       # K x H x W
+        decided = {}
+        if presence is not None:  # the scores presence_rows calibrated on: the mask's at the image's size
+            named = {"head": head[b], "pred_iou": pred_iou[b], **mask_scores(full)}
+            present = presence.present(named)                                           # K
+            kept &= present
+            decided = {"max_prob": named["max_prob"], "area": named["area"], "present": present}
         # probabilities, not logits, are compared: sigmoid saturates (1.0 above ~17), and the
         # first of tied anatomies wins, as it always has; a filtered mask never wins
         prob = torch.sigmoid_(full) * kept[:, None, None]
         best, arg = prob.max(0)                                           # H x W
         out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
         scores.append([{"pred_iou": round(float(i), 4), "stability": round(float(s), 4), "kept": bool(k)}
-                       | ({"presence": round(float(presence[b, j]), 4)} if has_head else {})
+                       | ({"presence": round(float(head[b, j]), 4)} if has_head else {})
+                       | ({"max_prob": round(float(decided["max_prob"][j]), 4),
+                           "area": round(float(decided["area"][j]), 6),
+                           "present": bool(decided["present"][j])} if decided else {})
                        for j, (i, s, k) in enumerate(zip(pred_iou[b], stability, kept))])
     return (out, scores) if return_scores else out

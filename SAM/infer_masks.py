@@ -23,9 +23,11 @@ layout is ``utils/mask_layout.py``'s (:func:`~utils.mask_layout.label_jobs`), wh
   label map; ``--min_pred_iou`` / ``--min_stability`` (off by default; SAM's automatic mask
   generator uses 0.88 / 0.95) leave a failing mask out of the map, and the run reports how
   many masks each filter removed;
-* presence: a prompt whose presence score (the auto-prompter's head) is below the threshold
-  stage 2 chose on its validation split (stored in the checkpoint; ``--presence off`` or a
-  number overrides it) marks nothing on that image; the score goes to ``.scores.json``, and
+* presence: a prompt judged absent marks nothing on that image: the decision stage 2 fitted on
+  its validation split (stored in the checkpoint: per prompt, weights of the head's logit,
+  SAM's predicted IoU and the mask's highest probability and area, and a threshold on their
+  sum; ``--presence off`` or a number overrides it); the scores and the decision go to
+  ``.scores.json``, and
   ``asam_counts_rank<R>.json`` holds how many masks the decision removed and the share of
   images on which each prompt keeps a region;
 * one meaning per folder: the settings that shape a label map (checkpoint digest, prompts,
@@ -59,7 +61,7 @@ from tqdm import tqdm  # noqa: E402
 
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
-from SAM.presence import threshold_vector  # noqa: E402
+from SAM.presence import PresenceRule, presence_rule  # noqa: E402
 from SAM.samus_data import image_to_tensor  # noqa: E402
 from SAM.seg_training import pick_device, run_as_script  # noqa: E402
 from utils.flags import AT_LEAST_0, AT_LEAST_1, PROBABILITY, check_flag_ranges, script_parser  # noqa: E402
@@ -80,14 +82,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def label_settings(ckpt_sha256: str, prompts: list[str], args: argparse.Namespace,
-                   presence: list[float] | None = None) -> dict:
+                   presence: PresenceRule | None = None) -> dict:
     """Everything that decides the content of a label map (not batch size, workers, device);
-    ``presence``: the presence threshold of each prompt (None: no presence decision; a folder
-    written before the decision existed reads as None)."""
+    ``presence``: the presence decision of the prompts (None: none; a folder written before the
+    decision existed reads as None)."""
     out = {"checkpoint_sha256": ckpt_sha256, "prompts": list(prompts), "threshold": args.threshold,
            "min_pred_iou": args.min_pred_iou, "min_stability": args.min_stability}
     if presence is not None:
-        out["presence_thresholds"] = [None if not np.isfinite(t) else round(float(t), 6) for t in presence]
+        out["presence"] = presence.settings()
     return out
 
 
@@ -101,17 +103,19 @@ def parse_presence(value: str) -> str | float:
         raise argparse.ArgumentTypeError(f"'{value}': expected checkpoint, off or a number") from None
 
 
-def presence_thresholds(ck: dict, prompts: list[str], choice: str | float) -> tuple[np.ndarray | None, str]:
-    """The presence thresholds of ``prompts`` for a --presence choice, and a line saying which."""
+def presence_decision(ck: dict, prompts: list[str], choice: str | float) -> tuple[PresenceRule | None, str]:
+    """The presence decision of ``prompts`` for a --presence choice, and a line saying which."""
     if choice == "off":
         return None, "presence decision off (--presence off): every prompt marks what it finds"
     if not isinstance(choice, str):
-        return threshold_vector(None, prompts, choice), f"presence threshold {choice:g} for every prompt (--presence)"
+        what = "its decision's value" if ck.get("presence") else "the presence logit"
+        return (presence_rule(ck.get("presence"), prompts, choice),
+                f"presence threshold {choice:g} on {what} for every prompt (--presence)")
     record = ck.get("presence")
     if record is None:
         return None, ("the checkpoint has no presence thresholds (trained before the presence head, or with "
                       "--presence_weight 0): every prompt marks what it finds")
-    return threshold_vector(record, prompts), f"presence decision of the checkpoint: {record['rule']}"
+    return presence_rule(record, prompts), f"presence decision of the checkpoint: {record['rule']}"
 
 
 def settings_conflict(old: dict | None, old_classes: dict | None, new: dict, labels_exist: bool) -> str | None:
@@ -196,7 +200,7 @@ def default_workers() -> int:
 def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
               todo: list[tuple[Path, Path]], writer: BackgroundWriter, device: torch.device,
               args: argparse.Namespace, rank: int, bad: list[str], removed: dict[str, int],
-              thresholds: np.ndarray | None, regions: list[int]) -> tuple[int, list[np.ndarray]]:
+              presence: PresenceRule | None, regions: list[int]) -> tuple[int, list[np.ndarray]]:
     """Mask every batch of ``loader``; bad images go to ``bad``, filter counts to ``removed``,
     the number of maps holding a region of prompt k to ``regions[k]``. -> (written, montage tiles)."""
     tiles, written = [], 0
@@ -214,13 +218,13 @@ def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
         maps, scores = predict_index_maps(seg, prompter, images, prompt_ids, [v for _, (_, v), _ in good],
                                           [o.shape[:2] for _, _, o in good], args.threshold,
                                           args.min_pred_iou, args.min_stability, return_scores=True,
-                                          presence_thresholds=thresholds)
+                                          presence=presence)
         for (i, _, orig), lab, per_prompt in zip(good, maps, scores):
             for k, s in enumerate(per_prompt):
                 removed["masks"] += 1
                 removed["pred_iou"] += args.min_pred_iou is not None and s["pred_iou"] < args.min_pred_iou
                 removed["stability"] += args.min_stability is not None and s["stability"] < args.min_stability
-                removed["presence"] += bool(thresholds is not None and s["presence"] < thresholds[k])
+                removed["presence"] += not s.get("present", True)
                 removed["either"] += not s["kept"]
             present = np.bincount(lab.ravel(), minlength=len(per_prompt) + 1)[1:] > 0
             for k, has in enumerate(present):
@@ -256,9 +260,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"leave out masks whose {score} is below this (off by default; SAM's automatic "
                             f"mask generator: {sam_default})")
     p.add_argument("--presence", type=parse_presence, default="checkpoint",
-                   help="checkpoint (default): a prompt whose presence score is below the threshold "
-                        "stage 2 chose on its validation split marks nothing; off: no decision; a "
-                        "number: that threshold on the presence logit for every prompt")
+                   help="checkpoint (default): a prompt that the decision stage 2 fitted on its "
+                        "validation split judges absent marks nothing; off: no decision; a number: that "
+                        "threshold for every prompt, on the checkpoint's decision value (on the presence "
+                        "logit for a checkpoint without a decision)")
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
     p.add_argument("--montage_n", type=int, default=16, help="images in the montage")
@@ -296,12 +301,12 @@ def main(argv=None) -> dict:
     if args.presence != "off" and not isinstance(args.presence, str) and prompter.presence_head is None:
         raise SystemExit(f"--presence {args.presence:g}: {args.ckpt} has no presence head (trained before it "
                          "existed, or with --presence_weight 0)")
-    thresholds, presence_note = presence_thresholds(ck, wanted, args.presence)
+    presence, presence_note = presence_decision(ck, wanted, args.presence)
 
     jobs = label_jobs(data_dir, out_dir)
     if not jobs:
         raise SystemExit(f"no images under {data_dir}/<Sub>/img/")
-    settings = label_settings(file_sha256(args.ckpt), wanted, args, thresholds)
+    settings = label_settings(file_sha256(args.ckpt), wanted, args, presence)
     read = lambda name: json.loads((out_dir / name).read_text()) if (out_dir / name).is_file() else None  # noqa: E731
     mine = shard(jobs, rank, world)
     conflict = settings_conflict(read(SETTINGS_NAME), read(CLASSES_NAME), settings,
@@ -335,7 +340,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     try:
         written, tiles = _mask_all(loader, seg, prompter, prompt_ids, todo, writer, device, args,
-                                   rank, bad, removed, thresholds, regions)
+                                   rank, bad, removed, presence, regions)
     finally:
         writer.close()
     seconds = time.perf_counter() - t0
@@ -348,11 +353,11 @@ def main(argv=None) -> dict:
     rate = written / seconds if seconds > 0 and written else 0.0
     print(f"rank {rank}: wrote {written} label maps in {seconds:.1f} s ({rate:.3f} images/s); "
           f"{len(bad)} bad images skipped")
-    if args.min_pred_iou is not None or args.min_stability is not None or thresholds is not None:
+    if args.min_pred_iou is not None or args.min_stability is not None or presence is not None:
         print(f"rank {rank}: filters removed {removed['either']} of {removed['masks']} masks "
               f"(predicted IoU < {args.min_pred_iou}: {removed['pred_iou']}, "
               f"stability < {args.min_stability}: {removed['stability']}, "
-              f"judged absent: {removed['presence'] if thresholds is not None else 'off'})")
+              f"judged absent: {removed['presence'] if presence is not None else 'off'})")
     share = {k: round(n / written, 4) if written else None for k, n in zip(wanted, regions)}
     print(f"rank {rank}: share of images keeping a region, per prompt: {share}")
     counts = {"written": written, "removed": removed, "images_with_region": dict(zip(wanted, regions)),

@@ -9,6 +9,8 @@ decided by measuring these metrics on the alternatives.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,24 +65,38 @@ def mask_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def choose_threshold(scores: np.ndarray, present: np.ndarray, max_fpr: float = 0.05) -> dict:
-    """The lowest threshold ``t`` (decision: ``score >= t``) whose false-positive rate on the
-    absent images is at most ``max_fpr``: the most recall the budget allows.
+    """A threshold ``t`` (decision: ``score >= t``) with the most recall whose false-positive
+    rate on the absent images is at most ``max_fpr``, and among those the fewest false
+    positives, placed halfway between the lowest present score it keeps and the score below
+    (the widest margin: a threshold at the lowest kept score itself, the rule before, passes
+    only some of the present images of another split whose scores fall a little lower; one
+    below an absent score it need not keep spends the budget for nothing).
 
     Returns ``{"threshold", "fpr", "tpr", "n_present", "n_absent"}`` measured on these scores.
     With no absent image every threshold is free: the lowest score is taken; with no present
-    image, the threshold is just above the highest score (nothing is kept)."""
+    image, or none that fits, the threshold is just above the highest score (nothing is kept)."""
     scores, present = np.asarray(scores, np.float64), np.asarray(present, bool)
     if scores.shape != present.shape or scores.ndim != 1 or not len(scores):
         raise ValueError(f"scores {scores.shape} and present {present.shape}: two 1-D arrays of one length")
     if not 0 <= max_fpr <= 1:
         raise ValueError(f"max_fpr {max_fpr}: must be in [0, 1]")
     absent = scores[~present]
-    candidates = np.unique(np.concatenate([scores, [np.nextafter(scores.max(), np.inf)]]))
-    for t in candidates:                                    # ascending: the first that fits is the lowest
-        fpr = float((absent >= t).mean()) if len(absent) else 0.0
-        if fpr <= max_fpr:
-            return {"threshold": float(t), **decision_rates(scores, present, float(t))}
-    raise AssertionError("unreachable: the threshold above every score has FPR 0")
+    if not len(absent):
+        t = float(scores.min())
+        return {"threshold": t, **decision_rates(scores, present, t)}
+    values = np.unique(scores)                              # ascending
+    kept_present = np.unique(scores[present])
+    for v in values:                                        # keep every score >= v: the first that fits keeps most
+        if float((absent >= v).mean()) <= max_fpr:
+            above = kept_present[kept_present >= v]
+            if not len(above):                              # no present image left to keep
+                break
+            low = above[0]                                  # the same recall, no absent score below it kept
+            i = int(np.searchsorted(values, low))
+            t = float(low) if i == 0 else float((values[i - 1] + low) / 2)
+            return {"threshold": t, **decision_rates(scores, present, t)}
+    t = float(np.nextafter(scores.max(), np.inf))
+    return {"threshold": t, **decision_rates(scores, present, t)}
 
 
 def decision_rates(scores: np.ndarray, present: np.ndarray, threshold: float) -> dict:
@@ -101,11 +117,52 @@ def presence_metrics(scores: np.ndarray, present: np.ndarray, threshold: float) 
     return {"threshold": float(threshold), "auroc": auroc, **decision_rates(scores, present, threshold)}
 
 
-def presence_record(rows: list[dict], keys: list[str], max_fpr: float, split: str) -> dict:
+#: what a checkpoint's presence decision reads: ``combined`` (default), a per-prompt logistic
+#: regression of "present" on every score above, fitted on the validation split; ``head``, the
+#: presence head's logit alone (the first rule; docs/RESULTS.md compares them)
+PRESENCE_SCORES = ("combined", "head")
+
+
+def fit_combination(features: np.ndarray, present: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
+    """Weights ``w`` (F,) and bias ``b`` of an L2-regularised (``c``), class-balanced logistic
+    regression of ``present`` (N,) on the standardised ``features`` (N, F), folded back to the raw
+    features: ``features @ w + b`` is the regression's logit. A score's sign is learned, so one
+    that is higher on absent images (SAM's predicted IoU can be) still helps."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = np.asarray(features, np.float64), np.asarray(present, bool)
+    if x.ndim != 2 or len(x) != len(y) or not 0 < y.sum() < len(y):
+        raise ValueError(f"features {x.shape} and present {y.shape}: N x F and N, with both classes")
+    mean, scale = x.mean(0), x.std(0)
+    varies = scale > 1e-9 * np.maximum(1.0, np.abs(mean))  # a constant score (up to rounding) weighs 0
+    w = np.zeros(x.shape[1])
+    if not varies.any():
+        return w, 0.0
+    reg = LogisticRegression(C=c, class_weight="balanced").fit((x[:, varies] - mean[varies]) / scale[varies], y)
+    w[varies] = reg.coef_[0] / scale[varies]
+    return w, float(reg.intercept_[0] - w @ mean)
+
+
+def decision_values(entry: dict, rows: list[dict]) -> np.ndarray:
+    """The value a record's prompt entry thresholds, for rows holding the scores it weighs:
+    ``sum(weight[f] * row[f]) + bias`` (an entry without weights: the head's logit)."""
+    weight = entry.get("weight", {"head": 1.0})
+    return np.array([sum(w * r[f] for f, w in weight.items()) + entry.get("bias", 0.0) for r in rows], np.float64)
+
+
+def presence_record(rows: list[dict], keys: list[str], max_fpr: float, split: str,
+                    score: str = "combined") -> dict:
     """What a checkpoint keeps of its presence decision, from validation rows of
-    :func:`SAM.seg_training.presence_rows`: per prompt key the threshold on the head's logit
-    (``None``: always present, when the split has no image without that anatomy to calibrate
-    on, or no line of it at all), its validation rates, and every score's AUROC there."""
+    :func:`SAM.seg_training.presence_rows`: per prompt key the weights of the value it decides on
+    (``score``: see :data:`PRESENCE_SCORES`), the threshold on that value (:func:`choose_threshold`;
+    ``None``: always present, when the split has no image without that anatomy to calibrate on, or
+    no line of it at all), its validation rates and AUROC (in-sample for ``combined``), and every
+    single score's AUROC there."""
+    if score not in PRESENCE_SCORES:
+        raise ValueError(f"presence score {score!r}; expected one of {PRESENCE_SCORES}")
+    features = [name for name in SCORES if rows and name in rows[0]]
+    if "head" not in features:
+        raise ValueError("presence rows without the head's logit: the decision needs a presence head")
     thresholds, auroc = {}, {name: {} for name in SCORES}
     for k in keys:
         mine, present = _rows_of(rows, k)
@@ -113,35 +170,80 @@ def presence_record(rows: list[dict], keys: list[str], max_fpr: float, split: st
             thresholds[k] = {"threshold": None, "n_present": int(present.sum()), "n_absent": 0,
                              "why": "no validation image without this anatomy: always present"}
         else:
-            thresholds[k] = choose_threshold(np.array([r["head"] for r in mine]), present, max_fpr)
+            entry = {"weight": {"head": 1.0}, "bias": 0.0}
+            if score == "combined" and present.any():       # no present line: nothing to weigh, nothing kept
+                w, b = fit_combination(np.array([[r[f] for f in features] for r in mine]), present)
+                entry = {"weight": dict(zip(features, w.tolist())), "bias": b}
+            values = decision_values(entry, mine)
+            thresholds[k] = entry | choose_threshold(values, present, max_fpr) | {
+                "auroc": presence_metrics(values, present, 0.0)["auroc"]}
         by_score = _auroc_by_score(mine, present)
         for name in SCORES:
             auroc[name][k] = by_score.get(name)
-    return {"score": "head", "rule": f"present when the presence logit >= the prompt's threshold, the lowest "
-                                     f"with false-positive rate <= {max_fpr:g} on the {split} split",
+    what = (f"a logistic regression of the scores ({', '.join(features)}) fitted per prompt"
+            if score == "combined" else "the presence logit")
+    return {"score": score, "features": features,
+            "rule": f"present when {what} >= the prompt's threshold, the one with the most recall at false-positive "
+                    f"rate <= {max_fpr:g} on the {split} split (halfway between the scores around it)",
             "max_fpr": float(max_fpr), "split": split, "thresholds": thresholds, "auroc": auroc}
 
 
-def threshold_vector(record: dict | None, keys: list[str], override: float | None = None) -> np.ndarray | None:
-    """Thresholds of ``keys`` in order (-inf where always present); ``override`` replaces every
-    one; None without a record (and no override): no decision."""
-    if override is not None:
-        return np.full(len(keys), float(override))
-    if record is None:
+@dataclass(frozen=True)
+class PresenceRule:
+    """A presence decision for K prompts in a fixed order: prompt k is judged present where
+    ``sum_f weight[k, f] * score_f + bias[k] >= threshold[k]`` (``-inf``: always present)."""
+    features: tuple[str, ...]
+    weight: np.ndarray                                      # K x F
+    bias: np.ndarray                                        # K
+    threshold: np.ndarray                                   # K
+
+    def values(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{feature: (..., K)} -> the decided value (..., K)."""
+        w = torch.as_tensor(self.weight, dtype=torch.float32)
+        first = scores[self.features[0]]
+        out = torch.as_tensor(self.bias, dtype=torch.float32, device=first.device).expand_as(first).clone()
+        for f, name in enumerate(self.features):
+            out = out + scores[name].float() * w[:, f].to(first.device)
+        return out
+
+    def present(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{feature: (..., K)} -> bool (..., K)."""
+        v = self.values(scores)
+        return v >= torch.as_tensor(self.threshold, dtype=v.dtype, device=v.device)
+
+    def settings(self) -> dict:
+        """JSON-ready: what shapes a label map (SAM/infer_masks.py asam_settings.json)."""
+        return {"features": list(self.features),
+                "weight": [[round(float(x), 6) for x in row] for row in self.weight],
+                "bias": [round(float(x), 6) for x in self.bias],
+                "threshold": [None if not np.isfinite(t) else round(float(t), 6) for t in self.threshold]}
+
+
+def presence_rule(record: dict | None, keys: list[str], override: float | None = None) -> PresenceRule | None:
+    """The decision of ``keys`` in order from a checkpoint's record; ``override`` replaces every
+    threshold (on the record's value; without a record, on the head's logit); None without a
+    record and no override: no decision. A record written before weights existed reads as the
+    head's logit, and a key it lacks is always present."""
+    if record is None and override is None:
         return None
-    t = [record["thresholds"].get(k, {}).get("threshold") for k in keys]
-    return np.array([-np.inf if v is None else v for v in t], np.float64)
+    entries = [(record or {"thresholds": {}})["thresholds"].get(k, {}) for k in keys]
+    features = tuple(record.get("features", ["head"])) if record else ("head",)
+    weight = np.array([[e.get("weight", {"head": 1.0}).get(f, 0.0) for f in features] for e in entries], np.float64)
+    bias = np.array([e.get("bias", 0.0) for e in entries], np.float64)
+    t = [override if override is not None else e.get("threshold") for e in entries]
+    threshold = np.array([-np.inf if v is None else v for v in t], np.float64)
+    return PresenceRule(features, weight.reshape(len(keys), len(features)), bias, threshold)
 
 
 def presence_test_metrics(rows: list[dict], record: dict) -> dict:
-    """Per prompt key on test rows: the decision's rates at the stored threshold, the head's
-    AUROC, and the AUROC of each alternative score (None where one class is missing)."""
+    """Per prompt key on test rows: the decision's rates at the stored threshold, the AUROC of
+    the value it decides on, and the AUROC of each single score (None where one class is missing)."""
     out = {}
     for k in sorted({r["key"] for r in rows}):
         mine, present = _rows_of(rows, k)
-        t = record["thresholds"].get(k, {}).get("threshold")
-        metrics = presence_metrics(np.array([r["head"] for r in mine]), present,
-                                   -np.inf if t is None else t)
+        entry = record["thresholds"].get(k, {})
+        t = entry.get("threshold")
+        metrics = presence_metrics(decision_values(entry, mine), present, -np.inf if t is None else t)
         out[k] = metrics | {"threshold": t, "auroc_by_score": _auroc_by_score(mine, present)}
     return out
 
@@ -162,12 +264,14 @@ def format_presence(record: dict) -> str:
     """The thresholds and validation AUROCs of a presence record, as a small table."""
     names = [n for n in SCORES if any(v is not None for v in record["auroc"][n].values())]
     lines = [f"presence ({record['rule']}):",
-             f"{'prompt':<28} {'threshold':>9} {'FPR':>6} {'TPR':>6} " + " ".join(f"{'AUROC ' + n:>15}" for n in names)]
+             f"{'prompt':<28} {'threshold':>9} {'FPR':>6} {'TPR':>6} {'AUROC':>6} "
+             + " ".join(f"{'AUROC ' + n:>15}" for n in names)]
     for k, t in record["thresholds"].items():
         thr = "always" if t["threshold"] is None else f"{t['threshold']:.3f}"
         fpr = "-" if t.get("fpr") is None else f"{t['fpr']:.3f}"
         tpr = "-" if t.get("tpr") is None else f"{t['tpr']:.3f}"
+        decided = "-" if t.get("auroc") is None else f"{t['auroc']:.3f}"
         au = " ".join("-".rjust(15) if record["auroc"][n][k] is None else f"{record['auroc'][n][k]:>15.3f}"
                       for n in names)
-        lines.append(f"{k:<28} {thr:>9} {fpr:>6} {tpr:>6} {au}")
+        lines.append(f"{k:<28} {thr:>9} {fpr:>6} {tpr:>6} {decided:>6} {au}")
     return "\n".join(lines)

@@ -42,8 +42,8 @@ from SAM.checkpoint import (load_checkpoint, prompter_from_checkpoint, save_chec
 from SAM.config import add_task_args, parse_bool  # noqa: E402
 from SAM.embedding_cache import EmbeddingCache  # noqa: E402
 from SAM.fast_decoder import decode_low_res  # noqa: E402
-from SAM.presence import (MASK_LOSS_ON, format_presence, presence_record, presence_test_metrics,  # noqa: E402
-                          prompt_free_loss, threshold_vector)
+from SAM.presence import (MASK_LOSS_ON, PRESENCE_SCORES, decision_values, format_presence,  # noqa: E402
+                          presence_record, presence_test_metrics, prompt_free_loss)
 from SAM.samus_data import SAMUSDataset  # noqa: E402
 from SAM.seg_metrics import format_summary  # noqa: E402
 from SAM.seg_training import evaluate, make_loader, presence_rows, run_as_script, start_run, train  # noqa: E402
@@ -84,8 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "nothing); present: only on lines whose anatomy is there (absence is the presence "
                         "head's alone; needs --presence_weight > 0)")
     p.add_argument("--presence_max_fpr", type=float, default=0.05,
-                   help="each prompt's presence threshold is the lowest whose false-positive rate "
-                        "on the validation images without its anatomy is at most this (0.05)")
+                   help="each prompt's presence threshold keeps the most validation images with its "
+                        "anatomy at a false-positive rate on those without it of at most this (0.05)")
+    p.add_argument("--presence_score", choices=PRESENCE_SCORES, default="combined",
+                   help="what the presence decision thresholds: combined (default), a per-prompt logistic "
+                        "regression of the head's logit, SAM's predicted IoU and the mask's highest "
+                        "probability and area, fitted on the validation split; head: the head's logit alone")
     p.add_argument("--eval_test", action="store_true", help="evaluate best.pt on the test split")
     p.add_argument("--out_dir", default="runs/asam_stage2", help="checkpoints and logs")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if present")
@@ -206,13 +210,16 @@ def main(argv=None) -> dict:
                  epochs=cfg.epochs, lr=cfg.lr, device=device, save=save,
                  set_train_mode=set_train_mode, resume_state=resume, amp=args.amp)
 
-    def decided_fn(ds, record):
-        thresholds = torch.as_tensor(threshold_vector(record, keys), dtype=torch.float32, device=device)
+    def decided_fn(ds, record, rows):
+        # rows: presence_rows of ds (one per line, in order); a prompt judged absent marks nothing
+        keep = torch.tensor([record["thresholds"].get(r["key"], {}).get("threshold") is None
+                             or decision_values(record["thresholds"][r["key"]], [r])[0]
+                             >= record["thresholds"][r["key"]]["threshold"] for r in rows])
 
-        def decided(b):                                  # a prompt judged absent marks nothing
-            lg, named = scores(b, ds)
-            keep = named["head"].float() >= thresholds[b["prompt_idx"]]
-            return torch.where(keep[:, None, None, None], lg, torch.full_like(lg, -1e4))
+        def decided(b):
+            lg = logits(b, ds)
+            k = keep[b["index"].cpu()].to(lg.device)
+            return torch.where(k[:, None, None, None], lg, torch.full_like(lg, -1e4))
         return decided
 
     ck = load_checkpoint(out_dir / ASAM_BEST, ("asam_stage2",))
@@ -226,7 +233,7 @@ def main(argv=None) -> dict:
         if cache is not None:
             cache.fill(val_all)
         rows = presence_rows(lambda b: scores(b, val_all), loader_of(val_all), device, amp=args.amp)
-        ck["presence"] = presence_record(rows, keys, args.presence_max_fpr, cfg.val_split)
+        ck["presence"] = presence_record(rows, keys, args.presence_max_fpr, cfg.val_split, args.presence_score)
         atomic_torch_save(ck, out_dir / ASAM_BEST)
         print(format_presence(ck["presence"]))
     if args.eval_test:
@@ -238,11 +245,11 @@ def main(argv=None) -> dict:
         if "presence" in ck:
             # test_metrics.json: what the model does (the decision applied); test_presence.json:
             # the masks without it, and the decision's rates and AUROCs beside the alternatives'
-            raw, summary = summary, evaluate(decided_fn(test_ds, ck["presence"]), loader_of(test_ds), keys, device,
-                                             desc="test", amp=args.amp)
-            report = {"rule": ck["presence"]["rule"], "without_decision": raw,
-                      "presence": presence_test_metrics(presence_rows(lambda b: scores(b, test_ds), loader_of(test_ds),
-                                                                      device, amp=args.amp), ck["presence"])}
+            rows = presence_rows(lambda b: scores(b, test_ds), loader_of(test_ds), device, amp=args.amp)
+            raw, summary = summary, evaluate(decided_fn(test_ds, ck["presence"], rows), loader_of(test_ds), keys,
+                                             device, desc="test", amp=args.amp)
+            report = {"rule": ck["presence"]["rule"], "score": ck["presence"]["score"], "without_decision": raw,
+                      "presence": presence_test_metrics(rows, ck["presence"])}
             atomic_write(out_dir / "test_presence.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
             print(f"test with the presence decision:\n{format_summary(summary)}")
         atomic_write(out_dir / "test_metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))

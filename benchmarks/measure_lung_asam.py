@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 from benchmarks.bench_asam import repo_relative, stage2_dir  # noqa: E402
 from pretraining.mask_stats import centroid_spread, frame_stats, summarise  # noqa: E402
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
+from SAM.checkpoint import load_checkpoint  # noqa: E402
 from SAM.config import ABSENCE_TRAINING  # noqa: E402
 from SAM.presence import MASK_LOSS_ON  # noqa: E402
 from utils.extract_frames import spread_evenly, video_of  # noqa: E402
@@ -209,6 +210,9 @@ def main(argv=None) -> dict:
                         "videos": {k: len({video_of(f.stem) for f in v}) for k, v in splits.items()},
                         "measured_videos_excluded": True}
     t1 = time.perf_counter()
+    # a stage-2 folder trained before (last.pt at the last epoch) is only calibrated and tested again
+    resumed_epochs = load_checkpoint(stage2 / ASAM_LAST, ("asam_stage2",))["epoch"] + 1 \
+        if (stage2 / ASAM_LAST).is_file() else 0
     if not (stage2 / "test_metrics.json").is_file():
         train_auto_prompter.main([
             "--task", "SAMUS", "--data_root", str(data), "--datasets", datasets, "--backbone", "lite",
@@ -238,7 +242,6 @@ def main(argv=None) -> dict:
                       "--prompts", ",".join(LUNG_PROMPTS), "--device", "cpu", "--workers", "0",
                       "--montage", a.montage])
 
-    from SAM.checkpoint import load_checkpoint
     # name -> (checkpoint, prompts, --presence): a checkpoint with thresholds also without its decision
     sources = {"asam_lung": (stage2 / ASAM_BEST, list(LUNG_PROMPTS), "checkpoint")}
     ck = load_checkpoint(stage2 / ASAM_BEST, ("asam_stage2",))
@@ -269,7 +272,8 @@ def main(argv=None) -> dict:
               "data": {"datasets": datasets.split(","), "negative_set": negative_set,
                        "lines": {s: len((data / "MainPatient" / f"{s}.txt").read_text().split())
                                  for s in ("train", "val", "test")}},
-              "test": test, "test_presence": test_presence, "stage2_seconds": train_s, "real_frames": {"videos": len(videos),
+              "test": test, "test_presence": test_presence, "stage2_seconds": train_s,
+              "stage2_epochs_before_this_run": resumed_epochs, "real_frames": {"videos": len(videos),
                                                                        "frames": sum(map(len, videos.values()))},
               "real": real_stats, "machine": where, "seconds": time.perf_counter() - t0}
     result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]

@@ -8,19 +8,34 @@ import torch
 from SAM import fast_decoder
 from SAM.auto_prompter import AutoPrompter
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, save_checkpoint
-from SAM.presence import choose_threshold, presence_metrics, presence_record, threshold_vector
+from SAM.presence import (PresenceRule, choose_threshold, decision_values, presence_metrics, presence_record,
+                          presence_rule, presence_test_metrics)
 from SAM.segmenter import build_segmenter
 
 
-def test_the_chosen_threshold_is_the_lowest_within_the_false_positive_budget():
+def test_the_chosen_threshold_keeps_most_within_the_budget_halfway_between_scores():
+    # by hand: absent 0, 1, 3; present 2, 10
+    scores, present = np.array([0.0, 1.0, 2.0, 3.0, 10.0]), np.array([False, False, True, False, True])
+    r = choose_threshold(scores, present, 0.34)          # keep >= 2: one absent of three (0.33)
+    assert (r["threshold"], r["fpr"], r["tpr"]) == (1.5, pytest.approx(1 / 3), 1.0)
+    r = choose_threshold(scores, present, 0.0)           # keep only 10: halfway from 3
+    assert (r["threshold"], r["fpr"], r["tpr"]) == (6.5, 0.0, 0.5)
+    # absent 0, 1, 2.5; present 3, 4: the budget would allow 2.5, but keeping it adds no recall
+    r = choose_threshold(np.array([0.0, 1.0, 2.5, 3.0, 4.0]), np.array([False, False, False, True, True]), 0.34)
+    assert (r["threshold"], r["fpr"], r["tpr"]) == (2.75, 0.0, 1.0)
+    # brute force over every cut between sorted scores; a threshold at the lowest kept score
+    # (the rule before) fails the "halfway" check, one that keeps a needless absent score the FPR
     rng = np.random.default_rng(0)
     present = rng.random(200) < 0.5
     scores = np.where(present, rng.normal(1.0, 0.6, 200), rng.normal(0.0, 0.6, 200))
     for budget in (0.0, 0.05, 0.2):
         r = choose_threshold(scores, present, budget)
-        fits = [t for t in np.unique(scores) if (scores[~present] >= t).mean() <= budget]   # brute force
-        assert r["threshold"] == pytest.approx(min(fits)) and r["fpr"] <= budget
-        assert r["tpr"] == pytest.approx((scores[present] >= min(fits)).mean())
+        lowest = min(t for t in np.unique(scores) if (scores[~present] >= t).mean() <= budget)
+        kept = scores[present & (scores >= lowest)].min()
+        below = scores[scores < kept].max()
+        assert r["threshold"] == pytest.approx((below + kept) / 2)
+        assert r["fpr"] == pytest.approx((scores[~present] >= kept).mean()) and r["fpr"] <= budget
+        assert r["tpr"] == pytest.approx((scores[present] >= lowest).mean())
 
 
 def test_edge_cases_and_metrics():
@@ -46,27 +61,86 @@ def test_an_anatomy_judged_absent_leaves_no_region_and_its_score_is_recorded(tin
     maps, scores = fast_decoder.predict_index_maps(*args, threshold=0.3, return_scores=True)
     assert all("presence" in s for per_image in scores for s in per_image)
     assert any((m == 2).any() for m in maps), "the stand-in needs prompt 2 to mark something first"
-    thresholds = np.array([-np.inf, np.inf, -np.inf])                  # prompt 2 (index 1) judged absent
+    head_only = PresenceRule(("head",), np.ones((3, 1)), np.zeros(3), np.array([-np.inf, np.inf, -np.inf]))
     decided, dscores = fast_decoder.predict_index_maps(*args, threshold=0.3, return_scores=True,
-                                                       presence_thresholds=thresholds)
+                                                       presence=head_only)    # prompt 2 (index 1) judged absent
     for b in range(2):
         assert not (decided[b] == 2).any()
         assert [s["kept"] for s in dscores[b]] == [True, False, True]
+        assert [s["present"] for s in dscores[b]] == [True, False, True]
         same = maps[b] != 2
         assert np.all(decided[b][same] == maps[b][same])
+
+
+@torch.inference_mode()
+def test_the_decision_reads_the_mask_area_at_the_image_size(tiny_asam_inputs):
+    """A rule on the area alone (weight 1 on ``area``, 0 elsewhere) keeps exactly the prompts
+    whose mask covers at least their own threshold's share of the image, the share measured by
+    hand on the undecided probabilities. Bug caught: a feature read from the wrong tensor
+    (the low-res grid, another prompt) or a weight applied to the wrong feature."""
+    seg, prompter, images, ids, valid, sizes = tiny_asam_inputs
+    _, raw = fast_decoder.predict_index_maps(seg, prompter, images, ids, valid, sizes, return_scores=True)
+    features = ("head", "pred_iou", "max_prob", "area")
+    weight = np.tile([0.0, 0.0, 0.0, 1.0], (3, 1))
+    thr = torch.tensor([0.5, 0.4, 0.4])                                 # per prompt
+    rule = PresenceRule(features, weight, np.zeros(3), thr.numpy())
+    _, dscores = fast_decoder.predict_index_maps(seg, prompter, images, ids, valid, sizes, return_scores=True,
+                                                 presence=rule)
+    # by hand: the probabilities at the image's size, as the maps are made from them
+    emb = seg.embed(images)
+    sparse = prompter(images, emb, torch.tensor(ids).expand(2, 3))
+    logits, _ = fast_decoder.decode_low_res(seg, emb, sparse, seg.grid, seg.grid, with_iou=True)
+    full = torch.nn.functional.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False)
+    area = (torch.sigmoid(full) > 0.5).float().mean((-1, -2))                        # 2 x 3
+    judged = area >= thr
+    assert judged.any(1).all() and (~judged).any(1).all() and (judged[0] != judged[1]).any(), \
+        "the stand-in needs prompts on both sides of their thresholds, differing between the images"
+    for b in range(2):
+        assert [s["present"] for s in dscores[b]] == judged[b].tolist()
+        assert [s["area"] for s in dscores[b]] == pytest.approx(area[b].tolist(), abs=1e-5)
+        assert [s["presence"] for s in dscores[b]] == [s["presence"] for s in raw[b]]
+
+
+def test_the_combined_score_learns_each_score_s_sign_and_beats_a_useless_head():
+    """Rows whose head is noise and whose area is *lower* where the anatomy is present (as
+    SAM's predicted IoU was on USGRA, docs/RESULTS.md): the fitted weight of the area is
+    negative, the head's near 0, and on fresh rows from the same law the combined value
+    ranks present above absent where the head alone is a coin."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+
+    def rows(n):
+        present = rng.random(n) < 0.4
+        return [{"key": "A/1", "present": bool(p), "head": float(rng.normal()), "pred_iou": float(rng.normal()),
+                 "max_prob": 0.9, "area": float(rng.normal(0.1 if p else 0.4, 0.05))} for p in present]
+
+    val, test = rows(60), rows(400)
+    record = presence_record(val, ["A/1"], 0.05, "val")
+    entry = record["thresholds"]["A/1"]
+    assert record["score"] == "combined" and entry["weight"]["area"] < 0 < abs(entry["weight"]["area"]) / 5
+    assert abs(entry["weight"]["head"]) < abs(entry["weight"]["area"]) / 5
+    present = np.array([r["present"] for r in test])
+    assert roc_auc_score(present, decision_values(entry, test)) > 0.99
+    assert abs(roc_auc_score(present, [r["head"] for r in test]) - 0.5) < 0.1
+    m = presence_test_metrics(test, record)["A/1"]
+    assert m["fpr"] <= 0.05 and m["tpr"] > 0.9
+    head = presence_record(val, ["A/1"], 0.05, "val", score="head")["thresholds"]["A/1"]
+    assert head["weight"] == {"head": 1.0} and head["bias"] == 0.0
 
 
 def test_thresholds_are_chosen_per_prompt_and_round_trip_through_the_checkpoint(tmp_path):
     rng = np.random.default_rng(3)
     rows = [{"key": k, "present": bool(p), "head": float(rng.normal(2.0 if p else -1.0)), "pred_iou": 0.5,
-             "max_prob": 0.9, "area": 0.1}
+             "max_prob": 0.9, "area": float(rng.random())}
             for k in ("A/1", "B/1") for p in rng.random(40) < 0.5]
     rows += [{"key": "C/1", "present": True, "head": 0.0, "pred_iou": 0.5, "max_prob": 0.9, "area": 0.1}]
     record = presence_record(rows, ["A/1", "B/1", "C/1", "D/1"], 0.05, "val")
     for k in ("A/1", "B/1"):
         mine = [r for r in rows if r["key"] == k]
-        ref = choose_threshold(np.array([r["head"] for r in mine]), np.array([r["present"] for r in mine]), 0.05)
-        assert record["thresholds"][k] == ref
+        ref = choose_threshold(decision_values(record["thresholds"][k], mine),
+                               np.array([r["present"] for r in mine]), 0.05)
+        assert {n: record["thresholds"][k][n] for n in ref} == ref
     assert record["thresholds"]["C/1"]["threshold"] is None            # nothing absent to calibrate on
     assert record["thresholds"]["D/1"]["threshold"] is None            # no validation line at all
     seg = build_segmenter("vit_tiny", 64, random_init=True)
@@ -74,10 +148,21 @@ def test_thresholds_are_chosen_per_prompt_and_round_trip_through_the_checkpoint(
     save_checkpoint(path, "asam_stage2", seg, ["A/1", "B/1", "C/1", "D/1"], AutoPrompter(4, grid=8), presence=record)
     ck = load_checkpoint(path, ("asam_stage2",))
     assert ck["presence"] == record and prompter_from_checkpoint(ck).presence_head is not None
-    vec = threshold_vector(ck["presence"], ["B/1", "C/1", "A/1"])
-    assert vec.tolist() == [record["thresholds"]["B/1"]["threshold"], -np.inf, record["thresholds"]["A/1"]["threshold"]]
-    assert threshold_vector(ck["presence"], ["A/1"], override=0.25).tolist() == [0.25]
-    assert threshold_vector(None, ["A/1"]) is None
+    rule = presence_rule(ck["presence"], ["B/1", "C/1", "A/1"])
+    assert rule.threshold.tolist() == [record["thresholds"]["B/1"]["threshold"], -np.inf,
+                                       record["thresholds"]["A/1"]["threshold"]]
+    # the rule gives the values the record was calibrated on
+    mine = [r for r in rows if r["key"] == "B/1"]
+    named = {f: torch.tensor([[r[f], 0.0, 0.0] for r in mine]) for f in rule.features}
+    assert rule.values(named)[:, 0].numpy() == pytest.approx(decision_values(record["thresholds"]["B/1"], mine),
+                                                             abs=1e-4)
+    assert presence_rule(ck["presence"], ["A/1"], override=0.25).threshold.tolist() == [0.25]
+    assert presence_rule(None, ["A/1"]) is None
+    # a record written before the weights existed reads as the head's logit
+    old = {"thresholds": {"A/1": {"threshold": 1.5}}}
+    legacy = presence_rule(old, ["A/1", "B/1"])
+    assert legacy.features == ("head",) and legacy.weight.tolist() == [[1.0], [1.0]]
+    assert legacy.threshold.tolist() == [1.5, -np.inf]
 
 
 def test_mask_loss_on_present_leaves_absence_to_the_presence_head():

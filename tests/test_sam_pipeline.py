@@ -121,14 +121,18 @@ def test_infer_masks_writes_resumes_shards_and_skips_bad(run, monkeypatch):
     assert again["written"] == 0 and again["skipped_existing"] == 5
     # the quality and presence scores of every mask lie beside its label map; with no quality
     # filter a mask is left out only where the checkpoint's presence decision says "absent"
-    thresholds = json.loads((data / "asam_settings.json").read_text())["presence_thresholds"]
+    rule = json.loads((data / "asam_settings.json").read_text())["presence"]
     for p in labels:
         scores = json.loads(p.with_suffix(".scores.json").read_text())
         assert set(scores) == {"1", "2", "3", "4"}
         assert all(0 <= s["stability"] <= 1 for s in scores.values())
-        assert all(s["kept"] == (t is None or s["presence"] >= t)       # scores are rounded to 1e-4
-                   for s, t in zip((scores[str(k)] for k in range(1, 5)), thresholds)
-                   if t is None or abs(s["presence"] - t) > 1e-4)
+        for k in range(4):                                  # the decision, recomputed from what was written
+            s, t = scores[str(k + 1)], rule["threshold"][k]
+            named = {"head": s["presence"], "pred_iou": s["pred_iou"], "max_prob": s["max_prob"], "area": s["area"]}
+            value = sum(w * named[f] for f, w in zip(rule["features"], rule["weight"][k])) + rule["bias"][k]
+            assert s["kept"] == s["present"]
+            if t is None or abs(value - t) > 1e-2 * (1 + sum(map(abs, rule["weight"][k]))):  # written rounded
+                assert s["present"] == (t is None or value >= t)
     # a filter nothing passes removes every mask, counted, and the maps are empty
     strict = infer_masks.main(["--ckpt", str(run["s2"] / "best.pt"), "--data_dir", str(data), "--workers", "0",
                                "--out_dir", str(run["tmp"] / "strict"), "--min_stability", "1.01"])
@@ -181,7 +185,11 @@ def test_stage2_with_a_negative_set_counts_its_images_as_absent_cases(run, tmp_p
     train_auto_prompter.main(COMMON + ["--data_root", str(root), "--sam_ckpt", str(run["s1"] / "best.pt"),
                                        "--epochs", "1", "--out_dir", str(out), "--eval_test", "--prompter_grid", "4",
                                        "--negative_rate", "0.5", "--mask_loss_on", "present"])
-    raw = json.loads((out / "test_presence.json").read_text())["without_decision"]
+    report = json.loads((out / "test_presence.json").read_text())
+    raw, decided = report["without_decision"], json.loads((out / "test_metrics.json").read_text())
+    for k, rates in report["presence"].items():    # a mask survives only on lines the decision passes
+        if rates["fpr"] is not None:
+            assert decided[k]["fp_rate"] <= rates["fpr"] + 1e-9
     test = read_split(root, "test")
     images = {d: {l.name for l in test if l.dataset == d} for d in ("SynLung-Anatomy", "SynLung-Pleura")}
     assert raw["SynLung-Pleura/1"]["n_without"] == len(images["SynLung-Anatomy"]) + 2   # + the 2 frames
