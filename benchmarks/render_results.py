@@ -25,6 +25,10 @@ RESULTS = REPO / "docs" / "results"
 DOCS = (REPO / "README.md", REPO / "docs" / "RESULTS.md")
 
 
+#: the lung A-SAM with lung negatives, decided by the combined rule (measure_lung_asam.py, issue 27)
+RESULTS_FILE_DECISION = "lung_asam_negatives_combined.json"
+
+
 def _f(v, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -257,6 +261,40 @@ def lung_negatives_block(d: dict, reference: Path | None = None) -> str:
         "`docs/results/lung_asam_negatives.json` (`benchmarks/measure_lung_asam.py`).", "", *rows])
 
 
+def decision_rules_block(d: dict, reference: Path | None = None) -> str:
+    """One stage-2 checkpoint decided by two presence rules: ``reference`` (the run as first measured,
+    the head's logit with the threshold at the lowest present score kept) and ``d`` (the same folder
+    re-calibrated and re-measured with the rule of its commit). Per prompt: the test AUROC of the
+    value decided on, the decision's test FP rate and true-positive rate, test Dice with the decision,
+    and the share of held-out real lung frames that keep a region."""
+    reference = reference or RESULTS / "lung_asam_negatives.json"
+    ref = json.loads(reference.read_text()) if reference.is_file() else {}
+    same = {k: v for k, v in d["settings"].items() if k != "compare"} == \
+        {k: v for k, v in ref.get("settings", {}).items() if k != "compare"}
+    if not same:
+        return f"Not comparable with `{reference.name}`: other settings."
+    rate = lambda run, k: ((run.get("test_presence") or {}).get("presence", {}).get(k) or {})  # noqa: E731
+    kept = lambda run, k: ({**run["real"].get("asam_lung_absent_prompts", {}).get("per_prompt", {}),  # noqa: E731
+                            **run["real"].get("asam_lung", {}).get("per_prompt", {})}.get(k) or {}).get("fires")
+    rows = ["| prompt | test AUROC of the value decided on | test FP rate | test true-positive rate | "
+            "test Dice with the decision | real lung frames that keep a region |", "|---|---|---|---|---|---|"]
+    for k in (x for x in d["test"] if x != "mean"):
+        a, b = rate(ref, k), rate(d, k)
+        rows.append(f"| {k} | {_f(a.get('auroc'))} → {_f(b.get('auroc'))} | {_f(a.get('fpr'))} → {_f(b.get('fpr'))} | "
+                    f"{_f(a.get('tpr'), 2)} → {_f(b.get('tpr'), 2)} | {_f(ref['test'][k]['dice'])} → "
+                    f"{_f(d['test'][k]['dice'])} | {_f(kept(ref, k), 2)} → {_f(kept(d, k), 2)} |")
+    m0, m1 = ref["test"]["mean"], d["test"]["mean"]
+    raw = (d.get("test_presence") or {}).get("without_decision", {}).get("mean", {})
+    return "\n".join([
+        f"The checkpoint of `{reference.name}` (trained once, at commit `{ref['machine']['commit'][:7]}`), "
+        f"decided two ways on the same validation lines, test lines and real frames: "
+        f"**before**, {ref['test_presence']['rule']}; **after** (`{d['test_presence'].get('score', 'head')}`, "
+        f"commit `{d['machine']['commit'][:7]}`), {d['test_presence']['rule']}. "
+        f"Cells: before → after. Mean test Dice {_f(raw.get('dice'))} without a decision, "
+        f"{_f(m0['dice'])} → {_f(m1['dice'])} with it; mean FP rate {_f(m0['fp_rate'])} → {_f(m1['fp_rate'])}. "
+        f"Re-measured on {where(d)}. File: `docs/results/{RESULTS_FILE_DECISION}`.", "", *rows])
+
+
 def context_block(d: dict) -> str:
     """The context term of a pre-training run (benchmarks/measure_context_task.py) with the BatchNorm
     mode it trained with: against its own image's target and another image's, at initialisation and
@@ -285,7 +323,8 @@ BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "lung_asam": ("lung_asam.json", lung_block),
           "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block),
           "context_cpu_long": ("context_task_cpu_long.json", context_block),
-          "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block)}
+          "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block),
+          "lung_asam_decision": (RESULTS_FILE_DECISION, decision_rules_block)}
 
 
 def splice(text: str, name: str, block: str) -> str:
