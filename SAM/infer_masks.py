@@ -108,9 +108,8 @@ def presence_decision(ck: dict, prompts: list[str], choice: str | float) -> tupl
     if choice == "off":
         return None, "presence decision off (--presence off): every prompt marks what it finds"
     if not isinstance(choice, str):
-        what = "its decision's value" if ck.get("presence") else "the presence logit"
         return (presence_rule(ck.get("presence"), prompts, choice),
-                f"presence threshold {choice:g} on {what} for every prompt (--presence)")
+                f"presence threshold {choice:g} for every prompt (--presence), on its decided value")
     record = ck.get("presence")
     if record is None:
         return None, ("the checkpoint has no presence thresholds (trained before the presence head, or with "
@@ -126,10 +125,12 @@ def settings_conflict(old: dict | None, old_classes: dict | None, new: dict, lab
     if not labels_exist:
         return None
     if old is not None:
-        differ = [k for k in new if old.get(k) != new[k]]
+        # keys of either side: a folder decided by an older rule ("presence_thresholds") is not one
+        # written without a decision, nor one of the rule of today ("presence")
+        differ = [k for k in [*new, *(k for k in old if k not in new)] if old.get(k) != new.get(k)]
         if not differ:
             return None
-        return "; ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in differ)
+        return "; ".join(f"{k} was {old.get(k, 'not set')!r}, now {new.get(k, 'not set')!r}" for k in differ)
     if old_classes is not None:
         before = [old_classes[k] for k in sorted(old_classes, key=int)]
         return None if before == new["prompts"] else f"prompts were {before!r}, now {new['prompts']!r}"
@@ -262,8 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--presence", type=parse_presence, default="checkpoint",
                    help="checkpoint (default): a prompt that the decision stage 2 fitted on its "
                         "validation split judges absent marks nothing; off: no decision; a number: that "
-                        "threshold for every prompt, on the checkpoint's decision value (on the presence "
-                        "logit for a checkpoint without a decision)")
+                        "threshold for every prompt, on its decided value (the presence logit where the "
+                        "checkpoint fitted no weights for it)")
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
     p.add_argument("--montage_n", type=int, default=16, help="images in the montage")

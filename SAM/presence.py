@@ -67,17 +67,22 @@ def mask_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 def choose_threshold(scores: np.ndarray, present: np.ndarray, max_fpr: float = 0.05) -> dict:
     """A threshold ``t`` (decision: ``score >= t``) with the most recall whose false-positive
     rate on the absent images is at most ``max_fpr``, and among those the fewest false
-    positives, placed halfway between the lowest present score it keeps and the score below
-    (the widest margin: a threshold at the lowest kept score itself, the rule before, passes
-    only some of the present images of another split whose scores fall a little lower; one
-    below an absent score it need not keep spends the budget for nothing).
+    positives, placed halfway between the lowest present score it keeps and the next lower
+    score (the widest margin: a threshold at the lowest kept score itself, the rule before,
+    passes only some of the present images of another split whose scores fall a little lower;
+    one below an absent score it need not keep spends the budget for nothing). Where nothing
+    lies below that present score (or the halfway point is not a number between the two), the
+    threshold is the score itself.
 
     Returns ``{"threshold", "fpr", "tpr", "n_present", "n_absent"}`` measured on these scores.
     With no absent image every threshold is free: the lowest score is taken; with no present
-    image, or none that fits, the threshold is just above the highest score (nothing is kept)."""
+    image, or none that fits, the threshold is just above the highest score (nothing is kept).
+    Scores may be infinite, not NaN."""
     scores, present = np.asarray(scores, np.float64), np.asarray(present, bool)
     if scores.shape != present.shape or scores.ndim != 1 or not len(scores):
         raise ValueError(f"scores {scores.shape} and present {present.shape}: two 1-D arrays of one length")
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} score(s) are NaN")
     if not 0 <= max_fpr <= 1:
         raise ValueError(f"max_fpr {max_fpr}: must be in [0, 1]")
     absent = scores[~present]
@@ -93,7 +98,11 @@ def choose_threshold(scores: np.ndarray, present: np.ndarray, max_fpr: float = 0
                 break
             low = above[0]                                  # the same recall, no absent score below it kept
             i = int(np.searchsorted(values, low))
-            t = float(low) if i == 0 else float((values[i - 1] + low) / 2)
+            t = float(low)
+            if i > 0 and np.isfinite(values[i - 1]):           # -inf below: the score itself
+                half = values[i - 1] + (low - values[i - 1]) / 2      # no overflow near the float limit
+                if values[i - 1] < half <= low:                       # adjacent floats: the score itself
+                    t = float(half)
             return {"threshold": t, **decision_rates(scores, present, t)}
     t = float(np.nextafter(scores.max(), np.inf))
     return {"threshold": t, **decision_rates(scores, present, t)}
@@ -123,6 +132,10 @@ def presence_metrics(scores: np.ndarray, present: np.ndarray, threshold: float) 
 PRESENCE_SCORES = ("combined", "head")
 
 
+#: the smallest spread over the validation rows for a score to enter the combination (scores are O(1))
+MIN_SPREAD = 1e-3
+
+
 def fit_combination(features: np.ndarray, present: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
     """Weights ``w`` (F,) and bias ``b`` of an L2-regularised (``c``), class-balanced logistic
     regression of ``present`` (N,) on the standardised ``features`` (N, F), folded back to the raw
@@ -134,7 +147,9 @@ def fit_combination(features: np.ndarray, present: np.ndarray, c: float = 1.0) -
     if x.ndim != 2 or len(x) != len(y) or not 0 < y.sum() < len(y):
         raise ValueError(f"features {x.shape} and present {y.shape}: N x F and N, with both classes")
     mean, scale = x.mean(0), x.std(0)
-    varies = scale > 1e-9 * np.maximum(1.0, np.abs(mean))  # a constant score (up to rounding) weighs 0
+    # a score that barely moves (a saturated highest probability) weighs 0: its weight would be
+    # coefficient / spread, and float32 rounding of the score at inference times that is noise
+    varies = scale > MIN_SPREAD
     w = np.zeros(x.shape[1])
     if not varies.any():
         return w, 0.0
@@ -160,7 +175,7 @@ def presence_record(rows: list[dict], keys: list[str], max_fpr: float, split: st
     single score's AUROC there."""
     if score not in PRESENCE_SCORES:
         raise ValueError(f"presence score {score!r}; expected one of {PRESENCE_SCORES}")
-    features = [name for name in SCORES if rows and name in rows[0]]
+    features = [name for name in SCORES if rows and name in rows[0]] if rows else ["head"]
     if "head" not in features:
         raise ValueError("presence rows without the head's logit: the decision needs a presence head")
     thresholds, auroc = {}, {name: {} for name in SCORES}
@@ -198,18 +213,18 @@ class PresenceRule:
     threshold: np.ndarray                                   # K
 
     def values(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{feature: (..., K)} -> the decided value (..., K)."""
-        w = torch.as_tensor(self.weight, dtype=torch.float32)
-        first = scores[self.features[0]]
-        out = torch.as_tensor(self.bias, dtype=torch.float32, device=first.device).expand_as(first).clone()
+        """{feature: (..., K)} -> the decided value (..., K), in float64 as it was calibrated."""
+        first = scores[self.features[0]]                    # a few numbers per image: on the CPU (MPS has no float64)
+        w = torch.as_tensor(self.weight, dtype=torch.float64)
+        out = torch.as_tensor(self.bias, dtype=torch.float64).expand(first.shape).clone()
         for f, name in enumerate(self.features):
-            out = out + scores[name].float() * w[:, f].to(first.device)
-        return out
+            out = out + scores[name].detach().cpu().double() * w[:, f]
+        return out.to(first.device)
 
     def present(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """{feature: (..., K)} -> bool (..., K)."""
         v = self.values(scores)
-        return v >= torch.as_tensor(self.threshold, dtype=v.dtype, device=v.device)
+        return (v.cpu() >= torch.as_tensor(self.threshold, dtype=torch.float64)).to(v.device)
 
     def settings(self) -> dict:
         """JSON-ready: what shapes a label map (SAM/infer_masks.py asam_settings.json)."""
@@ -221,9 +236,10 @@ class PresenceRule:
 
 def presence_rule(record: dict | None, keys: list[str], override: float | None = None) -> PresenceRule | None:
     """The decision of ``keys`` in order from a checkpoint's record; ``override`` replaces every
-    threshold (on the record's value; without a record, on the head's logit); None without a
-    record and no override: no decision. A record written before weights existed reads as the
-    head's logit, and a key it lacks is always present."""
+    threshold, each on its prompt's decided value (the head's logit where the record fitted no
+    weights: a record written before they existed, a prompt it lacks or calibrated as "always
+    present", or no record at all); None without a record and no override: no decision. Without
+    an override a prompt the record lacks is always present."""
     if record is None and override is None:
         return None
     entries = [(record or {"thresholds": {}})["thresholds"].get(k, {}) for k in keys]

@@ -211,7 +211,10 @@ def main(argv=None) -> dict:
                  set_train_mode=set_train_mode, resume_state=resume, amp=args.amp)
 
     def decided_fn(ds, record, rows):
-        # rows: presence_rows of ds (one per line, in order); a prompt judged absent marks nothing
+        # rows: presence_rows of ds through an unshuffled loader (one per line, in index order);
+        # a prompt judged absent marks nothing
+        if len(rows) != len(ds) or any(r["key"] != line.prompt_key for r, line in zip(rows, ds.lines)):
+            raise AssertionError("presence rows out of step with the test lines")
         keep = torch.tensor([record["thresholds"].get(r["key"], {}).get("threshold") is None
                              or decision_values(record["thresholds"][r["key"]], [r])[0]
                              >= record["thresholds"][r["key"]]["threshold"] for r in rows])

@@ -57,7 +57,7 @@ from pretraining.mask_stats import centroid_spread, frame_stats, summarise  # no
 from SAM import infer_masks, train_auto_prompter  # noqa: E402
 from SAM.checkpoint import load_checkpoint  # noqa: E402
 from SAM.config import ABSENCE_TRAINING  # noqa: E402
-from SAM.presence import MASK_LOSS_ON  # noqa: E402
+from SAM.presence import MASK_LOSS_ON, PRESENCE_SCORES  # noqa: E402
 from utils.extract_frames import spread_evenly, video_of  # noqa: E402
 from utils.flags import script_parser  # noqa: E402
 from utils.io import atomic_write, read_label  # noqa: E402
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask_loss_on", choices=MASK_LOSS_ON, default=ABSENCE_TRAINING["mask_loss_on"],
                    help="stage-2 --mask_loss_on (%(default)s)")
     p.add_argument("--prompter_grid", type=int, default=16)
+    p.add_argument("--presence_score", choices=PRESENCE_SCORES, default="combined",
+                   help="what stage 2's presence decision thresholds (SAM/train_auto_prompter.py)")
     p.add_argument("--n_videos", type=int, default=12, help="real videos (12)")
     p.add_argument("--frames_per_video", type=int, default=3, help="frames per real video (3)")
     p.add_argument("--negative_videos", type=int, default=0,
@@ -218,7 +220,7 @@ def main(argv=None) -> dict:
             "--task", "SAMUS", "--data_root", str(data), "--datasets", datasets, "--backbone", "lite",
             "--epochs", str(a.epochs), "--max_train", str(a.max_train), "--max_val", str(a.max_val),
             "--max_test", str(a.max_test), "--negative_rate", str(a.negative_rate),
-            "--mask_loss_on", a.mask_loss_on, "--workers", "1",
+            "--mask_loss_on", a.mask_loss_on, "--presence_score", a.presence_score, "--workers", "1",
             "--device", "cpu", "--prompter_grid", str(a.prompter_grid), "--balance_prompts", "true",
             "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
             + (["--resume"] if (stage2 / ASAM_LAST).is_file() else []))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,11 +102,12 @@ SAME_RUN = ("seg_root", "epochs", "batch_size", "lr", "prompter_grid", "balance_
             "max_train", "max_val", "max_test")
 
 
-def presence_present_block(d: dict, reference: Path | None = None) -> str:
-    """:func:`presence_block` of the run whose mask loss skips empty targets, and its mean Dice and
-    per-prompt FP rate beside stage 2 without negatives (the same lines and seed)."""
+def presence_present_block(d: dict, reference: Path | None = None,
+                           file: str = "asam_lite_presence_present_cpu.json") -> str:
+    """:func:`presence_block` of a run whose mask loss skips empty targets (``file``), and its mean
+    Dice and per-prompt FP rate beside stage 2 without negatives (the same lines and seed)."""
     reference = reference or RESULTS / "asam_lite_presence_cpu.json"
-    block = presence_block(d, "asam_lite_presence_present_cpu.json")
+    block = presence_block(d, file)
     ref = json.loads(reference.read_text()) if reference.is_file() else {}
     if "0" not in ref.get("prompt_free", {}):
         return block
@@ -269,10 +271,13 @@ def decision_rules_block(d: dict, reference: Path | None = None) -> str:
     and the share of held-out real lung frames that keep a region."""
     reference = reference or RESULTS / "lung_asam_negatives.json"
     ref = json.loads(reference.read_text()) if reference.is_file() else {}
-    same = {k: v for k, v in d["settings"].items() if k != "compare"} == \
-        {k: v for k, v in ref.get("settings", {}).items() if k != "compare"}
-    if not same:
-        return f"Not comparable with `{reference.name}`: other settings."
+    if not ref:
+        return f"`{reference.name}` is missing: nothing to compare with."
+    free = ("compare", "work_dir", "presence_score")        # the same checkpoint, decided otherwise
+    differ = sorted(k for k in {*d["settings"], *ref["settings"]} - set(free)
+                    if d["settings"].get(k) != ref["settings"].get(k))
+    if differ:
+        return f"Not comparable with `{reference.name}`: other {', '.join(differ)}."
     rate = lambda run, k: ((run.get("test_presence") or {}).get("presence", {}).get(k) or {})  # noqa: E731
     kept = lambda run, k: ({**run["real"].get("asam_lung_absent_prompts", {}).get("per_prompt", {}),  # noqa: E731
                             **run["real"].get("asam_lung", {}).get("per_prompt", {})}.get(k) or {}).get("fires")
@@ -324,7 +329,9 @@ BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block),
           "context_cpu_long": ("context_task_cpu_long.json", context_block),
           "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block),
-          "lung_asam_decision": (RESULTS_FILE_DECISION, decision_rules_block)}
+          "lung_asam_decision": (RESULTS_FILE_DECISION, decision_rules_block),
+          "presence_combined": ("asam_lite_presence_combined_cpu.json",
+                                partial(presence_present_block, file="asam_lite_presence_combined_cpu.json"))}
 
 
 def splice(text: str, name: str, block: str) -> str:
