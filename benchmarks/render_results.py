@@ -28,6 +28,8 @@ DOCS = (REPO / "README.md", REPO / "docs" / "RESULTS.md")
 
 #: the lung A-SAM with lung negatives, decided by the combined rule (measure_lung_asam.py, issue 27)
 RESULTS_FILE_DECISION = "lung_asam_negatives_combined.json"
+#: the same checkpoint decided by the head's logit alone with the halfway threshold
+RESULTS_FILE_HEAD_HALFWAY = "lung_asam_negatives_head_halfway.json"
 
 
 def _f(v, digits: int = 3) -> str:
@@ -263,41 +265,46 @@ def lung_negatives_block(d: dict, reference: Path | None = None) -> str:
         "`docs/results/lung_asam_negatives.json` (`benchmarks/measure_lung_asam.py`).", "", *rows])
 
 
-def decision_rules_block(d: dict, reference: Path | None = None) -> str:
-    """One stage-2 checkpoint decided by two presence rules: ``reference`` (the run as first measured,
-    the head's logit with the threshold at the lowest present score kept) and ``d`` (the same folder
-    re-calibrated and re-measured with the rule of its commit). Per prompt: the test AUROC of the
-    value decided on, the decision's test FP rate and true-positive rate, test Dice with the decision,
-    and the share of held-out real lung frames that keep a region."""
-    reference = reference or RESULTS / "lung_asam_negatives.json"
-    ref = json.loads(reference.read_text()) if reference.is_file() else {}
-    if not ref:
-        return f"`{reference.name}` is missing: nothing to compare with."
+def decision_rules_block(d: dict, references: list[Path] | None = None) -> str:
+    """One stage-2 checkpoint decided by several presence rules: each of ``references`` (the run as
+    first measured: the head's logit, threshold at the lowest present score kept; then the head's
+    logit with the halfway threshold) and ``d`` (the combined rule), all re-calibrated on the same
+    validation lines. Per prompt, one cell per rule: the test AUROC of the value decided on, the
+    decision's test FP rate and true-positive rate, test Dice with the decision, and the share of
+    held-out real lung frames that keep a region."""
+    if references is None:
+        references = [RESULTS / "lung_asam_negatives.json", RESULTS / RESULTS_FILE_HEAD_HALFWAY]
+    runs = []
+    for path in references:
+        if not path.is_file():
+            return f"`{path.name}` is missing: nothing to compare with."
+        runs.append(json.loads(path.read_text()))
     free = ("compare", "work_dir", "presence_score")        # the same checkpoint, decided otherwise
-    differ = sorted(k for k in {*d["settings"], *ref["settings"]} - set(free)
-                    if d["settings"].get(k) != ref["settings"].get(k))
-    if differ:
-        return f"Not comparable with `{reference.name}`: other {', '.join(differ)}."
+    for path, ref in zip(references, runs):
+        differ = sorted(k for k in {*d["settings"], *ref["settings"]} - set(free)
+                        if d["settings"].get(k) != ref["settings"].get(k))
+        if differ:
+            return f"Not comparable with `{path.name}`: other {', '.join(differ)}."
+    runs.append(d)
     rate = lambda run, k: ((run.get("test_presence") or {}).get("presence", {}).get(k) or {})  # noqa: E731
     kept = lambda run, k: ({**run["real"].get("asam_lung_absent_prompts", {}).get("per_prompt", {}),  # noqa: E731
                             **run["real"].get("asam_lung", {}).get("per_prompt", {})}.get(k) or {}).get("fires")
+    cell = lambda values: " → ".join(values)  # noqa: E731
     rows = ["| prompt | test AUROC of the value decided on | test FP rate | test true-positive rate | "
             "test Dice with the decision | real lung frames that keep a region |", "|---|---|---|---|---|---|"]
     for k in (x for x in d["test"] if x != "mean"):
-        a, b = rate(ref, k), rate(d, k)
-        rows.append(f"| {k} | {_f(a.get('auroc'))} → {_f(b.get('auroc'))} | {_f(a.get('fpr'))} → {_f(b.get('fpr'))} | "
-                    f"{_f(a.get('tpr'), 2)} → {_f(b.get('tpr'), 2)} | {_f(ref['test'][k]['dice'])} → "
-                    f"{_f(d['test'][k]['dice'])} | {_f(kept(ref, k), 2)} → {_f(kept(d, k), 2)} |")
-    m0, m1 = ref["test"]["mean"], d["test"]["mean"]
+        rows.append(f"| {k} | {cell(_f(rate(r, k).get('auroc')) for r in runs)} | "
+                    f"{cell(_f(rate(r, k).get('fpr')) for r in runs)} | {cell(_f(rate(r, k).get('tpr'), 2) for r in runs)} | "
+                    f"{cell(_f(r['test'][k]['dice']) for r in runs)} | {cell(_f(kept(r, k), 2) for r in runs)} |")
     raw = (d.get("test_presence") or {}).get("without_decision", {}).get("mean", {})
+    rules = "; ".join(f"({i + 1}) {r['test_presence']['rule']} (commit `{r['machine']['commit'][:7]}`, "
+                      f"`{p.name}`)" for i, (r, p) in enumerate(zip(runs, [*references, Path(RESULTS_FILE_DECISION)])))
     return "\n".join([
-        f"The checkpoint of `{reference.name}` (trained once, at commit `{ref['machine']['commit'][:7]}`), "
-        f"decided two ways on the same validation lines, test lines and real frames: "
-        f"**before**, {ref['test_presence']['rule']}; **after** (`{d['test_presence'].get('score', 'head')}`, "
-        f"commit `{d['machine']['commit'][:7]}`), {d['test_presence']['rule']}. "
-        f"Cells: before → after. Mean test Dice {_f(raw.get('dice'))} without a decision, "
-        f"{_f(m0['dice'])} → {_f(m1['dice'])} with it; mean FP rate {_f(m0['fp_rate'])} → {_f(m1['fp_rate'])}. "
-        f"Re-measured on {where(d)}. File: `docs/results/{RESULTS_FILE_DECISION}`.", "", *rows])
+        f"The checkpoint of `{references[0].name}` (trained once, at commit `{runs[0]['machine']['commit'][:7]}`), "
+        f"decided {len(runs)} ways on the same validation lines, test lines and real frames: {rules}. "
+        f"Cells: rule (1) → ({len(runs) - 1}) → ({len(runs)}). Mean test Dice {_f(raw.get('dice'))} without a "
+        f"decision, {cell(_f(r['test']['mean']['dice']) for r in runs)} with it; mean FP rate "
+        f"{cell(_f(r['test']['mean']['fp_rate']) for r in runs)}. The last re-measured on {where(d)}.", "", *rows])
 
 
 def context_block(d: dict) -> str:

@@ -120,3 +120,25 @@ def test_the_lung_negatives_table_sets_each_prompt_before_and_after(tmp_path):
     assert "| SynLung-Lung/3 | 0.60 / 0.58 |" in text and "mean" not in text.split("|---|")[-1]
     assert render_results.lung_negatives_block(run(0.1, 0.5, 0.6, epochs=4), ref) == \
         "Not comparable with `ref.json`: other epochs."
+
+
+def test_the_decision_rules_of_one_checkpoint_are_set_side_by_side_in_order(tmp_path):
+    """decision_rules_block: one cell per rule, in the order first-measured → references → this file,
+    and a reference measured with other settings (not the same checkpoint and lines) is refused."""
+    def run(rule, commit, dice, tpr, settings=None):
+        return {"settings": settings or {"max_val": 20, "work_dir": commit, "presence_score": rule},
+                "test": {"A/1": {"dice": dice, "fp_rate": 0.0}, "mean": {"dice": dice, "fp_rate": 0.0}},
+                "test_presence": {"rule": rule, "without_decision": {"mean": {"dice": 0.9}},
+                                  "presence": {"A/1": {"auroc": 1.0, "fpr": 0.0, "tpr": tpr}}},
+                "real": {"asam_lung": {"per_prompt": {"A/1": {"fires": tpr}}}},
+                "machine": {"commit": commit * 7}}
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(run("old", "a", 0.1, 0.0)))
+    second.write_text(json.dumps(run("head", "b", 0.5, 0.5)))
+    text = render_results.decision_rules_block(run("combined", "c", 0.8, 1.0), [first, second])
+    row = next(line for line in text.splitlines() if line.startswith("| A/1"))
+    assert "| 0.00 → 0.50 → 1.00 |" in row and "| 0.100 → 0.500 → 0.800 |" in row
+    assert "(1) old" in text and "(3) combined" in text
+    second.write_text(json.dumps(run("head", "b", 0.5, 0.5, {"max_val": 40})))
+    assert render_results.decision_rules_block(run("combined", "c", 0.8, 1.0), [first, second]) \
+        == "Not comparable with `second.json`: other max_val."
