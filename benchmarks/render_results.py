@@ -126,6 +126,10 @@ def presence_present_block(d: dict, reference: Path | None = None,
                      f"`{reference.name}`) -> {_f(before['mean']['dice'])} trained so, no decision -> "
                      f"{_f(after['mean']['dice'])} with the decision "
                      f"({after['mean']['dice'] - base['mean']['dice']:+.3f}); largest FP rate of a prompt {_f(fp)}.")
+    box = d.get("box_prompt") or {}
+    if box:
+        lines.append("Beside them, LiteMedSAM given each anatomy's ground-truth box (no training), test Dice: "
+                     + ", ".join(f"{k} {_f(v['dice'])}" for k, v in box.items()) + ".")
     return block + "\n\n" + "\n".join(lines)
 
 
