@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask_loss_on", default="all", choices=("all", "present"),
                    help="stage 2 --mask_loss_on of every run ('present': its folder is stage2_neg<rate>_present)")
     p.add_argument("--out", default=None, help="results JSON (default <work_dir>/bench_asam.json)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="stage 2's seed: its initialisation and its draw of the --max_* lines (0)")
     p.add_argument("--skip_train", action="store_true", help="reuse <work_dir>/stage2_neg<rate>/best.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue each stage 2 from <work_dir>/stage2_neg<rate>/last.pt up to --epochs (an interrupted "
@@ -226,7 +228,7 @@ def main(argv=None) -> dict:
     seg = build_segmenter("lite").eval()
     cache = EmbeddingCache(seg, torch.device("cpu"), args.batch_size, work / "cache")
     test_ds = SAMUSDataset(root, "test", 256, seg.low_res, keys, DATASETS, return_orig=True,
-                           max_items=args.max_test)
+                           max_items=args.max_test, subset_seed=args.seed)   # stage 2's test lines
     t0 = time.perf_counter()
     box = box_baseline(seg, cache, test_ds, keys, args.batch_size)
     print(f"LiteMedSAM + ground-truth box ({time.perf_counter() - t0:.0f} s incl. encoding):\n"
@@ -245,7 +247,7 @@ def main(argv=None) -> dict:
                 "--max_test", str(args.max_test), "--workers", "1", "--device", "cpu",
                 "--prompter_grid", str(args.prompter_grid), "--balance_prompts", str(args.balance_prompts),
                 "--encoder_lr", str(args.encoder_lr), "--negative_rate", str(rate), "--mask_loss_on", args.mask_loss_on,
-                "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--eval_test"]
+                "--cache_dir", str(work / "cache"), "--out_dir", str(stage2), "--seed", str(args.seed), "--eval_test"]
                 + (["--resume"] if args.resume else []))
             train_s = time.perf_counter() - t0
         # log.jsonl is appended to: a retrained or resumed epoch counts once, with its last record
