@@ -90,7 +90,13 @@ def label_settings(ckpt_sha256: str, prompts: list[str], args: argparse.Namespac
            "min_pred_iou": args.min_pred_iou, "min_stability": args.min_stability}
     if presence is not None:
         out["presence"] = presence.settings()
+    if args.encoder_precision != "fp32":                    # absent for fp32: folders of before it read alike
+        out["encoder_precision"] = args.encoder_precision
     return out
+
+
+#: --encoder_precision -> the autocast type of the image encoder (None: float32, no autocast)
+ENCODER_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def parse_presence(value: str) -> str | float:
@@ -219,7 +225,7 @@ def _mask_all(loader: DataLoader, seg, prompter, prompt_ids: list[int],
         maps, scores = predict_index_maps(seg, prompter, images, prompt_ids, [v for _, (_, v), _ in good],
                                           [o.shape[:2] for _, _, o in good], args.threshold,
                                           args.min_pred_iou, args.min_stability, return_scores=True,
-                                          presence=presence)
+                                          presence=presence, encoder_dtype=ENCODER_DTYPES[args.encoder_precision])
         for (i, _, orig), lab, per_prompt in zip(good, maps, scores):
             for k, s in enumerate(per_prompt):
                 removed["masks"] += 1
@@ -265,6 +271,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "validation split judges absent marks nothing; off: no decision; a number: that "
                         "threshold for every prompt, on its decided value (the presence logit where the "
                         "checkpoint fitted no weights for it)")
+    p.add_argument("--encoder_precision", choices=sorted(ENCODER_DTYPES), default="fp32",
+                   help="fp32 (default) or bf16: the image encoder under bfloat16 autocast (faster on CPUs "
+                        "with bf16 units and on GPUs; the label maps differ a little: "
+                        "docs/results/infer_precision_cpu.json)")
     p.add_argument("--montage", default=None,
                    help="overlay montage PNG (default <out_dir>/asam_montage.png; 'none' to skip)")
     p.add_argument("--montage_n", type=int, default=16, help="images in the montage")

@@ -194,3 +194,36 @@ def test_stage2_with_a_negative_set_counts_its_images_as_absent_cases(run, tmp_p
     images = {d: {l.name for l in test if l.dataset == d} for d in ("SynLung-Anatomy", "SynLung-Pleura")}
     assert raw["SynLung-Pleura/1"]["n_without"] == len(images["SynLung-Anatomy"]) + 2   # + the 2 frames
     assert raw["SynLung-Anatomy/1"]["n_without"] == len(images["SynLung-Pleura"])
+
+
+def test_a_bf16_encoder_is_recorded_and_its_maps_are_compared_with_fp32(run, tmp_path):
+    """--encoder_precision bf16 is part of what a folder's label maps mean (a fp32 re-run on it is
+    refused); benchmarks/bench_infer_precision.py masks the same frames both ways and compares."""
+    from benchmarks import bench_infer_precision
+
+    data = tmp_path / "frames"
+    (data / "V" / "img").mkdir(parents=True)
+    for src in sorted((run["root"] / "SynLung-Pleura" / "img").glob("*.png"))[:3]:
+        cv2.imwrite(str(data / "V" / "img" / src.name), cv2.imread(str(src)))
+    args = ["--ckpt", str(run["s2"] / "best.pt"), "--data_dir", str(data), "--workers", "0",
+            "--out_dir", str(tmp_path / "bf16")]
+    infer_masks.main(args + ["--encoder_precision", "bf16"])
+    assert json.loads((tmp_path / "bf16" / "asam_settings.json").read_text())["encoder_precision"] == "bf16"
+    (data / "V" / "img" / "extra.png").write_bytes((data / "V" / "img" / src.name).read_bytes())
+    with pytest.raises(DataError, match="encoder_precision was 'bf16'"):
+        infer_masks.main(args)
+    res = bench_infer_precision.main(["--ckpt", str(run["s2"] / "best.pt"), "--frames", str(data), "--n", "4",
+                                      "--out", str(tmp_path / "p.json")])
+    assert set(res["runs"]) == {"fp32", "bf16"} and res["settings"]["frames"] == 4
+    assert 0.5 < res["agreement"]["pixel_agreement"] <= 1.0
+
+
+def test_compare_maps_by_hand():
+    from benchmarks.bench_infer_precision import compare_maps
+
+    a = [np.array([[1, 1], [0, 2]]), np.array([[0, 0], [0, 0]])]
+    b = [np.array([[1, 0], [0, 0]]), np.array([[0, 0], [2, 0]])]
+    r = compare_maps(a, b, 2)
+    assert r["pixel_agreement"] == 5 / 8                 # 2 of frame 1, 3 of frame 2
+    assert r["per_prompt"][1] == {"same_call": 1.0, "iou": 0.5, "frames_both": 1, "frames_a": 1, "frames_b": 1}
+    assert r["per_prompt"][2] == {"same_call": 0.0, "iou": None, "frames_both": 0, "frames_a": 1, "frames_b": 1}
