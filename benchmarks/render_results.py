@@ -114,6 +114,7 @@ def presence_present_block(d: dict, reference: Path | None = None,
     if "0" not in ref.get("prompt_free", {}):
         return block
     differ = [k for k in SAME_RUN if ref["settings"].get(k) != d["settings"].get(k)]
+    differ += ["seed (lines and initialisation)"] * (ref["settings"].get("seed", 0) != d["settings"].get("seed", 0))
     if differ:
         return block + f"\n\nNot comparable with `{reference.name}`: other {', '.join(differ)}."
     base = ref["prompt_free"]["0"]["presence"]["without_decision"]
@@ -342,7 +343,9 @@ BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block),
           "lung_asam_decision": (RESULTS_FILE_DECISION, decision_rules_block),
           "presence_combined": ("asam_lite_presence_combined_cpu.json",
-                                partial(presence_present_block, file="asam_lite_presence_combined_cpu.json"))}
+                                partial(presence_present_block, file="asam_lite_presence_combined_cpu.json")),
+          "presence_combined_seed1": ("asam_lite_presence_combined_seed1_cpu.json",
+                                      partial(presence_present_block, file="asam_lite_presence_combined_seed1_cpu.json"))}
 
 
 def splice(text: str, name: str, block: str) -> str:

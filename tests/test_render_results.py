@@ -43,6 +43,10 @@ def test_the_present_only_run_is_set_beside_stage_2_without_negatives(tmp_path):
     ref.write_text(json.dumps({"settings": settings | {"epochs": 2}, "prompt_free": {"0": run(0.5, 0.1, 0.0)}}))
     assert render_results.presence_present_block(d, ref).endswith("Not comparable with `ref.json`: other epochs.")
     assert "without negatives" not in render_results.presence_present_block(d, tmp_path / "absent.json")
+    # another seed draws other lines: not paired with the reference, whose file predates the flag (seed 0)
+    ref.write_text(json.dumps({"settings": settings, "prompt_free": {"0": run(0.5, 0.1, 0.0)}}))
+    assert render_results.presence_present_block(d | {"settings": settings | {"seed": 1}}, ref).endswith(
+        "other seed (lines and initialisation).")
 
 
 def test_the_lung_presence_table_sets_each_prompt_before_and_after(tmp_path):
