@@ -213,18 +213,19 @@ class PresenceRule:
     threshold: np.ndarray                                   # K
 
     def values(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{feature: (..., K)} -> the decided value (..., K), in float64 as it was calibrated."""
-        first = scores[self.features[0]]                    # a few numbers per image: on the CPU (MPS has no float64)
+        """{feature: (..., K)} -> the decided value (..., K), float64 on the CPU as it was calibrated
+        (a few numbers per image; MPS has no float64)."""
+        first = scores[self.features[0]]
         w = torch.as_tensor(self.weight, dtype=torch.float64)
         out = torch.as_tensor(self.bias, dtype=torch.float64).expand(first.shape).clone()
         for f, name in enumerate(self.features):
             out = out + scores[name].detach().cpu().double() * w[:, f]
-        return out.to(first.device)
+        return out
 
     def present(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{feature: (..., K)} -> bool (..., K)."""
-        v = self.values(scores)
-        return (v.cpu() >= torch.as_tensor(self.threshold, dtype=torch.float64)).to(v.device)
+        """{feature: (..., K)} -> bool (..., K) on the scores' device."""
+        device = scores[self.features[0]].device
+        return (self.values(scores) >= torch.as_tensor(self.threshold, dtype=torch.float64)).to(device)
 
     def settings(self) -> dict:
         """JSON-ready: what shapes a label map (SAM/infer_masks.py asam_settings.json)."""

@@ -211,9 +211,11 @@ def synthetic_throughput(work: Path, backbone: str = "lite", img_size: int = 256
             "pipeline_img_per_s": n_images / m, "overhead_pct": 100 * (m - e) / e}
 
 
-def stage2_dir(work: Path, rate: float, mask_loss_on: str) -> Path:
-    """``stage2_neg<rate>``, with ``_present`` when the mask loss skips empty targets."""
-    return work / (f"stage2_neg{rate:g}" + ("_present" if mask_loss_on == "present" else ""))
+def stage2_dir(work: Path, rate: float, mask_loss_on: str, seed: int = 0) -> Path:
+    """``stage2_neg<rate>``, with ``_present`` when the mask loss skips empty targets and
+    ``_seed<n>`` for a seed other than 0 (another draw of lines: never resumed as seed 0's)."""
+    return work / (f"stage2_neg{rate:g}" + ("_present" if mask_loss_on == "present" else "")
+                   + (f"_seed{seed}" if seed else ""))
 
 
 def main(argv=None) -> dict:
@@ -236,7 +238,7 @@ def main(argv=None) -> dict:
 
     runs = {}
     for rate in args.negative_rates:
-        stage2 = stage2_dir(work, rate, args.mask_loss_on)
+        stage2 = stage2_dir(work, rate, args.mask_loss_on, args.seed)
         train_s = None
         if not args.skip_train:
             t0 = time.perf_counter()
@@ -259,7 +261,7 @@ def main(argv=None) -> dict:
                              "test": json.loads((stage2 / "test_metrics.json").read_text())}
         if (stage2 / "test_presence.json").is_file():  # a presence head: its rule, rates, AUROCs
             runs[f"{rate:g}"]["presence"] = json.loads((stage2 / "test_presence.json").read_text())
-    first = stage2_dir(work, args.negative_rates[0], args.mask_loss_on) / ASAM_BEST
+    first = stage2_dir(work, args.negative_rates[0], args.mask_loss_on, args.seed) / ASAM_BEST
     speed = throughput(seg, first, test_ds, args.infer_images, args.batch_size, work) if args.infer_images else None
 
     result = {"what": "A-SAM (LiteMedSAM backbone, encoder frozen) on HC18 + USGRA: box-prompted "

@@ -2,7 +2,7 @@
 
 ``SAM/infer_masks.py --encoder_precision bf16`` runs the image encoder (where inference spends
 its time on a CPU) under bfloat16 autocast. This script masks the same frames both ways, in one
-process, one after the other, and writes how fast each was and how far the label maps agree:
+process, one after the other (after an untimed batch of each), and writes how fast each was and how far the label maps agree:
 
     python benchmarks/bench_infer_precision.py --ckpt runs/lung_asam/stage2_neg0.5_present_lungneg60/best.pt \\
         --frames <study out>/frames --prompts SynLung-Lung/1,...,SynLung-Lung/6 --n 48 \\
@@ -76,6 +76,17 @@ def main(argv=None) -> dict:
             link = data / f.parent.parent.name / "img" / f.name
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(f.resolve())
+        # untimed warm-up of both on one batch of other frames' copies: one-time costs (kernel
+        # set-up, reading the checkpoint) do not fall on whichever runs first
+        warm = work / "warm"
+        for f in frames[:a.batch_size]:
+            link = warm / "W" / "img" / f.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(f.resolve())
+        for precision in ("fp32", "bf16"):
+            infer_masks.main(["--ckpt", a.ckpt, "--data_dir", str(warm), "--out_dir", str(work / f"warm_{precision}"),
+                              "--workers", "0", "--batch_size", str(a.batch_size), "--encoder_precision", precision,
+                              "--montage", "none"] + (["--prompts", a.prompts] if a.prompts else []))
         runs, maps = {}, {}
         for precision in ("fp32", "bf16"):
             out = work / precision

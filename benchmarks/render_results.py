@@ -110,6 +110,10 @@ def presence_present_block(d: dict, reference: Path | None = None,
     Dice and per-prompt FP rate beside stage 2 without negatives (the same lines and seed)."""
     reference = reference or RESULTS / "asam_lite_presence_cpu.json"
     block = presence_block(d, file)
+    box = d.get("box_prompt") or {}
+    if box:
+        block += ("\n\nBeside them, LiteMedSAM given each anatomy's ground-truth box (no training), test Dice: "
+                  + ", ".join(f"{k} {_f(v['dice'])}" for k, v in box.items()) + ".")
     ref = json.loads(reference.read_text()) if reference.is_file() else {}
     if "0" not in ref.get("prompt_free", {}):
         return block
@@ -127,10 +131,6 @@ def presence_present_block(d: dict, reference: Path | None = None,
                      f"`{reference.name}`) -> {_f(before['mean']['dice'])} trained so, no decision -> "
                      f"{_f(after['mean']['dice'])} with the decision "
                      f"({after['mean']['dice'] - base['mean']['dice']:+.3f}); largest FP rate of a prompt {_f(fp)}.")
-    box = d.get("box_prompt") or {}
-    if box:
-        lines.append("Beside them, LiteMedSAM given each anatomy's ground-truth box (no training), test Dice: "
-                     + ", ".join(f"{k} {_f(v['dice'])}" for k, v in box.items()) + ".")
     return block + "\n\n" + "\n".join(lines)
 
 
@@ -302,12 +302,12 @@ def decision_rules_block(d: dict, references: list[Path] | None = None) -> str:
                     f"{cell(_f(rate(r, k).get('fpr')) for r in runs)} | {cell(_f(rate(r, k).get('tpr'), 2) for r in runs)} | "
                     f"{cell(_f(r['test'][k]['dice']) for r in runs)} | {cell(_f(kept(r, k), 2) for r in runs)} |")
     raw = (d.get("test_presence") or {}).get("without_decision", {}).get("mean", {})
-    rules = "; ".join(f"({i + 1}) {r['test_presence']['rule']} (commit `{r['machine']['commit'][:7]}`, "
+    rules = "; ".join(f"({i + 1}) {(r.get('test_presence') or {}).get('rule', 'no presence decision')} (commit `{r['machine']['commit'][:7]}`, "
                       f"`{p.name}`)" for i, (r, p) in enumerate(zip(runs, [*references, Path(RESULTS_FILE_DECISION)])))
     return "\n".join([
         f"The checkpoint of `{references[0].name}` (trained once, at commit `{runs[0]['machine']['commit'][:7]}`), "
         f"decided {len(runs)} ways on the same validation lines, test lines and real frames: {rules}. "
-        f"Cells: rule (1) → ({len(runs) - 1}) → ({len(runs)}). Mean test Dice {_f(raw.get('dice'))} without a "
+        f"Cells: rule " + " → ".join(f"({i + 1})" for i in range(len(runs))) + ". Mean test Dice {_f(raw.get('dice'))} without a "
         f"decision, {cell(_f(r['test']['mean']['dice']) for r in runs)} with it; mean FP rate "
         f"{cell(_f(r['test']['mean']['fp_rate']) for r in runs)}. The last re-measured on {where(d)}.", "", *rows])
 
