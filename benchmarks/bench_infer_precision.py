@@ -65,6 +65,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--out", default=str(REPO / "docs/results/infer_precision_cpu.json"))
     a = p.parse_args(argv)
+    if not Path(a.ckpt).is_file():
+        raise SystemExit(f"--ckpt {a.ckpt}: no such checkpoint")
     frames = spread_evenly(sorted(Path(a.frames).glob("*/img/*.png")), a.n)
     if not frames:
         raise SystemExit(f"--frames {a.frames}: no <Sub>/img/*.png there")
