@@ -28,7 +28,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor
 
-from SAM.presence import PresenceRule, mask_scores
+from SAM.presence import PresenceRule, prob_scores
 
 # SAM's two-way transformer lets ~7 tokens and the g x g image tokens (4096 for LiteMedSAM)
 # attend to each other. Projecting the image tokens (C -> C/2, four times per layer) and
@@ -222,15 +222,16 @@ def predict_index_maps(seg, prompter, images: torch.Tensor, prompt_ids: list[int
             kept &= stability >= min_stability
         full = nn.functional.interpolate(logits[b, None, :, :vh, :vw], size=tuple(size),
                                          mode="bilinear", align_corners=False)[0]       # K x H x W
+        prob = torch.sigmoid_(full)                                                     # K x H x W
         decided = {}
         if presence is not None:  # the scores presence_rows calibrated on: the mask's at the image's size
-            named = {"head": head[b], "pred_iou": pred_iou[b], **mask_scores(full)}
+            named = {"head": head[b], "pred_iou": pred_iou[b], **prob_scores(prob)}
             present = presence.present(named)                                           # K
             kept &= present
             decided = {"max_prob": named["max_prob"], "area": named["area"], "present": present}
         # probabilities, not logits, are compared: sigmoid saturates (1.0 above ~17), and the
         # first of tied anatomies wins, as it always has; a filtered mask never wins
-        prob = torch.sigmoid_(full) * kept[:, None, None]
+        prob = prob * kept[:, None, None]
         best, arg = prob.max(0)                                           # H x W
         out.append(torch.where(best > threshold, arg + 1, 0).to(torch.uint8).cpu().numpy())
         scores.append([{"pred_iou": round(float(i), 4), "stability": round(float(s), 4), "kept": bool(k)}

@@ -58,9 +58,14 @@ def prompt_free_loss(mask_logits: torch.Tensor, target: torch.Tensor, presence_l
 
 
 def mask_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Model-free presence scores of low-res mask logits (B, H, W): the highest probability
-    and the area share above 0.5, each (B,)."""
-    prob = torch.sigmoid(logits.float()).flatten(1)
+    """Model-free presence scores of mask logits (B, H, W): :func:`prob_scores` of their sigmoid."""
+    return prob_scores(torch.sigmoid(logits.float()))
+
+
+def prob_scores(prob: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model-free presence scores of mask probabilities (B, H, W): the highest probability and
+    the area share above 0.5, each (B,)."""
+    prob = prob.flatten(1)
     return {"max_prob": prob.amax(1), "area": (prob > 0.5).float().mean(1)}
 
 
