@@ -60,6 +60,8 @@ def load_byol_into_lightly(ours: ACLUS, theirs: ACLUS) -> None:
     Encoders (online and target) share their state-dict keys. The heads map layer by layer
     (Linear, BatchNorm1d, Linear): our first Linear's bias has no counterpart and is left out,
     which changes nothing in training mode, where the BatchNorm after it subtracts the batch mean.
+    BatchNorm running statistics are copied as they are; afterwards that BatchNorm's running mean
+    tracks our bias too, which nothing reads (BYOL runs its heads in training mode only).
     """
     if ours.spec.heads != "aclus" or theirs.spec.heads != "lightly":
         raise ValueError(f"expected our heads into lightly's, got {ours.method!r} into {theirs.method!r}")
@@ -124,6 +126,8 @@ def step_twins(cfg: PretrainConfig, steps: int, log_every: int) -> list[dict]:
     info = DistInfo()
     loader, sampler = build_loader(cfg, info)
     iters = len(loader)
+    if steps > cfg.optimizer.total_epochs * iters:
+        raise ValueError(f"--steps {steps}: the run's schedule has {cfg.optimizer.total_epochs * iters} steps")
     precision = resolve_precision(cfg.amp, info.device)
     models = twin_models(cfg)
     opts = {}
@@ -172,10 +176,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     run_dir = Path(a.run_dir)
     cfg = open_run_config(p, run_dir)
+    code = code_version(git_state())  # the tree that runs, before any later edit
     t0 = time.time()
-    rows = step_twins(cfg, a.steps, a.log_every)
+    try:
+        rows = step_twins(cfg, a.steps, a.log_every)
+    except ValueError as e:
+        p.error(str(e))
     out = {"run": str(run_dir.name), "config_method": cfg.model.method, "seed": cfg.seed,
-           "code": code_version(git_state()), "where": machine("cpu"), "threads": a.threads, "load": a.load, "steps": a.steps,
+           "code": code, "where": machine("cpu"), "threads": a.threads, "load": a.load, "steps": a.steps,
            "batch": cfg.data.train_batch_size, "size": cfg.data.resize_size, "base_lr": cfg.optimizer.base_lr,
            "warmup_epochs": cfg.optimizer.warmup_epochs, "total_epochs": cfg.optimizer.total_epochs,
            "twins": list(TWINS), "wall_s": round(time.time() - t0, 1), "rows": rows}

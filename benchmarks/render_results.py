@@ -11,7 +11,8 @@ script with ``--infer_images 0``), ``presence_present`` (docs/results/asam_lite_
 ``--mask_loss_on present``), ``realism`` (docs/results/synthetic_realism.json,
 benchmarks/measure_synthetic_realism.py), ``lung_asam`` (docs/results/lung_asam.json,
 benchmarks/measure_lung_asam.py ``--negative_rate 0 --mask_loss_on all``), ``lung_asam_presence``
-(docs/results/lung_asam_presence.json, the same script with its defaults: negatives, presence decision).
+(docs/results/lung_asam_presence.json, the same script with its defaults: negatives, presence decision),
+``byol_stepwise`` (docs/results/byol_stepwise_cpu.json, benchmarks/measure_byol_stepwise.py).
 """
 from __future__ import annotations
 
@@ -334,12 +335,35 @@ def context_block(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stepwise_block(d: dict, every: int = 20) -> str:
+    """Our byol and its twins from equal weights (benchmarks/measure_byol_stepwise.py): each twin's
+    encoder divergence from ours (distance apart / distance ours has trained) and the losses, at
+    every ``every``-th logged step and the last."""
+    # step 1 runs at lr 0 (warm-up): nothing has moved yet, so no divergence is defined
+    rows = [r for r in d["rows"] if r["byol_moved"] > 0 and (r["step"] % every == 0 or r["step"] == d["steps"])]
+    twins = d["twins"]
+    lines = [f"The config of the campaign's `{d['config_method']}` run `{d['run']}` (seed {d['seed']}, {d['size']} px, batch {d['batch']}, base_lr {d['base_lr']}, "
+             f"warm-up {d['warmup_epochs']} of {d['total_epochs']} epochs), its first {d['steps']} steps; "
+             f"{d['where']}, {d['threads']} thread, commit `{(d.get('code') or '')[:7]}`; load: {d['load']}. "
+             "Divergence: `||twin - byol|| / ||byol - byol at step 0||` over the online encoder's weights. "
+             "Losses in each model's own units (ours `2 - 2 cos`, lightly's `-cos` times its scale).", "",
+             "| step | lr | " + " | ".join(f"divergence {t}" for t in twins) + " | loss byol | "
+             + " | ".join(f"loss {t}" for t in twins) + " |",
+             "|---|---|" + "---|" * (2 * len(twins) + 1)]
+    for r in rows:
+        div = " | ".join("–" if r["divergence"][t] != r["divergence"][t] else f"{r['divergence'][t]:.4f}" for t in twins)
+        lines.append(f"| {r['step']} | {r['lr']:.3f} | {div} | {r['loss']['byol']:.4f} | "
+                     + " | ".join(f"{r['loss'][t]:.4f}" for t in twins) + " |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "presence": ("asam_lite_presence_cpu.json", presence_block),
           "presence_present": ("asam_lite_presence_present_cpu.json", presence_present_block), "realism": ("synthetic_realism.json", realism_block),
           "lung_asam": ("lung_asam.json", lung_block),
           "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block),
           "context_cpu_long": ("context_task_cpu_long.json", context_block),
+          "byol_stepwise": ("byol_stepwise_cpu.json", stepwise_block),
           "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block),
           "lung_asam_decision": (RESULTS_FILE_DECISION, decision_rules_block),
           "presence_combined": ("asam_lite_presence_combined_cpu.json",
