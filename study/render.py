@@ -111,6 +111,18 @@ def parity_table(rows: list[dict], protocol: str, ours: str = "byol", reference:
     return "\n".join(lines) + "\n"
 
 
+def parity_note(rows: list[dict], ours: str = "byol") -> str:
+    """How to read the "within the seed spread" column: the share of probe points at which two arms
+    of one algorithm, with this study's number of seeds, would be called outside it."""
+    seeds = len({r["seed"] for r in rows if r["arm"] == ours})
+    if seeds < 2:
+        return "Within the seed spread: needs at least two seeds per arm."
+    return (f"Within the seed spread: |difference| <= the larger sd of the two arms' seed means. With {seeds} seeds "
+            f"per arm, two arms of one algorithm fail that at {stats.spread_false_alarm(seeds):.0%} of probe points "
+            "(seed means i.i.d. normal, `study.stats.spread_false_alarm`): a \"no\" is read against that rate, "
+            "and the paired interval is the verdict.")
+
+
 def _seed_mean_sd(rows: list[dict], arm: str, protocol: str) -> float:
     """Sample sd over seeds of each seed's mean over folds (nan with fewer than 2 seeds)."""
     means = [np.mean([r["accuracy"] for r in rows if r["arm"] == arm and r["protocol"] == protocol and r["seed"] == s])
@@ -275,11 +287,16 @@ def results_markdown(rows: list[dict], runs: list[dict], mask_stats: dict, setti
         t = curve_table(rows, protocol)
         if t:
             md += [f"## Over the steps: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
+    first_parity = True
     for reference, title in PARITY_REFERENCES.items():
         for protocol in protocols_of(rows):
             t = parity_table(rows, protocol, reference=reference)
             if t:
-                md += [f"## Our BYOL vs {title}: {PROTOCOL_LABELS.get(protocol, protocol)}", "", t]
+                md += [f"## Our BYOL vs {title}: {PROTOCOL_LABELS.get(protocol, protocol)}", ""]
+                if first_parity:
+                    md += [parity_note(rows), ""]
+                    first_parity = False
+                md += [t]
     if runs:
         md += ["## Cost of each pre-trained arm", "", runs_table(runs)]
     if mask_stats:

@@ -129,3 +129,16 @@ def test_sweep_chooses_the_best_final_linear_probe_and_pairs_by_fold(tmp_path):
     assert choice["chosen_base_lr"] == 8.0 and choice["unfinished"] == ["lr=16"]
     assert "PROVISIONAL" in md and "-0.020 [-0.020, -0.020] lower" in md
     assert "lr=16" not in choice["final"]["linear"]          # no NaN for the unfinished variant
+
+
+def test_spread_false_alarm_is_one_third_with_two_seeds():
+    """Hand-computed: with 2 seeds of unit-normal means, u = (x_1 + x_2) / sqrt(2) and v = (x_1 - x_2) /
+    sqrt(2) are i.i.d. N(0, 1); mean_a - mean_b = (u_a - u_b) / sqrt(2) ~ N(0, 1) and the sample sd is
+    |v|, so the check compares three i.i.d. |N(0, 1)| values and fails when the first is the largest:
+    probability 1/3. The population sd (ddof 0) would give ~0.47."""
+    from study.stats import spread_false_alarm
+
+    assert spread_false_alarm(2) == pytest.approx(1 / 3, abs=0.005)
+    assert spread_false_alarm(3) < spread_false_alarm(2)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        spread_false_alarm(1)
