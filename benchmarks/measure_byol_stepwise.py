@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """From equal weights, does lightly's BYOL train like ours? Twins stepped side by side on one run's batches.
 
-    python benchmarks/measure_byol_stepwise.py --run_dir <study>/runs/lightly_byol_x2/seed0 --steps 300 \
+    python benchmarks/measure_byol_stepwise.py --run_dir <study>/runs/lightly_byol_x2/seed0 --steps 200 \
         --json docs/results/byol_stepwise_cpu.json
 
 The campaign's ``byol`` and ``lightly_byol`` arms of one seed see the same batches, augmentations and
@@ -59,7 +59,8 @@ def load_byol_into_lightly(ours: ACLUS, theirs: ACLUS) -> None:
 
     Encoders (online and target) share their state-dict keys. The heads map layer by layer
     (Linear, BatchNorm1d, Linear): our first Linear's bias has no counterpart and is left out,
-    which changes nothing in training mode, where the BatchNorm after it subtracts the batch mean.
+    which changes nothing in training mode, where the BatchNorm after it subtracts the batch mean
+    (a bias lightly lacks anywhere else is an error).
     BatchNorm running statistics are copied as they are; afterwards that BatchNorm's running mean
     tracks our bias too, which nothing reads (BYOL runs its heads in training mode only).
     """
@@ -74,12 +75,15 @@ def load_byol_into_lightly(ours: ACLUS, theirs: ACLUS) -> None:
             if [type(m) for m in la] != [type(m) for m in lb]:
                 raise ValueError(f"head layers differ: {[type(m).__name__ for m in la]} vs "
                                  f"{[type(m).__name__ for m in lb]}")
-            for x, y in zip(la, lb):
+            for i, (x, y) in enumerate(zip(la, lb)):
                 if x.weight.shape != y.weight.shape:
                     raise ValueError(f"head shapes differ: {tuple(x.weight.shape)} vs {tuple(y.weight.shape)}")
                 y.weight.copy_(x.weight)
                 if y.bias is not None:
                     y.bias.copy_(x.bias)
+                elif x.bias is not None and not (i + 1 < len(la) and isinstance(la[i + 1], torch.nn.BatchNorm1d)):
+                    raise ValueError(f"layer {i} of lightly's head has no bias and no BatchNorm after it to "
+                                     "cancel ours")
                 if isinstance(x, torch.nn.BatchNorm1d):
                     y.running_mean.copy_(x.running_mean)
                     y.running_var.copy_(x.running_var)
@@ -120,9 +124,10 @@ def _with_method(cfg: PretrainConfig, method: str) -> PretrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method=method))
 
 
-def step_twins(cfg: PretrainConfig, steps: int, log_every: int) -> list[dict]:
-    """Step ``byol`` and its twins ``steps`` times on the run's batches (its loader, epoch by epoch,
-    with the step seeds of ``pretraining.loop``); one row per logged step."""
+def step_twins(cfg: PretrainConfig, steps: int, log_every: int) -> tuple[list[dict], dict[str, ACLUS]]:
+    """Step ``byol`` and its twins ``steps`` times on the run's batches as ``pretraining.loop.fit``
+    does (its loader epoch by epoch, its step seeds, one mask generator per epoch); one row per
+    logged step, and the stepped models."""
     info = DistInfo()
     loader, sampler = build_loader(cfg, info)
     iters = len(loader)
@@ -134,12 +139,13 @@ def step_twins(cfg: PretrainConfig, steps: int, log_every: int) -> list[dict]:
     for name, m in models.items():
         prepare_model(m, cfg.amp, info.device)
         opts[name] = build_optimizer(cfg, m, cfg.data.train_batch_size, iters)
-    scalers = {name: torch.amp.GradScaler("cuda", enabled=False) for name in models}
+    scalers = {name: torch.amp.GradScaler("cuda", enabled=precision.needs_scaler) for name in models}
     init = encoder_vector(models["byol"])
     rows, step, t0 = [], 0, time.time()
     epoch = 0
     while step < steps:
         sampler.set_epoch(epoch)
+        generators = {name: mask_generator(cfg.seed, 0, epoch, info.device) for name in models}
         for batch in loader:
             if step == steps:
                 break
@@ -149,7 +155,7 @@ def step_twins(cfg: PretrainConfig, steps: int, log_every: int) -> list[dict]:
                 aug = torch.Generator().manual_seed(augment_seed(cfg.seed, 0, epoch, step))
                 m.train()
                 loss, _ = train_step(m, m, opt, scalers[name], batch, float(lr[step]), float(mom[step]),
-                                     mask_generator(cfg.seed, 0, epoch, info.device), precision, aug)
+                                     generators[name], precision, aug)
                 losses[name] = float(loss)
             step += 1
             if step % log_every == 0 or step == steps or step == 1:
@@ -159,14 +165,14 @@ def step_twins(cfg: PretrainConfig, steps: int, log_every: int) -> list[dict]:
                              "byol_moved": float((ref - init).norm()), "elapsed_s": round(time.time() - t0, 1)})
                 print(json.dumps(rows[-1]), flush=True)
         epoch += 1
-    return rows
+    return rows, models
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", required=True, help="a pre-training run folder (its config.yaml is read)")
     p.add_argument("--json", default=None, help="write the measurement here (atomically)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each model")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of each model")
     p.add_argument("--log_every", type=int, default=10, help="record the divergence every this many steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--load", default="nothing else", help="what ran beside it, in words (recorded)")
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     code = code_version(git_state())  # the tree that runs, before any later edit
     t0 = time.time()
     try:
-        rows = step_twins(cfg, a.steps, a.log_every)
+        rows, _ = step_twins(cfg, a.steps, a.log_every)
     except ValueError as e:
         p.error(str(e))
     out = {"run": str(run_dir.name), "config_method": cfg.model.method, "seed": cfg.seed,

@@ -335,23 +335,31 @@ def context_block(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_commit(code: str | None) -> str:
+    """A recorded code version, short: the commit's first 7 digits, ``+modified`` kept."""
+    commit, plus, rest = (code or "").partition("+")
+    return commit[:7] + plus + rest
+
+
 def stepwise_block(d: dict, every: int = 20) -> str:
     """Our byol and its twins from equal weights (benchmarks/measure_byol_stepwise.py): each twin's
     encoder divergence from ours (distance apart / distance ours has trained) and the losses, at
     every ``every``-th logged step and the last."""
-    # step 1 runs at lr 0 (warm-up): nothing has moved yet, so no divergence is defined
-    rows = [r for r in d["rows"] if r["byol_moved"] > 0 and (r["step"] % every == 0 or r["step"] == d["steps"])]
+    # step 1 runs at lr 0 (warm-up): nothing has moved yet, so no divergence is defined; the first
+    # row after it is kept (the twins' closest point), then every ``every``-th and the last
+    moved = [r for r in d["rows"] if r["byol_moved"] > 0]
+    rows = [r for i, r in enumerate(moved) if i == 0 or r["step"] % every == 0 or r["step"] == d["steps"]]
     twins = d["twins"]
     lines = [f"The config of the campaign's `{d['config_method']}` run `{d['run']}` (seed {d['seed']}, {d['size']} px, batch {d['batch']}, base_lr {d['base_lr']}, "
              f"warm-up {d['warmup_epochs']} of {d['total_epochs']} epochs), its first {d['steps']} steps; "
-             f"{d['where']}, {d['threads']} thread, commit `{(d.get('code') or '')[:7]}`; load: {d['load']}. "
+             f"{d['where']}, torch threads: {d['threads']}, commit `{_short_commit(d.get('code'))}`; load: {d['load']}. "
              "Divergence: `||twin - byol|| / ||byol - byol at step 0||` over the online encoder's weights. "
              "Losses in each model's own units (ours `2 - 2 cos`, lightly's `-cos` times its scale).", "",
              "| step | lr | " + " | ".join(f"divergence {t}" for t in twins) + " | loss byol | "
              + " | ".join(f"loss {t}" for t in twins) + " |",
              "|---|---|" + "---|" * (2 * len(twins) + 1)]
     for r in rows:
-        div = " | ".join("–" if r["divergence"][t] != r["divergence"][t] else f"{r['divergence'][t]:.4f}" for t in twins)
+        div = " | ".join(f"{r['divergence'][t]:.4f}" for t in twins)
         lines.append(f"| {r['step']} | {r['lr']:.3f} | {div} | {r['loss']['byol']:.4f} | "
                      + " | ".join(f"{r['loss'][t]:.4f}" for t in twins) + " |")
     return "\n".join(lines) + "\n"

@@ -35,8 +35,10 @@ def _pair(method: str) -> tuple[ACLUS, ACLUS]:
     torch.manual_seed(0)
     ours = ACLUS("byol", proj_hidden=32, proj_dim=16, pred_hidden=32)
     theirs = ACLUS(method, proj_hidden=32, proj_dim=16, pred_hidden=32)
-    # BatchNorm buffers that differ, so that a copy which forgets them shows up in eval mode
-    ours.projector_c5.net[1].running_mean.uniform_()
+    # BatchNorm buffers unlike the fresh ones of lightly's heads, so that a copy which forgets any shows
+    for head in (ours.projector_c5, ours.target_projector_c5, ours.predictor):
+        head.net[1].running_mean.uniform_()
+        head.net[1].running_var.uniform_(0.5, 2.0)
     mbs.load_byol_into_lightly(ours, theirs)
     return ours, theirs
 
@@ -45,9 +47,12 @@ def test_loaded_twin_computes_our_loss_and_keeps_our_buffers():
     """2 - 2 cos (ours) = 2 + lightly_x2's loss on the same batch: fails if a head (online, target,
     predictor) or an encoder is left at lightly's own initialisation."""
     ours, theirs = _pair("lightly_byol_x2")
-    ours_bn = [m for m in ours.projector_c5.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    theirs_bn = [m for m in theirs.projector_c5.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(ours_bn, theirs_bn))
+    for name in ("projector_c5", "target_projector_c5", "predictor"):
+        ours_bn = [m for m in getattr(ours, name).modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        theirs_bn = [m for m in getattr(theirs, name).modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        assert ours_bn and len(ours_bn) == len(theirs_bn)
+        for a, b in zip(ours_bn, theirs_bn):
+            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var), name
     g = torch.Generator().manual_seed(1)
     batch = {"view1": torch.randn(6, 3, 32, 32, generator=g), "view2": torch.randn(6, 3, 32, 32, generator=g)}
     assert torch.allclose(ours(batch)[0], 2 + theirs(batch)[0], atol=1e-5)
@@ -94,3 +99,27 @@ def test_more_steps_than_the_schedule_is_a_one_line_error(run_dir, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert re.fullmatch(r".*error: --steps 100000: the run's schedule has \d+ steps", err[-1]), err
+
+
+def test_byol_steps_as_the_training_loop_does(tmp_path, synthetic_pretrain_dir, make_pretrain_config, one_torch_thread):
+    """The reference the twins are judged against is the run itself: after N steps, step_twins' byol
+    encoder equals the encoder snapshot pretrain_aclus.py writes after N steps of the same config.
+    Fails if the script indexes the schedules, seeds the views or orders the batches otherwise."""
+    from pretraining.config import load_config
+    from utils.stage_files import snapshot_name
+    import pretrain_aclus
+
+    cfg_path = make_pretrain_config(tmp_path, synthetic_pretrain_dir, model={"method": "byol"},
+                                    checkpoint={"ckpt_path": str(tmp_path / "run"), "save_epoch": 2,
+                                                "resume_path": "", "snapshot_fractions": [0.5]})
+    assert pretrain_aclus.main(["--cfg", str(cfg_path), "--device", "cpu"]) == 0
+    snapshots = sorted((tmp_path / "run").glob("encoder_resnet18_step*.pth"))
+    assert len(snapshots) == 1
+    n = int(snapshots[0].stem.rsplit("step", 1)[1])
+    assert n >= 2 and snapshots[0].name == snapshot_name(n)
+    _, models = mbs.step_twins(load_config(cfg_path), n, n)
+    saved = torch.load(snapshots[0], weights_only=True)
+    mine = models["byol"].encoder.resnet.state_dict()
+    assert saved.keys() == mine.keys()
+    for k in saved:
+        assert torch.equal(saved[k], mine[k]), k

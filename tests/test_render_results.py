@@ -148,9 +148,10 @@ def test_the_decision_rules_of_one_checkpoint_are_set_side_by_side_in_order(tmp_
         == "Not comparable with `second.json`: other max_val."
 
 
-def test_the_stepwise_table_keeps_every_twentieth_step_and_the_last_one():
-    """Step 1 (lr 0, nothing moved: no divergence) is left out, so is a step between the kept ones;
-    the last step is kept although it is no multiple of 20; each twin's value lands in its own column."""
+def test_the_stepwise_table_keeps_the_first_moved_step_every_twentieth_and_the_last():
+    """Step 1 (lr 0, nothing moved: no divergence) is left out; the first step after it is kept, a step
+    between the kept ones is not, the last is kept although it is no multiple of 20; each twin's value
+    lands in its own column; a modified tree's commit says so."""
     from render_results import stepwise_block
 
     twins = ["byol_nudged", "lightly_byol_x2", "lightly_byol"]
@@ -162,9 +163,10 @@ def test_the_stepwise_table_keeps_every_twentieth_step_and_the_last_one():
     d = {"run": "seed0", "config_method": "lightly_byol_x2", "seed": 0, "size": 64, "batch": 64, "base_lr": 2.0,
          "warmup_epochs": 2, "total_epochs": 40, "steps": 25, "where": "CPU", "threads": 1, "code": "abcdef0123",
          "load": "nothing else", "twins": twins,
-         "rows": [row(1, 0.0, [float("nan")] * 3), row(10, 1.0, [9, 9, 9]), row(20, 2.0, [0.1, 0.2, 0.3]),
-                  row(25, 3.0, [0.4, 0.5, 0.6])]}
+         "rows": [row(1, 0.0, [float("nan")] * 3), row(10, 1.0, [0.01, 0.02, 0.03]), row(15, 1.5, [9, 9, 9]),
+                  row(20, 2.0, [0.1, 0.2, 0.3]), row(25, 3.0, [0.4, 0.5, 0.6])]}
     table = [line for line in stepwise_block(d).splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [line.split(" | ")[0] for line in table] == ["| 20", "| 25"]
-    assert table[1].split(" | ")[2:5] == ["0.4000", "0.5000", "0.6000"]
+    assert [line.split(" | ")[0] for line in table] == ["| 10", "| 20", "| 25"]
+    assert table[2].split(" | ")[2:5] == ["0.4000", "0.5000", "0.6000"]
     assert "commit `abcdef0`" in stepwise_block(d)
+    assert "commit `abcdef0+modified`" in stepwise_block({**d, "code": "abcdef0123+modified"})

@@ -135,10 +135,26 @@ def test_spread_false_alarm_is_one_third_with_two_seeds():
     """Hand-computed: with 2 seeds of unit-normal means, u = (x_1 + x_2) / sqrt(2) and v = (x_1 - x_2) /
     sqrt(2) are i.i.d. N(0, 1); mean_a - mean_b = (u_a - u_b) / sqrt(2) ~ N(0, 1) and the sample sd is
     |v|, so the check compares three i.i.d. |N(0, 1)| values and fails when the first is the largest:
-    probability 1/3. The population sd (ddof 0) would give ~0.47."""
+    probability 1/3. The population sd (ddof 0) would give ~0.46."""
     from study.stats import spread_false_alarm
 
     assert spread_false_alarm(2) == pytest.approx(1 / 3, abs=0.005)
     assert spread_false_alarm(3) < spread_false_alarm(2)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         spread_false_alarm(1)
+
+
+def test_within_spread_compares_with_the_larger_sd():
+    from study.stats import within_spread
+
+    assert within_spread(0.03, 0.01, 0.03) and within_spread(-0.03, 0.03, 0.01)
+    assert not within_spread(0.031, 0.03, 0.01)
+
+
+def test_the_parity_note_gives_the_rate_for_the_studys_seeds():
+    from study.render import parity_note
+    from study.stats import spread_false_alarm
+
+    rows = [{"arm": "byol", "seed": s} for s in (0, 1, 2)] + [{"arm": "lightly_byol", "seed": 0}]
+    assert f"With 3 seeds per arm, two arms of one algorithm fail that at {spread_false_alarm(3):.0%}" in parity_note(rows)
+    assert "needs at least two seeds" in parity_note(rows[:1])
