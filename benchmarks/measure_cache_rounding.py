@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def main(argv=None) -> dict:
               "settings": {"ckpt": Path(a.ckpt).name, "frames": len(frames), "prompts": wanted, "presence": note},
               "presence_flips": dict(zip(wanted, flips)), "presence_decisions": decisions,
               "agreement": agreement, "machine": machine()}
+    result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"pixel agreement {agreement['pixel_agreement']:.5f}; presence flips {sum(flips)} of {decisions}")
     for k, v in agreement["per_prompt"].items():

@@ -12,7 +12,8 @@ script with ``--infer_images 0``), ``presence_present`` (docs/results/asam_lite_
 benchmarks/measure_synthetic_realism.py), ``lung_asam`` (docs/results/lung_asam.json,
 benchmarks/measure_lung_asam.py ``--negative_rate 0 --mask_loss_on all``), ``lung_asam_presence``
 (docs/results/lung_asam_presence.json, the same script with its defaults: negatives, presence decision),
-``byol_stepwise`` (docs/results/byol_stepwise_cpu.json, benchmarks/measure_byol_stepwise.py).
+``byol_stepwise`` (docs/results/byol_stepwise_cpu.json, benchmarks/measure_byol_stepwise.py),
+``cache_rounding`` (docs/results/cache_rounding_cpu.json, benchmarks/measure_cache_rounding.py).
 """
 from __future__ import annotations
 
@@ -335,6 +336,18 @@ def context_block(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_rounding_block(d: dict) -> str:
+    """A-SAM maps from float32 embeddings against float16-rounded ones (benchmarks/measure_cache_rounding.py)."""
+    per = d["agreement"]["per_prompt"]
+    ious = [v["iou"] for v in per.values() if v["iou"] is not None]
+    flips = sum(d["presence_flips"].values())
+    return (f"`{d['settings']['ckpt']}` on {d['settings']['frames']} frames, prompts {', '.join(per)}; "
+            f"{where(d)}: presence decisions that flip {flips} of "
+            f"{d['presence_decisions']}; same presence call on {min(v['same_call'] for v in per.values()):.3f} "
+            f"of frames or more per prompt; IoU where both keep a region {min(ious):.4f} to {max(ious):.4f}; "
+            f"pixels labelled alike {d['agreement']['pixel_agreement']:.5f}.\n")
+
+
 def _short_commit(code: str | None) -> str:
     """A recorded code version, short: the commit's first 7 digits, ``+modified`` kept."""
     commit, plus, rest = (code or "").partition("+")
@@ -372,6 +385,7 @@ BLOCKS = {"asam": ("asam_lite_cpu.json", asam_block),
           "lung_asam_presence": ("lung_asam_presence.json", lung_presence_block),
           "context_cpu_long": ("context_task_cpu_long.json", context_block),
           "byol_stepwise": ("byol_stepwise_cpu.json", stepwise_block),
+          "cache_rounding": ("cache_rounding_cpu.json", cache_rounding_block),
           "lung_asam_negatives": ("lung_asam_negatives.json", lung_negatives_block),
           "lung_asam_decision": (RESULTS_FILE_DECISION, decision_rules_block),
           "presence_combined": ("asam_lite_presence_combined_cpu.json",

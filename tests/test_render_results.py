@@ -152,7 +152,7 @@ def test_the_stepwise_table_keeps_the_first_moved_step_every_twentieth_and_the_l
     """Step 1 (lr 0, nothing moved: no divergence) is left out; the first step after it is kept, a step
     between the kept ones is not, the last is kept although it is no multiple of 20; each twin's value
     lands in its own column; a modified tree's commit says so."""
-    from render_results import stepwise_block
+    stepwise_block = render_results.stepwise_block
 
     twins = ["byol_nudged", "lightly_byol_x2", "lightly_byol"]
 
@@ -170,3 +170,15 @@ def test_the_stepwise_table_keeps_the_first_moved_step_every_twentieth_and_the_l
     assert table[2].split(" | ")[2:5] == ["0.4000", "0.5000", "0.6000"]
     assert "commit `abcdef0`" in stepwise_block(d)
     assert "commit `abcdef0+modified`" in stepwise_block({**d, "code": "abcdef0123+modified"})
+
+
+def test_the_cache_rounding_line_gives_the_worst_prompt_and_the_flips():
+    cache_rounding_block = render_results.cache_rounding_block
+
+    d = {"settings": {"ckpt": "best.pt", "frames": 2}, "presence_decisions": 4,
+         "presence_flips": {"A": 1, "B": 0}, "machine": {"cpu_count": 2},
+         "agreement": {"pixel_agreement": 0.5, "per_prompt": {"A": {"same_call": 0.5, "iou": None},
+                                                              "B": {"same_call": 1.0, "iou": 0.25}}}}
+    line = cache_rounding_block(d)
+    assert "flip 1 of 4" in line and "1.000 of frames" not in line and "0.500 of frames" in line
+    assert "0.2500 to 0.2500" in line and "alike 0.50000" in line

@@ -227,3 +227,42 @@ def test_compare_maps_by_hand():
     assert r["pixel_agreement"] == 5 / 8                 # 2 of frame 1, 3 of frame 2
     assert r["per_prompt"][1] == {"same_call": 1.0, "iou": 0.5, "frames_both": 1, "frames_a": 1, "frames_b": 1}
     assert r["per_prompt"][2] == {"same_call": 0.0, "iou": None, "frames_both": 0, "frames_a": 1, "frames_b": 1}
+
+
+def test_cache_rounding_decodes_the_embedding_it_is_given(run, tmp_path):
+    """benchmarks/measure_cache_rounding.py: its float32 pass is predict_index_maps itself (a wrapper
+    that handed over another embedding, or broke the segmenter, would differ), its rounded pass reads
+    the embedding rounded to float16, and the script counts one decision per frame and prompt."""
+    from benchmarks import measure_cache_rounding as mcr
+    from SAM.checkpoint import prompter_from_checkpoint, segmenter_from_checkpoint
+    from SAM.fast_decoder import predict_index_maps
+    from SAM.infer_masks import presence_decision
+
+    ck = load_checkpoint(run["s2"] / "best.pt", ("asam_stage2",))
+    seg, prompter = segmenter_from_checkpoint(ck).eval(), prompter_from_checkpoint(ck).eval()
+    keys = ck["prompt_keys"]
+    presence, _ = presence_decision(ck, keys, "checkpoint")
+    assert presence is not None
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, seg.img_size, seg.img_size)
+    valid, sizes = [(seg.img_size, seg.img_size)] * 2, [(80, 96), (64, 64)]
+    ids = list(range(len(keys)))
+    (m32, s32), (m16, s16) = mcr.decode_both(seg, prompter, images, ids, valid, sizes, presence)
+    with torch.no_grad():
+        ref_maps, ref_scores = predict_index_maps(seg, prompter, images, ids, valid, sizes, return_scores=True,
+                                                  presence=presence)
+        emb16 = seg.embed(images).half().float()
+        r16_maps, _ = predict_index_maps(mcr.with_fixed_embedding(seg, emb16), prompter, images, ids, valid, sizes,
+                                         return_scores=True, presence=presence)
+    assert all(np.array_equal(a, b) for a, b in zip(m32, ref_maps)) and s32 == ref_scores
+    assert all(np.array_equal(a, b) for a, b in zip(m16, r16_maps))
+    assert not torch.equal(emb16, seg.embed(images))          # the rounding is real
+
+    data = tmp_path / "frames"
+    (data / "V" / "img").mkdir(parents=True)
+    for src in sorted((run["root"] / "SynLung-Pleura" / "img").glob("*.png"))[:3]:
+        cv2.imwrite(str(data / "V" / "img" / src.name), cv2.imread(str(src)))
+    res = mcr.main(["--ckpt", str(run["s2"] / "best.pt"), "--frames", str(data), "--n", "3",
+                    "--out", str(tmp_path / "r.json")])
+    assert res["presence_decisions"] == 3 * len(keys) and set(res["presence_flips"]) == set(keys)
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["frames"] == 3
