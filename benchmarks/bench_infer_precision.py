@@ -56,20 +56,31 @@ def compare_maps(a: list[np.ndarray], b: list[np.ndarray], n_prompts: int) -> di
     return {"per_prompt": per, "pixel_agreement": same / sum(x.size for x in a)}
 
 
-def main(argv=None) -> dict:
-    p = script_parser(__doc__)
+def frames_parser(doc: str, out: str):
+    """The command line of a measurement that masks frames with an A-SAM checkpoint two ways."""
+    p = script_parser(doc)
     p.add_argument("--ckpt", required=True, help="A-SAM stage-2 checkpoint")
     p.add_argument("--frames", required=True, help="<Sub>/img/*.png tree of frames")
     p.add_argument("--prompts", default=None, help="infer_masks --prompts (default: all of the checkpoint)")
     p.add_argument("--n", type=int, default=48, help="frames, spread evenly over the sorted list (48)")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--out", default=str(REPO / "docs/results/infer_precision_cpu.json"))
-    a = p.parse_args(argv)
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / out))
+    return p
+
+
+def checked_frames(a) -> list[Path]:
+    """``--n`` frames of ``--frames``, spread evenly; a one-line exit for a missing checkpoint or no frames."""
     if not Path(a.ckpt).is_file():
         raise SystemExit(f"--ckpt {a.ckpt}: no such checkpoint")
     frames = spread_evenly(sorted(Path(a.frames).glob("*/img/*.png")), a.n)
     if not frames:
         raise SystemExit(f"--frames {a.frames}: no <Sub>/img/*.png there")
+    return frames
+
+
+def main(argv=None) -> dict:
+    a = frames_parser(__doc__, "infer_precision_cpu.json").parse_args(argv)
+    frames = checked_frames(a)
     where = machine()
     work = Path(tempfile.mkdtemp(prefix="infer_precision_"))
     try:

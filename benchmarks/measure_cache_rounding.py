@@ -27,13 +27,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from benchmarks.bench_infer_precision import compare_maps  # noqa: E402
+from benchmarks.bench_infer_precision import checked_frames, compare_maps, frames_parser  # noqa: E402
 from benchmarks.machine import machine  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.infer_masks import ImageFiles, _collate, presence_decision  # noqa: E402
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from utils.extract_frames import spread_evenly  # noqa: E402
-from utils.flags import script_parser  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 
 
@@ -57,19 +55,8 @@ def decode_both(seg, prompter, images, prompt_ids, valid, sizes, presence):
 
 
 def main(argv=None) -> dict:
-    p = script_parser(__doc__)
-    p.add_argument("--ckpt", required=True, help="A-SAM stage-2 checkpoint (with a presence decision)")
-    p.add_argument("--frames", required=True, help="<Sub>/img/*.png tree of frames")
-    p.add_argument("--prompts", default=None, help="comma-separated prompt keys (default: all of the checkpoint)")
-    p.add_argument("--n", type=int, default=48, help="frames, spread evenly over the sorted list (48)")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--out", default=str(REPO / "docs/results/cache_rounding_cpu.json"))
-    a = p.parse_args(argv)
-    if not Path(a.ckpt).is_file():
-        raise SystemExit(f"--ckpt {a.ckpt}: no such checkpoint")
-    frames = spread_evenly(sorted(Path(a.frames).glob("*/img/*.png")), a.n)
-    if not frames:
-        raise SystemExit(f"--frames {a.frames}: no <Sub>/img/*.png there")
+    a = frames_parser(__doc__, "cache_rounding_cpu.json").parse_args(argv)
+    frames = checked_frames(a)
     ck = load_checkpoint(a.ckpt, ("asam_stage2",))
     keys = ck["prompt_keys"]
     wanted = a.prompts.split(",") if a.prompts else keys
