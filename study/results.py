@@ -196,6 +196,14 @@ def completed_pairs(store: Results, arms: list[str], preset: Preset) -> set[str]
     return {f"{arm} seed {s}" for s in preset.seeds for arm in arms if store.done(arm, s, preset)}
 
 
+def study_seeds(earlier: dict, rows: list[dict], preset: Preset) -> tuple[int, ...]:
+    """The seeds of a study: those of the runs before (``earlier``: the settings.json they left, and
+    the seeds of its ``rows``) and this run's ``--seeds``; a run of fewer seeds extends the study,
+    never narrows it."""
+    return tuple(sorted({*earlier.get("preset", {}).get("seeds", []), *(int(r["seed"]) for r in rows),
+                         *preset.seeds}))
+
+
 def pending(store: Results, arms: list[str], preset: Preset, missing: dict) -> list[str]:
     return [f"{arm} seed {s}" for s in preset.seeds for arm in arms
             if arm not in missing and not store.done(arm, s, preset)]

@@ -1,6 +1,7 @@
 """study_real_data.py: presets, result files, rendering, and the smoke preset on the real data (skips without it)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -480,3 +481,14 @@ def test_a_study_killed_without_its_finally_keeps_which_commit_made_its_rows(sha
     assert list(settings["made_by"].values()) == [["random seed 0"]]
     assert settings["pending"] == ["bn_control seed 0"]
     assert settings["note"] == "written by hand"
+
+
+def test_a_run_of_fewer_seeds_extends_the_studys_seeds():
+    """settings.json's seeds (and so its pending list) are the study's: a run with --seeds 2 after
+    seeds 0-1 keeps them, from the settings before it or, where those lost them, from the rows."""
+    from study.plan import PRESETS
+
+    one = dataclasses.replace(PRESETS["cpu_long"], seeds=(2,))
+    assert res.study_seeds({"preset": {"seeds": [0, 1]}}, [], one) == (0, 1, 2)
+    assert res.study_seeds({"preset": {"seeds": [2]}}, [{"seed": "0"}, {"seed": "1"}], one) == (0, 1, 2)
+    assert res.study_seeds({}, [], one) == (2,)
