@@ -195,8 +195,8 @@ def study(a: argparse.Namespace) -> int:
     t0 = time.time()
     all_arms = list(dict.fromkeys([*earlier.get("arms", []), *arms]))  # a run of fewer arms extends the study
     # the study's seeds, not this run's alone: a run of fewer seeds extends the study (and its pending list)
-    study = dataclasses.replace(preset, seeds=study_seeds(earlier, store.rows, preset))
-    settings = {"preset": study.to_dict(), "variant": variant, "arms": all_arms, "where": machine(preset.device),
+    design = dataclasses.replace(preset, seeds=study_seeds(earlier, store.rows, preset))
+    settings = {"preset": design.to_dict(), "variant": variant, "arms": all_arms, "where": machine(preset.device),
                 "selection": SELECTION, "command": [Path(sys.argv[0]).name, *recorded_command(sys.argv[1:])],
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "packages": package_versions(),
                 "git": git_state(), "sources": {"covid_blues": portable(a.covid_blues), "pocus": portable(a.pocus),
@@ -214,7 +214,7 @@ def study(a: argparse.Namespace) -> int:
         killed without its ``finally`` (a lost machine) still says which commit made which rows."""
         settings["stage_wall_s"] = {k: v.get("wall_s") for k, v in st.records.items()}
         settings["session_wall_s"] = round(time.time() - t0, 1)
-        settings["pending"] = pending(store, all_arms, study, settings.get("missing_arms", {}))
+        settings["pending"] = pending(store, all_arms, design, settings.get("missing_arms", {}))
         settings["made_by"] = res.attribute_pairs(earlier.get("made_by", {}), code_version(settings["git"]),
                                                   done_before, completed_pairs(store, arms, preset))
         if settings.get("steps") is not None:

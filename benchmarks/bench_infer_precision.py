@@ -120,14 +120,21 @@ def main(argv=None) -> dict:
                            "prompts": prompts},
               "runs": runs, "speedup": runs["bf16"]["images_per_s"] / runs["fp32"]["images_per_s"],
               "agreement": agreement, "machine": where}
-    result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
-    atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(f"fp32 {runs['fp32']['images_per_s']:.3f} images/s, bf16 {runs['bf16']['images_per_s']:.3f} "
-          f"({result['speedup']:.2f}x); pixel agreement {agreement['pixel_agreement']:.4f}")
-    for k, v in agreement["per_prompt"].items():
-        print(f"  {k}: same call on {v['same_call']:.2f} of frames, IoU {v['iou']}")
-    print(f"wrote {a.out}")
+    write_report(result, Path(a.out), f"fp32 {runs['fp32']['images_per_s']:.3f} images/s, bf16 "
+                 f"{runs['bf16']['images_per_s']:.3f} ({result['speedup']:.2f}x); pixel agreement "
+                 f"{agreement['pixel_agreement']:.4f}")
     return result
+
+
+def write_report(result: dict, out: Path, headline: str) -> None:
+    """Write ``result`` (the load average now added to its machine) atomically to ``out``; print
+    ``headline`` and each prompt's agreement."""
+    result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print(headline)
+    for k, v in result["agreement"]["per_prompt"].items():
+        print(f"  {k}: same call on {v['same_call']:.3f} of frames, IoU {v['iou']}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ It measures agreement, not time (the encoder runs once per frame for both).
 from __future__ import annotations
 
 import copy
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,12 +25,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from benchmarks.bench_infer_precision import checked_frames, compare_maps, frames_parser  # noqa: E402
+from benchmarks.bench_infer_precision import checked_frames, compare_maps, frames_parser, write_report  # noqa: E402
 from benchmarks.machine import machine  # noqa: E402
 from SAM.fast_decoder import predict_index_maps  # noqa: E402
 from SAM.infer_masks import ImageFiles, _collate, presence_decision  # noqa: E402
 from SAM.checkpoint import load_checkpoint, prompter_from_checkpoint, segmenter_from_checkpoint  # noqa: E402
-from utils.io import atomic_write  # noqa: E402
 
 
 def with_fixed_embedding(seg: torch.nn.Module, emb: torch.Tensor) -> torch.nn.Module:
@@ -90,12 +87,8 @@ def main(argv=None) -> dict:
               "settings": {"ckpt": Path(a.ckpt).name, "frames": len(frames), "prompts": wanted, "presence": note},
               "presence_flips": dict(zip(wanted, flips)), "presence_decisions": decisions,
               "agreement": agreement, "machine": machine()}
-    result["machine"]["load_avg_1min_now"] = os.getloadavg()[0]
-    atomic_write(Path(a.out), lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(f"pixel agreement {agreement['pixel_agreement']:.5f}; presence flips {sum(flips)} of {decisions}")
-    for k, v in agreement["per_prompt"].items():
-        print(f"  {k}: same call on {v['same_call']:.3f} of frames, IoU {v['iou']}")
-    print(f"wrote {a.out}")
+    write_report(result, Path(a.out), f"pixel agreement {agreement['pixel_agreement']:.5f}; presence flips "
+                 f"{sum(flips)} of {decisions}")
     return result
 
 
