@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
                  epochs=cfg.epochs, lr=cfg.lr, device=device, save=save,
                  set_train_mode=set_train_mode, resume_state=resume, amp=args.amp)
 
-    def decided_fn(ds, record, rows):
+    def decided_fn(ds, record, rows, predict):
         # rows: presence_rows of ds through an unshuffled loader (one per line, in index order);
         # a prompt judged absent marks nothing
         if len(rows) != len(ds) or any(r["key"] != line.prompt_key for r, line in zip(rows, ds.lines)):
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
                              >= record["thresholds"][r["key"]]["threshold"] for r in rows])
 
         def decided(b):
-            lg = logits(b, ds)
+            lg = predict(b)
             k = keep[b["index"].cpu()].to(lg.device)
             return torch.where(k[:, None, None, None], lg, torch.full_like(lg, -1e4))
         return decided
@@ -243,14 +243,30 @@ def main(argv=None) -> dict:
         test_ds = mk(cfg.test_split, False, True, cfg.max_test, neg=float(len(keys)))
         if cache is not None:
             cache.fill(test_ds)
-        summary = evaluate(lambda b: logits(b, test_ds), loader_of(test_ds), keys, device, desc="test", amp=args.amp)
-        print(f"test (prompt-free, best epoch {ck['epoch']}):\n{format_summary(summary)}")
-        if "presence" in ck:
+        if "presence" not in ck:
+            summary = evaluate(lambda b: logits(b, test_ds), loader_of(test_ds), keys, device, desc="test",
+                               amp=args.amp)
+            print(f"test (prompt-free, best epoch {ck['epoch']}):\n{format_summary(summary)}")
+        else:
+            # the test split is decoded once: the presence pass keeps every line's low-res logits
+            # (on the CPU), and the summaries without and with the decision read them back
+            kept: dict[int, torch.Tensor] = {}
+
+            def scored(b):
+                lg, named = scores(b, test_ds)
+                kept.update(zip(b["index"].tolist(), lg.detach().cpu()))
+                return lg, named
+
+            def recalled(b):
+                return torch.stack([kept[i] for i in b["index"].tolist()]).to(device)
+
+            rows = presence_rows(scored, loader_of(test_ds), device, amp=args.amp)
+            raw = evaluate(recalled, loader_of(test_ds), keys, device, desc="test", amp=args.amp)
+            print(f"test (prompt-free, best epoch {ck['epoch']}):\n{format_summary(raw)}")
             # test_metrics.json: what the model does (the decision applied); test_presence.json:
             # the masks without it, and the decision's rates and AUROCs beside the alternatives'
-            rows = presence_rows(lambda b: scores(b, test_ds), loader_of(test_ds), device, amp=args.amp)
-            raw, summary = summary, evaluate(decided_fn(test_ds, ck["presence"], rows), loader_of(test_ds), keys,
-                                             device, desc="test", amp=args.amp)
+            summary = evaluate(decided_fn(test_ds, ck["presence"], rows, recalled), loader_of(test_ds), keys,
+                               device, desc="test", amp=args.amp)
             report = {"rule": ck["presence"]["rule"], "score": ck["presence"]["score"], "without_decision": raw,
                       "presence": presence_test_metrics(rows, ck["presence"])}
             atomic_write(out_dir / "test_presence.json", lambda f: f.write(json.dumps(report, indent=1).encode()))

@@ -164,11 +164,31 @@ def test_infer_masks_missing_checkpoint_is_one_line(repo_root, tmp_path):
     assert lines[0] == f"infer_masks.py: error: {bad}: A-SAM checkpoint not found"
 
 
-def test_stage2_with_a_negative_set_counts_its_images_as_absent_cases(run, tmp_path):
+def test_stage2_with_a_negative_set_counts_its_images_as_absent_cases(run, tmp_path, monkeypatch):
     """A negative set (issue 27) in the root: stage 2 trains with its images as negatives and the test
     split's false-positive rate of the prompt it lacks counts its test images; the other prompt's
-    does not (the set does not lack it)."""
+    does not (the set does not lack it). --eval_test decodes each test line once, though it reports
+    the masks with and without the presence decision (it decoded them three times)."""
     import shutil
+
+    decoded, passes = [0], []                  # rows through the mask decoder; (dataset, rows) per pass
+    decode = train_auto_prompter.decode_low_res
+
+    def counting_decode(seg, emb, *args, **kw):
+        decoded[0] += emb.shape[0]
+        return decode(seg, emb, *args, **kw)
+
+    def counted(fn):
+        def wrapped(predict, loader, *args, **kw):
+            before = decoded[0]
+            out = fn(predict, loader, *args, **kw)
+            passes.append((loader.dataset, decoded[0] - before, kw.get("desc")))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(train_auto_prompter, "decode_low_res", counting_decode)
+    monkeypatch.setattr(train_auto_prompter, "evaluate", counted(train_auto_prompter.evaluate))
+    monkeypatch.setattr(train_auto_prompter, "presence_rows", counted(train_auto_prompter.presence_rows))
 
     from SAM.samus_data import add_negative_set, read_split
 
@@ -194,6 +214,9 @@ def test_stage2_with_a_negative_set_counts_its_images_as_absent_cases(run, tmp_p
     images = {d: {l.name for l in test if l.dataset == d} for d in ("SynLung-Anatomy", "SynLung-Pleura")}
     assert raw["SynLung-Pleura/1"]["n_without"] == len(images["SynLung-Anatomy"]) + 2   # + the 2 frames
     assert raw["SynLung-Anatomy/1"]["n_without"] == len(images["SynLung-Pleura"])
+    test_ds = {id(ds): ds for ds, _, desc in passes if desc == "test"}
+    assert len(test_ds) == 1 and sum(1 for ds, _, _ in passes if id(ds) in test_ds) == 3
+    assert sum(n for ds, n, _ in passes if id(ds) in test_ds) == len(next(iter(test_ds.values())))
 
 
 def test_a_bf16_encoder_is_recorded_and_its_maps_are_compared_with_fp32(run, tmp_path):
