@@ -246,7 +246,9 @@ def study(a: argparse.Namespace) -> int:
                      for arm, r in runs.items() if arm not in missing_arms}
         # the downstream folds, once: POCUS's by video, or another set's (an ImageFolder's split made here)
         folds, split_args, settings["downstream"] = downstream_folds(a, st, out, preset, py)
-        reference = max(frames_of.values()) if frames_of else n_frames
+        # the step budget comes from the corpus, never from this run's arms: an A-SAM arm run alone
+        # (fewer frames: its masks find no anatomy on some) takes the steps it takes beside the others
+        reference = n_frames
         steps = preset.epochs * (reference // preset.batch_size)
         settings.update(corpus={"videos": len(videos) if not preset.videos else preset.videos, "frames": n_frames,
                                 "pretrain_frames": frames_of}, steps=steps,

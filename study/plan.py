@@ -178,7 +178,8 @@ def equal_step_epochs(n_images: int, n_reference: int, batch_size: int, epochs: 
 
     A-SAM finds no anatomy on some frames, and ``generate_masks_pkls.py`` leaves those out;
     without this, the A-SAM runs would take fewer steps than the others. The warm-up is
-    scaled by the same factor.
+    scaled by the same factor. ``n_reference`` is the corpus's frame count (what the arms
+    without model masks train on), whichever arms a run holds.
     """
     own, ref = n_images // batch_size, n_reference // batch_size
     if own <= 0:
