@@ -242,6 +242,22 @@ def downstream_of(settings: dict) -> dict:
     return settings.get("downstream") or POCUS_DOWNSTREAM
 
 
+def steps_phrase(rows: list[dict], settings: dict) -> str:
+    """"2040 steps per pre-trained arm", naming each arm whose runs ended at another count: an
+    A-SAM arm trains on the frames its masks find anatomy on, in the whole number of epochs
+    nearest the others' steps (:func:`study.plan.equal_step_epochs`)."""
+    planned = settings.get("steps", "?")
+    other: dict[str, set] = {}
+    for r in final_rows(rows):
+        if r["arm"] not in BASELINES and r["steps"] != planned:
+            other.setdefault(r["arm"], set()).add(r["steps"])
+    text = f"{planned} steps per pre-trained arm"
+    if other:
+        text += (" (" + "; ".join(f"{arm} {', '.join(str(n) for n in sorted(s))}" for arm, s in other.items())
+                 + ": whole epochs over the frames its masks keep)")
+    return text
+
+
 def summary_block(rows: list[dict], settings: dict) -> str:
     """The README / RESULTS block: per protocol, the table at the end of the steps and the verdicts."""
     where = settings.get("where", "?")
@@ -249,7 +265,7 @@ def summary_block(rows: list[dict], settings: dict) -> str:
     preset = settings.get("preset", {})
     seeds = sorted({int(r["seed"]) for r in rows})
     parts = [f"Preset `{preset.get('name', '?')}` on {where}: {preset.get('img_size')} px, batch "
-             f"{preset.get('batch_size')}, {settings.get('steps', '?')} steps per pre-trained arm; seeds "
+             f"{preset.get('batch_size')}, {steps_phrase(rows, settings)}; seeds "
              f"{seeds}; the same {down['folds']} {down['name']} folds ({down['split']}) for every arm. Mean ± sample sd over seeds x folds; "
              "differences paired by (seed, fold); 95 % interval from a two-level bootstrap that resamples the folds, "
              f"then the seeds within each drawn fold ({stats.N_BOOT:,} resamples; a verdict that changes with the "

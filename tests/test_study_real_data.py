@@ -205,6 +205,11 @@ def test_render_states_differences_with_intervals_and_splices_the_docs(tmp_path)
     assert "**byol** (secondary) vs random:" in block
     assert "not distinguishable" in block.split("**byol** (secondary) vs random:")[1].split("\n")[0]
     assert "resamples the folds, then the seeds within each drawn fold" in block
+    assert ", 100 steps per pre-trained arm; seeds" in block
+    for r in rows:  # an arm whose frames divide into other epochs: its count is named beside the plan's
+        r["steps"] += 2 if r["arm"] == "aclus_asam" and r["fraction"] == 1.0 else 0
+    assert ", 100 steps per pre-trained arm (aclus_asam 102: whole epochs over the frames its masks keep); seeds" \
+        in render.summary_block(rows, settings)
     curve = render.curve_table(rows, "linear")
     assert "| aclus_asam | 0.775 ± 0.074; vs random +0.015 [+0.015, +0.015] higher | 0.790 ± " in curve
     doc = tmp_path / "README.md"
